@@ -1,0 +1,169 @@
+"""Autotuning for Triton launchers, on the GPU and in interpreter mode.
+
+``triton.autotune`` cannot be used directly in CI: with two or more configs it needs an active GPU
+driver, and Triton's own result cache differs across the versions we support (3.6 on the lent GPU, 3.9 on
+CPU machines). :class:`Autotuner` benchmarks each :class:`Config` once per *key* (shapes, dtypes, device),
+remembers the winner in memory and on disk (``$TRANSFIGURE_CACHE_DIR/autotune/<name>.json``, default
+``~/.cache/transfigure``), and in interpreter mode uses the first config unless
+``TRANSFIGURE_AUTOTUNE_CPU=1`` asks for a CPU timing of every config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .registry import interpreter_mode
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One candidate launch: meta-parameters passed to the kernel plus warps/stages."""
+
+    meta: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def describe(self) -> str:
+        items = ", ".join(f"{k}={v}" for k, v in sorted(self.meta.items()))
+        return f"{items}, num_warps={self.num_warps}, num_stages={self.num_stages}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRANSFIGURE_CACHE_DIR") or os.path.join(Path.home(), ".cache", "transfigure")
+    return Path(root)
+
+
+def _device_tag(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return device.type
+
+
+def _bench_cpu(fn: Callable[[], Any], repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _bench_gpu(fn: Callable[[], Any]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+class Autotuner:
+    """Pick the fastest :class:`Config` for ``launch(config, *args)`` per ``key(*args)``.
+
+    ``launch`` must be safe to call repeatedly on the same arguments (it allocates its own outputs, or
+    zeroes accumulators itself), because benchmarking runs it several times. ``prune`` may drop configs
+    that cannot apply to a given input (e.g. a block larger than the problem).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        configs: Sequence[Config],
+        key: Callable[..., Hashable],
+        launch: Callable[..., Any],
+        prune: Callable[[Sequence[Config], tuple], Sequence[Config]] | None = None,
+    ):
+        if not configs:
+            raise ValueError(f"autotuner {name!r} needs at least one config")
+        self.name = name
+        self.configs = list(configs)
+        self.key = key
+        self.launch = launch
+        self.prune = prune
+        self._best: dict[str, Config] = {}
+        self._lock = threading.Lock()
+        self._disk_loaded = False
+        self.last_timings: dict[str, float] = {}
+
+    # -- persistence -------------------------------------------------------------------------------
+    @property
+    def cache_file(self) -> Path:
+        return cache_dir() / "autotune" / f"{self.name}.json"
+
+    def _load_disk(self) -> None:
+        if self._disk_loaded:
+            return
+        self._disk_loaded = True
+        try:
+            stored = json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            return
+        by_json = {json.dumps(c.as_json(), sort_keys=True): c for c in self.configs}
+        for key, entry in stored.items():
+            config = by_json.get(json.dumps(entry.get("config"), sort_keys=True))
+            if config is not None:
+                self._best[key] = config
+
+    def _store_disk(self, key: str, config: Config, timings: dict[str, float]) -> None:
+        path = self.cache_file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, ValueError):
+                stored = {}
+            stored[key] = {"config": config.as_json(), "timings_ms": timings}
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(stored, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home must not break inference; the in-memory choice still holds
+
+    # -- selection ---------------------------------------------------------------------------------
+    def _full_key(self, args: tuple) -> str:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        import triton
+
+        return f"{_device_tag(device)}|triton{triton.__version__}|{self.key(*args)!r}"
+
+    def best_config(self, *args: Any) -> Config:
+        candidates = self.prune(self.configs, args) if self.prune else self.configs
+        if not candidates:
+            raise RuntimeError(f"autotuner {self.name!r}: every config was pruned for this input")
+        tune_on_cpu = os.environ.get("TRANSFIGURE_AUTOTUNE_CPU", "0") == "1"
+        if len(candidates) == 1 or (interpreter_mode() and not tune_on_cpu):
+            return candidates[0]
+        key = self._full_key(args)
+        with self._lock:
+            self._load_disk()
+            if key in self._best and self._best[key] in candidates:
+                return self._best[key]
+            bench = _bench_cpu if interpreter_mode() else _bench_gpu
+            timings: dict[str, float] = {}
+            for config in candidates:
+                try:
+                    timings[config.describe()] = bench(lambda c=config: self.launch(c, *args))
+                except Exception as error:  # a config may exceed shared memory or registers
+                    if "out of resource" not in str(error).lower() and "OutOfResources" not in type(error).__name__:
+                        raise
+            if not timings:
+                raise RuntimeError(f"autotuner {self.name!r}: no config could run for key {key}")
+            best_name = min(timings, key=timings.__getitem__)
+            best = next(c for c in candidates if c.describe() == best_name)
+            self._best[key] = best
+            self.last_timings = timings
+            self._store_disk(key, best, timings)
+            return best
+
+    def __call__(self, *args: Any) -> Any:
+        return self.launch(self.best_config(*args), *args)
