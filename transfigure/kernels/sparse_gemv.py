@@ -1,0 +1,211 @@
+"""Thresholded sparse GEMV for decoding: ``y = s(x) @ W^T + b`` with ``s(x) = x * 1[|x| > t]`` (TEAL).
+
+At decode time a projection reads its whole weight matrix to produce a handful of output rows, so its cost
+is the weight bytes moved. When an activation ``x[k]`` is zero, column ``k`` of ``W`` (the ``k``-th row of
+``W^T``) contributes nothing and need not be read at all. The kernel therefore stores the weight
+*column-major*, as ``weight_t = W^T`` of shape ``[K, N]`` row-major, so that one input feature's weights
+are one contiguous row, and each program:
+
+1. loads a ``[BLOCK_M, BLOCK_K]`` tile of ``x`` and thresholds it in registers (no separate pass over x);
+2. keeps row ``k`` of ``weight_t`` when *any* of the ``M <= 8`` tokens survives at ``k`` and loads the
+   ``[BLOCK_K, BLOCK_N]`` weight tile with that row mask, so masked rows cause no memory traffic;
+3. accumulates in fp32 (an outer-product sum for ``M == 1``, ``tl.dot`` over a 16-row tile otherwise) and
+   either stores (``SPLIT_K == 1``) or atomically adds its split-K partial into an fp32 buffer.
+
+With per-token sparsity ``p`` and ``M`` independent tokens the fraction of rows read is ``1 - p^M``, so the kernel pays off for very few tokens; :func:`sparse_linear` (the op the
+``sparsity`` pass inserts) checks the token count *inside* the op and above :data:`MAX_SPARSE_TOKENS`
+runs the plain path: the existing ``transfigure.sparsify`` threshold kernel followed by cuBLAS (or, with
+``sparse_prefill=False``, cuBLAS on the unthresholded input, which is TEAL's decode-only setting).
+The shape check is one Python comparison on the host, so it costs nothing on the GPU and no graph break.
+
+Reference: J. Liu et al., "Training-Free Activation Sparsity in Large Language Models" (TEAL, ICLR 2025),
+whose kernel is fp16 only; this one runs in bf16 and fp16 (fp32 in the interpreter for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .autotune import Autotuner, Config
+from .registry import define_op, interpreter_mode, triton_available
+from .threshold import sparsify_reference, sparsify_triton
+
+MAX_SPARSE_TOKENS = 8
+"""Token counts up to this run the sparse GEMV; above it the plain (threshold + dense matmul) path."""
+
+
+def _tokens(x: torch.Tensor) -> int:
+    k = x.shape[-1]
+    return x.numel() // k if k else 0
+
+
+def _uses_sparse_kernel(x: torch.Tensor, sparse_prefill: bool) -> bool:
+    del sparse_prefill
+    return _tokens(x) <= MAX_SPARSE_TOKENS
+
+
+def sparse_linear_reference(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float, sparse_prefill: bool = True
+) -> torch.Tensor:
+    """``s(x) @ weight_t + bias``; with ``sparse_prefill=False`` inputs of more than 8 tokens are not thresholded."""
+    if sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
+        x = sparsify_reference(x, threshold)
+    out = torch.matmul(x, weight_t.to(x.dtype))
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out
+
+
+def _plain_path(x, weight_t, bias, threshold, sparse_prefill):
+    if sparse_prefill:
+        x = sparsify_triton(x, threshold) if sparsify_triton is not None else sparsify_reference(x, threshold)
+    # weight_t.t() is a transposed view: cuBLAS reads it in place (an "NT" GEMM), no copy.
+    return F.linear(x, weight_t.t(), bias)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sparse_gemv_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr,
+        M, N, K, stride_xm, stride_wk, stride_ym, threshold, k_per_split,
+        HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, EVICT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_begin = pid_k * k_per_split
+        for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            keep = tl.abs(x.to(tl.float32)) > threshold
+            x = tl.where(keep, x, tl.zeros_like(x))
+            row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+            w_mask = row_keep[:, None] & n_mask[None, :]
+            w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :]
+            if EVICT:
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            if USE_DOT:
+                acc += tl.dot(x.to(w.dtype), w)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if pid_k == 0:
+                acc += bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(y_ptrs, acc, mask=out_mask)
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    def _launch(config: Config, x2: torch.Tensor, weight_t: torch.Tensor, bias, threshold: float) -> torch.Tensor:
+        M, K = x2.shape
+        N = weight_t.shape[1]
+        block_m = 1 if M == 1 else 16
+        block_n, block_k, split = config.meta["BLOCK_N"], config.meta["BLOCK_K"], config.meta["SPLIT_K"]
+        k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+        grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
+        atomic = grid[1] > 1
+        y = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if atomic else x2.new_empty((M, N))
+        _sparse_gemv_kernel[grid](
+            x2, weight_t, bias if bias is not None else weight_t, y,
+            M, N, K, x2.stride(0), weight_t.stride(0), y.stride(0), float(threshold), k_per_split,
+            HAS_BIAS=bias is not None, ATOMIC=atomic, USE_DOT=block_m > 1, EVICT=not interpreter_mode(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return y.to(x2.dtype) if atomic else y
+
+    def _configs() -> list[Config]:
+        # configs[0] is what the interpreter uses: small tiles keep CPU tests fast.
+        configs = [Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=2, num_stages=1)]
+        for block_n, block_k, warps in ((64, 64, 2), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8), (64, 128, 4)):
+            for split in (1, 4, 8, 16, 32):
+                configs.append(Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, warps, 3))
+        return configs
+
+    def _prune(configs, args):
+        x2, weight_t = args[0], args[1]
+        K = x2.shape[1]
+        # A split must hold at least one K block.
+        return [c for c in configs if c.meta["SPLIT_K"] * c.meta["BLOCK_K"] <= max(K, c.meta["BLOCK_K"])] or configs[:1]
+
+    _tuner = Autotuner(
+        "sparse_gemv",
+        _configs(),
+        key=lambda x2, w, b, t: (str(x2.dtype), 1 if x2.shape[0] == 1 else 8, w.shape[0], w.shape[1], b is not None),
+        launch=_launch,
+        prune=_prune,
+    )
+
+    def sparse_gemv_triton(
+        x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
+    ) -> torch.Tensor:
+        """The Triton sparse GEMV alone (any token count up to 16; CUDA or interpreter tensors)."""
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if weight_t.stride(-1) != 1:
+            raise ValueError("sparse_gemv: weight_t must be [K, N] with contiguous rows (column-major W)")
+        if x2.shape[0] > 16:
+            raise ValueError(f"sparse_gemv: at most 16 tokens, got {x2.shape[0]}")
+        if x2.shape[0] == 0:
+            return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+        y = _tuner(x2, weight_t, bias, threshold)
+        return y.reshape(*x.shape[:-1], weight_t.shape[1])
+
+    def _sparse_linear_cuda(x, weight_t, bias, threshold, sparse_prefill=True):
+        if _uses_sparse_kernel(x, sparse_prefill):
+            return sparse_gemv_triton(x, weight_t, bias, threshold)
+        return _plain_path(x, weight_t, bias, threshold, sparse_prefill)
+
+else:  # pragma: no cover - exercised only where Triton is missing
+    sparse_gemv_triton = None
+    _sparse_linear_cuda = None
+
+
+def _fake(x, weight_t, bias, threshold, sparse_prefill=True):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_t, bias, threshold, sparse_prefill = inputs
+    ctx.save_for_backward(x, weight_t)
+    ctx.threshold = threshold
+    ctx.sparse_prefill = sparse_prefill
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradient for the input (and bias) only: the base weight is frozen (adapters, if any, sit beside it)."""
+    x, weight_t = ctx.saved_tensors
+    grad_x = torch.matmul(grad, weight_t.t().to(grad.dtype))
+    if ctx.sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
+        grad_x = torch.where(x.abs() > ctx.threshold, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device))
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, grad_b, None, None
+
+
+sparse_linear = define_op(
+    "sparse_linear",
+    sparse_linear_reference,
+    cuda=_sparse_linear_cuda,
+    fake=_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
