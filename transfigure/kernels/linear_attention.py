@@ -1,0 +1,581 @@
+"""Causal chunked (gated) linear attention: forward and backward Triton kernels beside their references.
+
+Math (per batch b, query head h, key/value head h // G; GQA is native: query heads of one group read the
+same key/value head and no repeated copy is ever materialized)::
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t          (state, d_k x d_v, fp32)
+    o_t = scale * q_t S_t
+
+``g`` holds per-key-dimension *log* gates (``g <= 0``; GLA, Yang et al. 2024); without ``g`` this is plain
+causal linear attention (Katharopoulos et al. 2020). The chunkwise-parallel form splits T into chunks of C
+tokens. With ``b`` the inclusive cumulative sum of ``g`` inside a chunk and ``h_n`` the state *before* chunk
+n::
+
+    o_n   = scale * [ (q_n * e^b) h_n  +  ((q_n * e^b)(k_n * e^-b)^T  ⊙ M) v_n ]      (M: i >= j)
+    h_n+1 = diag(e^{b_last}) h_n + (k_n * e^{b_last - b})^T v_n
+
+The exponentials are taken relative to the chunk's start, so states and inter-chunk terms only ever see
+``exp(x <= 0)``; the intra-chunk factors ``e^{-b}`` grow with the chunk's total log decay, which must stay
+above about -80 per key dimension (fp32 range). Callers with unbounded gates clamp each step (the linearize
+pass clamps at -1, so a 64-chunk stays above -64).
+
+Kernels (two phases, as in fla's chunk algorithm, so the output phase is parallel over chunks):
+
+* ``_chunk_state_fwd``: one program per (key block, value block, key/value head) walks the chunks and
+  stores ``h_n`` for every chunk (fp32 accumulation; stored in the compute dtype).
+* ``_chunk_output_fwd``: one program per (value block, chunk, query head): ``o_n`` above.
+* ``_chunk_state_bwd``: reverse walk accumulating ``dh`` (gradient of the state after chunk n), summed over
+  the query heads of a group.
+* ``_chunk_dqkv_bwd``: one program per (chunk, key/value head), looping over the group's query heads:
+  ``dq`` for each, ``dk``/``dv`` summed over the group.
+
+The gate gradient needs no kernel: the loss depends on ``g`` only through ``q * e^B`` and ``k * e^-B`` with
+``B`` the global cumulative sum, so ``dB = q ⊙ dq - k ⊙ dk`` and ``dg`` is its reverse cumulative sum.
+
+References: :func:`linear_attention_recurrent` (the definition, token by token, the oracle) and
+:func:`linear_attention_reference` (the same chunked algorithm in PyTorch, exact exponentials, the CPU
+path). Both accept GQA shapes. Layout everywhere is ``[B, H, T, D]`` (what SDPA receives).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .autotune import Autotuner, Config
+from .registry import define_op, interpreter_mode, triton_available
+
+# --------------------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(q, k, v, g):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("linear attention expects [B, H, T, D] tensors")
+    B, H, T, K = q.shape
+    Hk = k.shape[1]
+    if k.shape != (B, Hk, T, K) or v.shape[:3] != (B, Hk, T):
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if H % Hk:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk})")
+    if g is not None and g.shape != k.shape:
+        raise ValueError(f"gates must have the key's shape {tuple(k.shape)}, got {tuple(g.shape)}")
+    return B, H, Hk, T, K, v.shape[-1]
+
+
+def linear_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
+    initial_state: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token definition. Returns ``(o, final_state)``; ``final_state`` is ``[B, H, K, V]``."""
+    B, H, Hk, T, K, V = _check_shapes(q, k, v, g)
+    G = H // Hk
+    dt = _compute_dtype(q.dtype)
+    qf = q.to(dt)
+    kf = k.to(dt).repeat_interleave(G, 1)
+    vf = v.to(dt).repeat_interleave(G, 1)
+    gf = g.to(dt).repeat_interleave(G, 1) if g is not None else None
+    S = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+    out = []
+    for t in range(T):
+        if gf is not None:
+            S = S * gf[:, :, t, :, None].exp()
+        S = S + kf[:, :, t, :, None] * vf[:, :, t, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", qf[:, :, t], S))
+    o = torch.stack(out, dim=2) if out else q.new_zeros(B, H, 0, V, dtype=dt)
+    return o.to(q.dtype), S
+
+
+def linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor],
+    scale: float,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Chunkwise-parallel form in PyTorch (differentiable). Intra-chunk decays are exact: the
+    ``exp(b_i - b_j)`` factors are materialized per chunk (``[C, C, K]``), so no range limit applies."""
+    B, H, Hk, T, K, V = _check_shapes(q, k, v, g)
+    G = H // Hk
+    C = int(chunk_size)
+    dt = _compute_dtype(q.dtype)
+    N = max(1, -(-T // C))
+    pad = N * C - T
+
+    def prep(x, heads):
+        x = x.to(dt)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.reshape(B, heads, N, C, x.shape[-1])
+
+    qc = prep(q, H).reshape(B, Hk, G, N, C, K)
+    kc, vc = prep(k, Hk), prep(v, Hk)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if g is None:
+        A = torch.einsum("bhgnik,bhnjk->bhgnij", qc, kc).masked_fill(~causal, 0)
+        intra = torch.einsum("bhgnij,bhnjv->bhgniv", A, vc)
+        kv = torch.einsum("bhnjk,bhnjv->bhnkv", kc, vc)
+        states = kv.cumsum(2) - kv  # exclusive prefix: state before chunk n
+        inter = torch.einsum("bhgnik,bhnkv->bhgniv", qc, states)
+    else:
+        gc = prep(g, Hk)
+        b = gc.cumsum(3)  # [B, Hk, N, C, K]
+        b_last = b[:, :, :, -1:, :]
+        diff = (b[:, :, :, :, None, :] - b[:, :, :, None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
+        A = torch.einsum("bhgnik,bhnjk,bhnijk->bhgnij", qc, kc, diff.exp())
+        intra = torch.einsum("bhgnij,bhnjv->bhgniv", A, vc)
+        k_hat = kc * (b_last - b).exp()
+        decay = b_last.squeeze(3).exp()  # [B, Hk, N, K]
+        h = q.new_zeros(B, Hk, K, V, dtype=dt)
+        states = []
+        for n in range(N):
+            states.append(h)
+            h = h * decay[:, :, n, :, None] + torch.einsum("bhjk,bhjv->bhkv", k_hat[:, :, n], vc[:, :, n])
+        states = torch.stack(states, 2)
+        inter = torch.einsum("bhgnik,bhnkv->bhgniv", qc * b.exp()[:, :, None], states)
+    o = (scale * (intra + inter)).reshape(B, H, N * C, V)[:, :, :T]
+    return o.to(q.dtype).contiguous()
+
+
+def linear_attention_bidirectional(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, normalize: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
+    """Non-causal linear attention ``scale * q (K^T V)`` (BERT-style encoders), GQA native.
+
+    It is two GEMMs with a d_k x d_v intermediate, which cuBLAS runs at full speed on any device, so it has
+    no Triton kernel of its own. Keys to ignore (padding) are zeroed by the caller."""
+    B, H, Hk, T, K, V = _check_shapes(q, k, v, None)
+    G = H // Hk
+    dt = _compute_dtype(q.dtype)
+    qg = q.to(dt).reshape(B, Hk, G, T, K)
+    kf, vf = k.to(dt), v.to(dt)
+    S = torch.einsum("bhtk,bhtv->bhkv", kf, vf)
+    o = torch.einsum("bhgtk,bhkv->bhgtv", qg, S)
+    if normalize:
+        z = kf.sum(2)  # [B, Hk, K]
+        den = torch.einsum("bhgtk,bhk->bhgt", qg, z)[..., None]
+        o = o / (den + eps)
+    else:
+        o = scale * o
+    return o.reshape(B, H, T, V).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _chunk_state_fwd(
+        k_ptr, v_ptr, g_ptr, h_ptr, T, NT, K, V,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+    ):
+        i_k = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_bh = tl.program_id(2)
+        offs_k = i_k * BK + tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        offs_t = tl.arange(0, BT)
+        mk = offs_k < K
+        mv = offs_v < V
+        k_base = k_ptr + i_bh.to(tl.int64) * T * K
+        v_base = v_ptr + i_bh.to(tl.int64) * T * V
+        g_base = g_ptr + i_bh.to(tl.int64) * T * K
+        h_base = h_ptr + i_bh.to(tl.int64) * NT * K * V
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for n in range(NT):
+            tl.store(
+                h_base + n * K * V + offs_k[:, None] * V + offs_v[None, :],
+                acc.to(h_ptr.dtype.element_ty),
+                mask=mk[:, None] & mv[None, :],
+            )
+            t = n * BT + offs_t
+            mt = t < T
+            kt = tl.load(k_base + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
+            vt = tl.load(v_base + t[:, None] * V + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+            if USE_G:
+                gt = tl.load(g_base + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0).to(tl.float32)
+                b = tl.cumsum(gt, axis=1)
+                b_last = tl.sum(gt, axis=1)
+                acc = acc * tl.exp(b_last)[:, None]
+                kt = (kt.to(tl.float32) * tl.exp(b_last[:, None] - b)).to(vt.dtype)
+            acc += tl.dot(kt.to(vt.dtype), vt)
+
+    @triton.jit
+    def _chunk_output_fwd(
+        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, scale, T, NT, H, G, K, V,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+    ):
+        i_v = tl.program_id(0)
+        n = tl.program_id(1)
+        i_bh = tl.program_id(2)
+        i_b = i_bh // H
+        i_kvh = i_b * (H // G) + (i_bh % H) // G
+        offs_k = tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        t = n * BT + tl.arange(0, BT)
+        mk = offs_k < K
+        mv = offs_v < V
+        mt = t < T
+        q = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        k = tl.load(k_ptr + i_kvh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        v = tl.load(v_ptr + i_kvh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        h = tl.load(
+            h_ptr + (i_kvh.to(tl.int64) * NT + n) * K * V + offs_k[:, None] * V + offs_v[None, :],
+            mask=mk[:, None] & mv[None, :], other=0.0,
+        )
+        if USE_G:
+            gg = tl.load(g_ptr + i_kvh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            b = tl.cumsum(gg, axis=0)
+            q = (q.to(tl.float32) * tl.exp(b)).to(h.dtype)
+            k = (k.to(tl.float32) * tl.exp(-b)).to(h.dtype)
+        q = q.to(h.dtype)
+        k = k.to(h.dtype)
+        causal = t[:, None] >= t[None, :]
+        A = tl.where(causal, tl.dot(q, tl.trans(k)), 0.0)
+        o = tl.dot(q, h) + tl.dot(A.to(v.dtype), v)
+        tl.store(
+            o_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :],
+            (o * scale).to(o_ptr.dtype.element_ty),
+            mask=mt[:, None] & mv[None, :],
+        )
+
+    @triton.jit
+    def _chunk_state_bwd(
+        q_ptr, g_ptr, do_ptr, dh_ptr, scale, T, NT, G, K, V,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+    ):
+        i_k = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_kvh = tl.program_id(2)
+        offs_k = i_k * BK + tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        offs_t = tl.arange(0, BT)
+        mk = offs_k < K
+        mv = offs_v < V
+        g_base = g_ptr + i_kvh.to(tl.int64) * T * K
+        dh_base = dh_ptr + i_kvh.to(tl.int64) * NT * K * V
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for i in range(NT):
+            n = NT - 1 - i
+            tl.store(
+                dh_base + n * K * V + offs_k[:, None] * V + offs_v[None, :],
+                acc.to(dh_ptr.dtype.element_ty),
+                mask=mk[:, None] & mv[None, :],
+            )
+            t = n * BT + offs_t
+            mt = t < T
+            if USE_G:
+                gt = tl.load(g_base + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0).to(tl.float32)
+                b = tl.cumsum(gt, axis=1)
+                acc = acc * tl.exp(tl.sum(gt, axis=1))[:, None]
+            for j in range(G):
+                i_bh = i_kvh * G + j
+                qt = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
+                do = tl.load(do_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+                if USE_G:
+                    qt = (qt.to(tl.float32) * tl.exp(b)).to(do.dtype)
+                acc += tl.dot(qt.to(do.dtype), do) * scale
+
+    @triton.jit
+    def _chunk_dqkv_bwd(
+        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, scale, T, NT, G, K, V,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        i_kvh = tl.program_id(1)
+        offs_k = tl.arange(0, BK)
+        offs_v = tl.arange(0, BV)
+        t = n * BT + tl.arange(0, BT)
+        mk = offs_k < K
+        mv = offs_v < V
+        mt = t < T
+        mtk = mt[:, None] & mk[None, :]
+        mtv = mt[:, None] & mv[None, :]
+        mkv = mk[:, None] & mv[None, :]
+        kv_off = i_kvh.to(tl.int64) * T
+        k = tl.load(k_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
+        v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0)
+        st_off = (i_kvh.to(tl.int64) * NT + n) * K * V + offs_k[:, None] * V + offs_v[None, :]
+        h = tl.load(h_ptr + st_off, mask=mkv, other=0.0)
+        dh = tl.load(dh_ptr + st_off, mask=mkv, other=0.0)
+        dt = h.dtype
+        if USE_G:
+            gg = tl.load(g_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+            b = tl.cumsum(gg, axis=0)
+            b_last = tl.sum(gg, axis=0)
+            k_tilde = (k.to(tl.float32) * tl.exp(-b)).to(dt)
+            k_hat = (k.to(tl.float32) * tl.exp(b_last[None, :] - b)).to(dt)
+        else:
+            k_tilde = k.to(dt)
+            k_hat = k.to(dt)
+        v = v.to(dt)
+        causal = t[:, None] >= t[None, :]
+        dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
+        dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
+        for j in range(G):
+            i_bh = i_kvh * G + j
+            q = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
+            do = tl.load(do_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
+            if USE_G:
+                q = (q.to(tl.float32) * tl.exp(b)).to(dt)
+            q = q.to(dt)
+            A = tl.where(causal, tl.dot(q, tl.trans(k_tilde)), 0.0) * scale
+            dA = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0) * scale
+            dq = tl.dot(dA.to(dt), k_tilde) + tl.dot(do, tl.trans(h)) * scale
+            if USE_G:
+                dq = dq * tl.exp(b)
+            tl.store(dq_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mtk)
+            dk_acc += tl.dot(tl.trans(dA).to(dt), q)
+            dv_acc += tl.dot(tl.trans(A).to(dt), do)
+        dk_inter = tl.dot(v, tl.trans(dh))
+        dv_acc += tl.dot(k_hat, dh)
+        if USE_G:
+            dk = dk_acc * tl.exp(-b) + dk_inter * tl.exp(b_last[None, :] - b)
+        else:
+            dk = dk_acc + dk_inter
+        tl.store(dk_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mtk)
+        tl.store(dv_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], dv_acc.to(dv_ptr.dtype.element_ty), mask=mtv)
+
+    def _state_dtype(q: torch.Tensor, gated: bool) -> torch.dtype:
+        # dot operands: bf16 stays bf16 (same exponent range as fp32); fp16 with gates would overflow in
+        # e^{-b}, so it computes in fp32; fp32 stays fp32.
+        if q.dtype == torch.bfloat16:
+            return torch.bfloat16
+        if q.dtype == torch.float16 and not gated:
+            return torch.float16
+        return torch.float32
+
+    def _split_block(D: int, block: int) -> int:
+        return min(_pow2(D), block)
+
+    # ---- forward launch ----
+    def _fwd_launch(config: Config, q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
+        B, H, T, K = q.shape
+        Hk, V = k.shape[1], v.shape[-1]
+        BT = _pow2(chunk_size)
+        NT = triton.cdiv(T, BT)
+        gated = g is not None
+        sd = _state_dtype(q, gated)
+        h = torch.empty(B, Hk, NT, K, V, device=q.device, dtype=sd)
+        o = torch.empty(B, H, T, V, device=q.device, dtype=q.dtype)
+        g_arg = g if gated else k
+        BKs = _split_block(K, config.meta["BK_STATE"])
+        BVs = _split_block(V, config.meta["BV_STATE"])
+        _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk)](
+            k, v, g_arg, h, T, NT, K, V, BT=BT, BK=BKs, BV=BVs, USE_G=gated,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        BVo = _split_block(V, config.meta["BV_OUT"])
+        _chunk_output_fwd[(triton.cdiv(V, BVo), NT, B * H)](
+            q, k, v, g_arg, h, o, float(scale), T, NT, H, H // Hk, K, V, BT=BT, BK=_pow2(K), BV=BVo, USE_G=gated,
+            num_warps=config.meta["OUT_WARPS"], num_stages=config.meta["OUT_STAGES"],
+        )
+        return o
+
+    _fwd_configs = [
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 128, "OUT_WARPS": 8, "OUT_STAGES": 2}, num_warps=4, num_stages=3),
+        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2}, num_warps=4, num_stages=3),
+        Config({"BK_STATE": 32, "BV_STATE": 32, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 3}, num_warps=2, num_stages=3),
+        Config({"BK_STATE": 128, "BV_STATE": 64, "BV_OUT": 32, "OUT_WARPS": 4, "OUT_STAGES": 2}, num_warps=8, num_stages=2),
+    ]
+
+    def _key(q, k, v, g, scale, chunk_size, *rest):
+        B, H, T, K = q.shape
+        return (q.dtype, B, H, k.shape[1], K, v.shape[-1], g is not None, chunk_size, 1 << max(0, T - 1).bit_length())
+
+    _fwd_tuner = Autotuner("linear_attn_fwd", _fwd_configs, key=_key, launch=_fwd_launch)
+
+    # ---- backward launch ----
+    def _bwd_launch(config: Config, q, k, v, g, do, scale: float, chunk_size: int):
+        B, H, T, K = q.shape
+        Hk, V = k.shape[1], v.shape[-1]
+        G = H // Hk
+        BT = _pow2(chunk_size)
+        NT = triton.cdiv(T, BT)
+        gated = g is not None
+        sd = _state_dtype(q, gated)
+        g_arg = g if gated else k
+        h = torch.empty(B, Hk, NT, K, V, device=q.device, dtype=sd)
+        dh = torch.empty(B, Hk, NT, K, V, device=q.device, dtype=sd)
+        BKs = _split_block(K, config.meta["BK_STATE"])
+        BVs = _split_block(V, config.meta["BV_STATE"])
+        grid = (triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk)
+        _chunk_state_fwd[grid](
+            k, v, g_arg, h, T, NT, K, V, BT=BT, BK=BKs, BV=BVs, USE_G=gated,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        _chunk_state_bwd[grid](
+            q, g_arg, do, dh, float(scale), T, NT, G, K, V, BT=BT, BK=BKs, BV=BVs, USE_G=gated,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        _chunk_dqkv_bwd[(NT, B * Hk)](
+            q, k, v, g_arg, h, dh, do, dq, dk, dv, float(scale), T, NT, G, K, V,
+            BT=BT, BK=_pow2(K), BV=_pow2(V), USE_G=gated,
+            num_warps=config.meta["DQKV_WARPS"], num_stages=config.meta["DQKV_STAGES"],
+        )
+        return dq, dk, dv
+
+    _bwd_configs = [
+        Config({"BK_STATE": 64, "BV_STATE": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 64, "BV_STATE": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 32, "BV_STATE": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 2}, num_warps=4, num_stages=3),
+        Config({"BK_STATE": 32, "BV_STATE": 32, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=2, num_stages=3),
+    ]
+    _bwd_tuner = Autotuner("linear_attn_bwd", _bwd_configs, key=_key, launch=_bwd_launch)
+
+    def linear_attn_triton(q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
+        """Triton forward: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+        _check_shapes(q, k, v, g)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = g.contiguous() if g is not None else None
+        if q.shape[2] == 0:
+            return q.new_zeros(*q.shape[:3], v.shape[-1])
+        return _fwd_tuner(q, k, v, g, scale, chunk_size)
+
+    def linear_attn_bwd_triton(q, k, v, g, do, scale: float, chunk_size: int) -> list[torch.Tensor]:
+        """Triton backward: returns ``[dq, dk, dv, dg]`` (``dg`` empty when ungated)."""
+        q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+        g = g.contiguous() if g is not None else None
+        if q.shape[2] == 0:
+            return [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                    torch.zeros_like(g) if g is not None else q.new_empty(0)]
+        dq, dk, dv = _bwd_tuner(q, k, v, g, do, scale, chunk_size)
+        return [dq, dk, dv, _gate_grad(q, k, g, dq, dk)]
+
+else:  # pragma: no cover
+    linear_attn_triton = None
+    linear_attn_bwd_triton = None
+
+
+def _gate_grad(q, k, g, dq, dk) -> torch.Tensor:
+    """``dg = reverse_cumsum(q ⊙ dq - k ⊙ dk)`` over time (query heads of a group summed)."""
+    if g is None:
+        return q.new_empty(0)
+    B, H, T, K = q.shape
+    Hk = k.shape[1]
+    dt = _compute_dtype(q.dtype)
+    dB = (q.to(dt) * dq.to(dt)).reshape(B, Hk, H // Hk, T, K).sum(2) - k.to(dt) * dk.to(dt)
+    return dB.flip(2).cumsum(2).flip(2).to(g.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------------------------------
+
+
+def _linear_attn_bwd_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], do: torch.Tensor, scale: float, chunk_size: int
+) -> list[torch.Tensor]:
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        gl = g.detach().requires_grad_(True) if g is not None else None
+        out = linear_attention_reference(*leaves, gl, scale, chunk_size)
+        inputs = leaves + ([gl] if gl is not None else [])
+        grads = torch.autograd.grad(out, inputs, do)
+    grads = [t.contiguous() for t in grads]
+    if g is None:
+        grads.append(q.new_empty(0))
+    return grads
+
+
+def _linear_attn_bwd_fake(q, k, v, g, do, scale, chunk_size):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(g) if g is not None else q.new_empty(0)]
+
+
+linear_attn_bwd = define_op(
+    "linear_attn_bwd", _linear_attn_bwd_reference, cuda=linear_attn_bwd_triton, fake=_linear_attn_bwd_fake
+)
+
+
+def _linear_attn_op_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], scale: float, chunk_size: int
+) -> torch.Tensor:
+    return linear_attention_reference(q, k, v, g, scale, chunk_size)
+
+
+def _linear_attn_fake(q, k, v, g, scale, chunk_size):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g)
+    ctx.scale = scale
+    ctx.chunk_size = chunk_size
+    ctx.gated = g is not None
+
+
+def _backward(ctx, do):
+    q, k, v, g = ctx.saved_tensors
+    dq, dk, dv, dg = torch.ops.transfigure.linear_attn_bwd(q, k, v, g, do, ctx.scale, ctx.chunk_size)
+    return dq, dk, dv, (dg if ctx.gated else None), None, None
+
+
+linear_attn = define_op(
+    "linear_attn",
+    _linear_attn_op_reference,
+    cuda=linear_attn_triton,
+    fake=_linear_attn_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
+    chunk_size: int = 64,
+    normalize: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Causal (gated) linear attention through the ``transfigure::linear_attn`` op.
+
+    ``normalize=True`` divides by ``q_t · z_t`` with ``z_t`` the (decayed) running sum of keys, computed in the
+    same launch by appending a ones column to ``v`` (``scale`` then cancels and is ignored)."""
+    if not normalize:
+        return torch.ops.transfigure.linear_attn(q, k, v, g, float(scale), int(chunk_size))
+    ones = v.new_ones(*v.shape[:3], 1)
+    out = torch.ops.transfigure.linear_attn(q, k, torch.cat([v, ones], -1), g, 1.0, int(chunk_size))
+    num, den = out[..., :-1], out[..., -1:]
+    return num / (den.float() + eps).to(num.dtype)
+
+
+__all__ = [
+    "linear_attention",
+    "linear_attention_bidirectional",
+    "linear_attention_recurrent",
+    "linear_attention_reference",
+    "linear_attn",
+    "linear_attn_bwd",
+    "linear_attn_bwd_triton",
+    "linear_attn_triton",
+]
