@@ -491,16 +491,64 @@ def _gate_grad(q, k, g, dq, dk) -> torch.Tensor:
 def _linear_attn_bwd_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], do: torch.Tensor, scale: float, chunk_size: int
 ) -> list[torch.Tensor]:
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        gl = g.detach().requires_grad_(True) if g is not None else None
-        out = linear_attention_reference(*leaves, gl, scale, chunk_size)
-        inputs = leaves + ([gl] if gl is not None else [])
-        grads = torch.autograd.grad(out, inputs, do)
-    grads = [t.contiguous() for t in grads]
+    """Explicit chunked backward in PyTorch (custom-op bodies run below autograd, so no autograd here)."""
+    B, H, Hk, T, K, V = _check_shapes(q, k, v, g)
+    G = H // Hk
+    C = int(chunk_size)
+    dt = _compute_dtype(q.dtype)
+    N = max(1, -(-T // C))
+    pad = N * C - T
+
+    def prep(x, heads):
+        x = x.to(dt)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.reshape(B, heads, N, C, x.shape[-1])
+
+    qc = prep(q, H).reshape(B, Hk, G, N, C, K)
+    doc = prep(do, H).reshape(B, Hk, G, N, C, V)
+    kc, vc = prep(k, Hk), prep(v, Hk)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    dA = scale * torch.einsum("bhgniv,bhnjv->bhgnij", doc, vc).masked_fill(~causal, 0)
     if g is None:
-        grads.append(q.new_empty(0))
-    return grads
+        A = scale * torch.einsum("bhgnik,bhnjk->bhgnij", qc, kc).masked_fill(~causal, 0)
+        kv = torch.einsum("bhnjk,bhnjv->bhnkv", kc, vc)
+        h = kv.cumsum(2) - kv  # state before chunk n
+        qdo = scale * torch.einsum("bhgnik,bhgniv->bhnkv", qc, doc)
+        dh = qdo.flip(2).cumsum(2).flip(2) - qdo  # gradient of the state after chunk n
+        dq = torch.einsum("bhgnij,bhnjk->bhgnik", dA, kc) + scale * torch.einsum("bhgniv,bhnkv->bhgnik", doc, h)
+        dk = torch.einsum("bhgnij,bhgnik->bhnjk", dA, qc) + torch.einsum("bhnjv,bhnkv->bhnjk", vc, dh)
+        dv = torch.einsum("bhgnij,bhgniv->bhnjv", A, doc) + torch.einsum("bhnjk,bhnkv->bhnjv", kc, dh)
+    else:
+        b = prep(g, Hk).cumsum(3)  # [B, Hk, N, C, K]
+        b_last = b[:, :, :, -1:, :]
+        E = (b[:, :, :, :, None, :] - b[:, :, :, None, :, :]).masked_fill(~causal[:, :, None], float("-inf")).exp()
+        A = scale * torch.einsum("bhgnik,bhnjk,bhnijk->bhgnij", qc, kc, E)
+        k_hat = kc * (b_last - b).exp()
+        q_tilde = qc * b.exp()[:, :, None]
+        decay = b_last.squeeze(3).exp()  # [B, Hk, N, K]
+        state = q.new_zeros(B, Hk, K, V, dtype=dt)
+        hs = []
+        for n in range(N):
+            hs.append(state)
+            state = state * decay[:, :, n, :, None] + torch.einsum("bhjk,bhjv->bhkv", k_hat[:, :, n], vc[:, :, n])
+        h = torch.stack(hs, 2)
+        qdo = scale * torch.einsum("bhgnik,bhgniv->bhnkv", q_tilde, doc)
+        grad = q.new_zeros(B, Hk, K, V, dtype=dt)
+        dhs = [None] * N
+        for n in range(N - 1, -1, -1):
+            dhs[n] = grad
+            grad = grad * decay[:, :, n, :, None] + qdo[:, :, n]
+        dh = torch.stack(dhs, 2)
+        dq = torch.einsum("bhgnij,bhnjk,bhnijk->bhgnik", dA, kc, E)
+        dq = dq + scale * b.exp()[:, :, None] * torch.einsum("bhgniv,bhnkv->bhgnik", doc, h)
+        dk = torch.einsum("bhgnij,bhgnik,bhnijk->bhnjk", dA, qc, E)
+        dk = dk + (b_last - b).exp() * torch.einsum("bhnjv,bhnkv->bhnjk", vc, dh)
+        dv = torch.einsum("bhgnij,bhgniv->bhnjv", A, doc) + torch.einsum("bhnjk,bhnkv->bhnjv", k_hat, dh)
+    dq = dq.reshape(B, H, N * C, K)[:, :, :T].to(q.dtype).contiguous()
+    dk = dk.reshape(B, Hk, N * C, K)[:, :, :T].to(k.dtype).contiguous()
+    dv = dv.reshape(B, Hk, N * C, V)[:, :, :T].to(v.dtype).contiguous()
+    return [dq, dk, dv, _gate_grad(q, k, g, dq, dk)]
 
 
 def _linear_attn_bwd_fake(q, k, v, g, do, scale, chunk_size):

@@ -1,0 +1,154 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transfigure.kernels.linear_attention import (
+    _linear_attn_bwd_reference,
+    linear_attention,
+    linear_attention_bidirectional,
+    linear_attention_recurrent,
+    linear_attention_reference,
+    linear_attn_bwd_triton,
+    linear_attn_triton,
+)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make(seed, B, Hk, G, T, K, V, gated, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hk * G, T, K, generator=gen)
+    k = torch.randn(B, Hk, T, K, generator=gen)
+    v = torch.randn(B, Hk, T, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, Hk, T, K, generator=gen) + 2.0) if gated else None
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(g)
+
+
+shapes = dict(
+    B=st.integers(1, 2),
+    Hk=st.integers(1, 2),
+    G=st.sampled_from([1, 2, 3]),
+    T=st.integers(1, 80),
+    K=st.sampled_from([8, 16, 20, 32]),
+    V=st.sampled_from([8, 16, 24]),
+    chunk=st.sampled_from([16, 32]),
+    gated=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+
+
+@settings(max_examples=10)
+@given(**shapes)
+def test_chunked_reference_matches_recurrent_definition(B, Hk, G, T, K, V, chunk, gated, seed):
+    q, k, v, g = make(seed, B, Hk, G, T, K, V, gated, torch.float64)
+    expected, _ = linear_attention_recurrent(q, k, v, g, scale=0.3)
+    actual = linear_attention_reference(q, k, v, g, 0.3, chunk)
+    assert rel(actual, expected) < 1e-12
+
+
+@settings(max_examples=10)
+@given(**shapes, dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_triton_forward_matches_reference(B, Hk, G, T, K, V, chunk, gated, seed, dtype):
+    q, k, v, g = make(seed, B, Hk, G, T, K, V, gated, dtype)
+    expected, _ = linear_attention_recurrent(q.double(), k.double(), v.double(), None if g is None else g.double(), 0.3)
+    actual = linear_attn_triton(q, k, v, g, 0.3, chunk)
+    assert actual.dtype == dtype and actual.shape == (B, Hk * G, T, V)
+    assert rel(actual, expected) < (2e-6 if dtype == torch.float32 else 3e-3)
+
+
+@settings(max_examples=10)
+@given(**shapes)
+def test_triton_backward_matches_fp64_reference_gradients(B, Hk, G, T, K, V, chunk, gated, seed):
+    q, k, v, g = make(seed, B, Hk, G, T, K, V, gated)
+    do = torch.randn(B, Hk * G, T, V, generator=torch.Generator().manual_seed(seed + 1))
+    d64 = lambda x: None if x is None else x.double()  # noqa: E731
+    expected = _linear_attn_bwd_reference(d64(q), d64(k), d64(v), d64(g), do.double(), 0.3, chunk)
+    actual = linear_attn_bwd_triton(q, k, v, g, do, 0.3, chunk)
+    names = ["dq", "dk", "dv", "dg"]
+    for name, a, e in zip(names, actual, expected):
+        if e.numel() == 0:
+            assert a.numel() == 0
+            continue
+        assert a.shape == e.shape, name
+        assert rel(a, e) < 5e-6, (name, rel(a, e))
+
+
+def test_gate_gradient_fp16_inputs():
+    q, k, v, g = make(3, 1, 2, 2, 50, 16, 16, True, torch.float16)
+    do = torch.randn(1, 4, 50, 16).half()
+    expected = _linear_attn_bwd_reference(q.double(), k.double(), v.double(), g.double(), do.double(), 1.0, 16)
+    actual = linear_attn_bwd_triton(q, k, v, g, do, 1.0, 16)
+    for a, e in zip(actual, expected):
+        assert rel(a, e) < 5e-3
+
+
+def test_reference_op_gradcheck_fp64():
+    q, k, v, g = make(0, 1, 1, 2, 9, 4, 3, True, torch.float64)
+    inputs = [x.requires_grad_(True) for x in (q, k, v, g)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, g: torch.ops.transfigure.linear_attn(q, k, v, g, 0.5, 4), inputs, eps=1e-6, atol=1e-6
+    )
+
+
+def test_op_autograd_gives_recurrent_gradients():
+    q, k, v, g = make(1, 1, 2, 2, 21, 8, 8, True, torch.float64)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
+    torch.ops.transfigure.linear_attn(*leaves, 0.7, 8).square().sum().backward()
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
+    linear_attention_recurrent(*ref_leaves, scale=0.7)[0].square().sum().backward()
+    for a, e in zip(leaves, ref_leaves):
+        assert rel(a.grad, e.grad) < 1e-10
+
+
+def test_normalized_linear_attention_matches_definition():
+    q, k, v, _ = make(2, 2, 1, 2, 33, 8, 8, False)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    g = F.logsigmoid(torch.randn(2, 1, 33, 8)) / 8
+    out = linear_attention(q, k, v, g, chunk_size=16, normalize=True)
+    kk = k.repeat_interleave(2, 1)
+    vv = v.repeat_interleave(2, 1)
+    gg = g.repeat_interleave(2, 1)
+    B = gg.cumsum(2)
+    w = torch.einsum("bhik,bhjk->bhij", q.double(), kk.double()) * 0
+    decay = (B[:, :, :, None, :] - B[:, :, None, :, :]).double()
+    mask = torch.ones(33, 33, dtype=torch.bool).tril()
+    w = torch.einsum("bhik,bhjk,bhijk->bhij", q.double(), kk.double(), decay.masked_fill(~mask[..., None], -1e9).exp())
+    expected = (w @ vv.double()) / w.sum(-1, keepdim=True)
+    assert rel(out, expected) < 1e-5
+
+
+def test_bidirectional_matches_quadratic_form():
+    q, k, v, _ = make(4, 2, 2, 2, 17, 8, 8, False)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    w = q @ kk.transpose(-1, -2)
+    torch.testing.assert_close(linear_attention_bidirectional(q, k, v, scale=0.5), 0.5 * w @ vv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        linear_attention_bidirectional(q, k, v, normalize=True), (w @ vv) / (w.sum(-1, keepdim=True) + 1e-6), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_op_under_torch_compile_with_backward():
+    q, k, v, g = make(5, 1, 1, 2, 20, 8, 8, True)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
+
+    def f(q, k, v, g):
+        return torch.ops.transfigure.linear_attn(q, k, v, g, 1.0, 16).sum(-1)
+
+    torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves).sum().backward()
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
+    f(*ref_leaves).sum().backward()
+    for a, e in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_shape_errors_are_clear():
+    q = torch.randn(1, 3, 4, 8)
+    k = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        linear_attention_reference(q, k, k, None, 1.0, 16)
