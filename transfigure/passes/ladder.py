@@ -221,20 +221,72 @@ def _sink(graph: fx.Graph, node: fx.Node) -> bool:
 def _pending_tail(branch: fx.Node, body: set) -> list[fx.Node]:
     """Nodes feeding only the residual add after the all-reduce was issued (wait, to_local, dropout, views).
 
-    Walks up from the branch through single-user nodes with one tensor input; stops at the collective, a
-    projection, or anything else with real compute. Returned top-down.
+    Walks up from the branch through single-user nodes with one input inside the sub-block; stops at the
+    collective, a projection, or anything else with several inputs. Returned top-down.
     """
     tail = []
     current = branch
     for _ in range(8):
         if current.op not in ("call_function", "call_method") or _is_collective(current) or _is_projection(current):
             break
-        inputs = current.all_input_nodes
-        if len(current.users) != 1 or len([p for p in inputs if p in body]) != 1:
+        inside = [p for p in current.all_input_nodes if p in body]
+        if len(current.users) != 1 or len(inside) != 1:
             break
         tail.append(current)
-        current = [p for p in inputs if p in body][0]
+        current = inside[0]
     return list(reversed(tail))
+
+
+def _placements(node: fx.Node) -> tuple:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return tuple(getattr(value, "placements", ()) or ()), value
+
+
+def _explicit_all_reduce(graph: fx.Graph, block: SubBlock) -> str:
+    """Turn the branch's DTensor ``redistribute(Partial -> Replicate).to_local()`` into explicit
+    ``_c10d_functional.all_reduce`` + ``wait_tensor`` nodes, so the wait stays where this pass puts it.
+
+    (Traced DTensor collectives get their ``wait_tensor`` right after the ``all_reduce``: functional
+    collectives wait immediately while tracing. Explicit nodes keep the order of the Dynamo graph.)
+    Returns a short description of what was done (or why not).
+    """
+    for node in [*_pending_tail(block.branch, block.body), block.branch]:
+        if _is_wait(node):
+            return "functional wait_tensor already explicit"
+        if not (node.op == "call_method" and node.target == "to_local"):
+            continue
+        redistribute = node.args[0]
+        if not (isinstance(redistribute, fx.Node) and redistribute.op == "call_method" and redistribute.target == "redistribute"):
+            continue
+        source = redistribute.args[0]
+        placements, value = _placements(source)
+        out_placements, _ = _placements(redistribute)
+        if len(placements) != 1 or not placements[0].is_partial() or not out_placements or not out_placements[0].is_replicate():
+            return f"redistribute `{redistribute.name}` is not a 1-D Partial -> Replicate all-reduce: left to DTensor"
+        if getattr(value, "requires_grad", False):
+            return "graph needs gradients (the functional all_reduce op has no autograd): left to DTensor"
+        if len(redistribute.users) != 1:
+            return f"redistribute `{redistribute.name}` has other users: left to DTensor"
+        reduce_op = getattr(placements[0], "reduce_op", "sum")
+        group_name = value.device_mesh.get_group(0).group_name
+        example = node.meta.get("example_value", node.meta.get("val"))
+        with graph.inserting_before(redistribute):
+            local = graph.call_method("to_local", (source,))
+            reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (local, reduce_op, group_name))
+            waited = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+        for new in (local, reduced, waited):
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+            if example is not None:
+                new.meta["example_value"] = example
+        node.replace_all_uses_with(waited)
+        graph.erase_node(node)
+        graph.erase_node(redistribute)
+        block.body -= {node, redistribute}
+        block.body |= {local, reduced, waited}
+        if block.branch is node:
+            block.branch = waited
+        return f"explicit all_reduce `{reduced.name}` ({reduce_op}, group {group_name}) + `{waited.name}`"
+    return "no all-reduce on this branch"
 
 
 def apply_ladder(graph: fx.Graph, layers: tuple[int, ...] | str = "all", n: int = 0, overlap: bool = True, result: PassResult | None = None) -> list[SubBlock]:
@@ -287,9 +339,12 @@ def apply_ladder(graph: fx.Graph, layers: tuple[int, ...] | str = "all", n: int 
                 if result is not None:
                     result.skip(prev.add, "in-place residual add: not moved")
                 continue
+            detail = _explicit_all_reduce(graph, prev)
             _sink(graph, prev.add)
             for node in reversed(_pending_tail(prev.branch, prev.body)):
                 _sink(graph, node)
+            if result is not None:
+                result.note(f"`{prev.add.name}` delayed past sub-block {block.index}; {detail}")
     graph.lint()
     return blocks
 
