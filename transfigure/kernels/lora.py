@@ -279,3 +279,78 @@ lora_linear = define_op(
     backward=_backward,
     setup_context=_setup_context,
 )
+
+
+# -- GaLore: the same fused op with a gradient tap for the projector refresh ------------------------------
+#
+# GaLore (W = W0 + s P Z, one-sided) needs the *full* gradient G = dy^T x of the base weight only at refresh
+# steps (every T steps) -- the base weight itself is frozen, so autograd never forms G. The op below is
+# lora_linear with grad_scale = 1 whose backward, when the control tensor ``ctl`` (int64, CPU, [armed, count])
+# is armed, also adds G (fp32) into a side store read by the optimizer wrapper (see passes/galore.py). The
+# tap is a custom op that mutates ``ctl`` (count += 1), so no compiler eliminates it.
+
+_GRAD_STORE: dict[int, torch.Tensor] = {}
+
+
+def _grad_stash_ref(ctl: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
+    if int(ctl[0]) == 0:
+        return
+    g = _flat(grad).float().t() @ _flat(x).float()
+    key = ctl.data_ptr()
+    previous = _GRAD_STORE.get(key)
+    _GRAD_STORE[key] = g if previous is None else previous + g
+    ctl[1] += 1
+
+
+def _grad_stash_fake(ctl, grad, x):
+    return None
+
+
+grad_stash = define_op("grad_stash", _grad_stash_ref, fake=_grad_stash_fake, mutates_args=("ctl",))
+
+
+def take_stashed_gradient(ctl: torch.Tensor) -> torch.Tensor | None:
+    """The full fp32 gradient accumulated through ``ctl`` since the last take (None if none), removed."""
+    ctl[1] = 0
+    return _GRAD_STORE.pop(ctl.data_ptr(), None)
+
+
+def _galore_cpu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    ctl: torch.Tensor,
+) -> torch.Tensor:
+    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, 1.0).clone()
+
+
+def _galore_cuda(x, weight, bias, lora_a, lora_b, scale, ctl):
+    return _lora_cuda(x, weight, bias, lora_a, lora_b, scale, 1.0)
+
+
+def _galore_fake(x, weight, bias, lora_a, lora_b, scale, ctl):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _galore_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, ctl = inputs
+    _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scale, 1.0), output)
+    ctx.ctl = ctl
+
+
+def _galore_backward(ctx, grad):
+    torch.ops.transfigure.grad_stash(ctx.ctl, grad, ctx.saved_tensors[0])
+    return (*_backward(ctx, grad)[:5], None, None)
+
+
+galore_linear = define_op(
+    "galore_linear",
+    _galore_cpu,
+    cuda=_galore_cuda,
+    fake=_galore_fake,
+    backward=_galore_backward,
+    setup_context=_galore_setup,
+)

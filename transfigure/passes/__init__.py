@@ -1,0 +1,1 @@
+"""Built-in rewrite passes, one module each; importing this package registers them."""

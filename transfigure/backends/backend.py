@@ -1,0 +1,162 @@
+"""The backend object: bind Dynamo's graph, run the pass pipeline, lower to Inductor or run eagerly.
+
+``torch.compile(model, backend="transfigure", options={...})`` calls :func:`transfigure` with the options
+as one keyword. ``transfigure.backend(passes=[...], **options)`` builds a reusable :class:`Backend` (make
+one and reuse it: a new backend object per ``torch.compile`` call makes Dynamo recompile).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+import transfigure.passes  # noqa: F401  (registers the built-in passes)
+from transfigure.compiler import GraphView, Pass, Report, parse_compile_options, run_pipeline
+from transfigure.compiler.pipeline import CompilerOptions
+
+log = logging.getLogger("transfigure")
+
+LOWERINGS = ("inductor", "eager")
+
+
+class StaleWeightsError(RuntimeError):
+    """A parameter that a pass consumed at compile time was changed in place afterwards."""
+
+
+class Backend:
+    """A torch.compile backend running transfigure's pass pipeline.
+
+    ``lowering="inductor"`` hands the rewritten graph to Inductor (``compile_fx``); ``"eager"`` runs the
+    rewritten FX graph as Python (debugging, CPU). Every compiled graph's report is kept in ``reports``.
+    """
+
+    def __init__(self, passes: Sequence[Pass] = (), lowering: str = "inductor", **options: Any):
+        if lowering not in LOWERINGS:
+            raise ValueError(f"lowering={lowering!r}; allowed: {', '.join(LOWERINGS)}")
+        self.user_passes = list(passes)
+        self.lowering = lowering
+        self.raw_options = dict(options)
+        self.compiler_options, self.passes = parse_compile_options(options, self.user_passes)
+        self.report = Report()
+        self._lock = threading.Lock()
+
+    def with_options(self, options: Mapping[str, Any] | None) -> "Backend":
+        if not options:
+            return self
+        return Backend(self.user_passes, self.lowering, **{**self.raw_options, **dict(options)})
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
+        if options:
+            return self.with_options(options)(gm, example_inputs)
+        return compile_graph(self, gm, example_inputs)
+
+    def __repr__(self) -> str:
+        return f"transfigure.Backend(lowering={self.lowering!r}, passes={[p.name for p in self.passes]})"
+
+
+def compile_graph(backend: Backend, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    start = time.perf_counter()
+    compiler = backend.compiler_options
+    view = GraphView(gm, example_inputs)
+    with backend._lock:
+        index = len(backend.report.graphs)
+        graph_report = run_pipeline(view, backend.passes, compiler, index=index)
+        graph_report.lowering = backend.lowering
+        backend.report.graphs.append(graph_report)
+    dump_dir = compiler.dump_dir or os.environ.get("TRANSFIGURE_DUMP_DIR")
+    if dump_dir:
+        Report([graph_report]).save(Path(dump_dir) / f"compile_{os.getpid()}_{id(backend):x}_{index:02d}")
+    compiled = _lower(view, backend.lowering, compiler)
+    graph_report.compile_seconds = time.perf_counter() - start
+    if not view.derived_from or compiler.weight_check == "ignore":
+        return compiled
+    return _WeightGuard(backend, gm, list(example_inputs), view, compiled)
+
+
+def _lower(view: GraphView, lowering: str, compiler: CompilerOptions):
+    extras = list(view.extra_inputs)
+    if lowering == "eager":
+        module = view.gm
+
+        def run_eager(*args):
+            return module(*args, *extras)
+
+        return run_eager
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(compiler.inductor_config) if compiler.inductor_config else None
+    compiled = compile_fx(view.gm, view.inputs(), config_patches=patches)
+    if not extras:
+        return compiled
+    if getattr(compiled, "_boxed_call", False):
+
+        def run_boxed(*args):
+            return compiled([*args, *extras])
+
+        return run_boxed
+
+    def run_inductor(*args):
+        return compiled(*args, *extras)
+
+    return run_inductor
+
+
+class _WeightGuard:
+    """Checks, per call, that parameters a pass consumed at compile time were not changed in place.
+
+    Parameters are unguarded in Dynamo (changing them does not recompile), so a packed copy would silently
+    go stale. The check reads each tensor's version counter: a few attribute reads per consumed parameter.
+    """
+
+    def __init__(self, backend: Backend, gm, example_inputs, view: GraphView, compiled):
+        self.backend = backend
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.watched = list(view.derived_from)
+        self.compiled = compiled
+
+    def __call__(self, *args):
+        for fqn, tensor, version in self.watched:
+            if tensor._version != version:
+                self._stale(fqn)
+                break
+        return self.compiled(*args)
+
+    def _stale(self, fqn: str) -> None:
+        policy = self.backend.compiler_options.weight_check
+        if policy == "error":
+            raise StaleWeightsError(
+                f"transfigure: parameter {fqn!r} changed in place after a pass packed it at compile time, so the "
+                "compiled model would use stale weights. Re-run the compile (torch._dynamo.reset() and call the "
+                "model again), or pass options={'weight_check': 'recompile'} to repack automatically, or "
+                "'ignore' to keep the packed weights."
+            )
+        log.warning("transfigure: parameter %s changed in place; recompiling this graph", fqn)
+        fresh = compile_graph(self.backend, self.gm, self.example_inputs)
+        if isinstance(fresh, _WeightGuard):
+            self.watched, self.compiled = fresh.watched, fresh.compiled
+        else:
+            self.watched, self.compiled = [], fresh
+
+
+def backend(passes: Sequence[Pass] = (), *, lowering: str = "inductor", **options: Any) -> Backend:
+    """Build one reusable backend: ``torch.compile(model, backend=transfigure.backend(passes=[MyPass()]))``."""
+    return Backend(passes, lowering, **options)
+
+
+def transfigure(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
+    """``backend="transfigure"``: the pass pipeline, then Inductor."""
+    return Backend(lowering="inductor", **dict(options or {}))(gm, example_inputs)
+
+
+def transfigure_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
+    """``backend="transfigure_eager"``: the pass pipeline, then the rewritten graph runs as plain PyTorch."""
+    return Backend(lowering="eager", **dict(options or {}))(gm, example_inputs)
