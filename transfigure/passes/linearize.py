@@ -1,0 +1,330 @@
+"""``linearize``: replace softmax attention (``scaled_dot_product_attention``) by (gated) linear attention.
+
+Math (per layer; see :mod:`transfigure.reference.linear_attention` for the full definition, which is also the
+test oracle): with a feature map phi, causal linear attention is
+``y_i = sum_{j<=i} phi(q_i).phi(k_j) v_j / sum_{j<=i} phi(q_i).phi(k_j)``, computed chunkwise in O(T) by the
+``transfigure::linear_attn`` Triton kernels (fp32 state, GQA native); bidirectional sites (BERT) use
+``phi(Q) (phi(K)^T V)``.
+
+* ``feature_map="hedgehog"`` (Zhang et al. 2024, *The Hedgehog & the Porcupine*): per head a learned d x d
+  map W, initialized to identity, then ``[softmax(xW), softmax(-xW)]`` (2d features). W for q and for k are
+  trainable extra inputs, trained by :func:`transfigure.passes.attention_transfer.distill_attention`.
+* ``feature_map="liger"`` (Lan et al. 2025, *Liger*): ``softmax(x)`` over the head dimension, no new
+  parameters, and per-dimension log gates from the key, ``g = max(logsigmoid(k)/16, -1)`` (gated linear
+  attention, Yang et al. 2024).
+* ``feature_map="elu"``: ``elu(x) + 1`` (Katharopoulos et al. 2020).
+* ``window="lolcats"`` (Zhang et al. 2025, *LoLCATs*): softmax over a terraced window (the current and the
+  previous block of ``window_size`` tokens) plus linear attention over older tokens, under one shared
+  normalizer, the softmax part weighted by ``sigmoid(a_h)`` (trainable, starts at 0.1).
+* ``window="liger"``: ``0.5 * sliding-window softmax (window_size) + 0.5 * linear attention``.
+
+Matched forms (all that transformers emits): causal via ``is_causal=True`` or via a materialized bool mask
+(detected by the ``kv_idx <= q_idx`` comparison it is built from), GQA via ``enable_gqa=True`` or
+``repeat_kv`` (expand + reshape, which the pass looks through so keys are never repeated), bidirectional
+(no mask, or a padding-only mask), padding (keys no query may see are dropped from the sums). Sites with
+attention dropout, or a window on a bidirectional site, are skipped with the reason.
+
+Decoding: the compiled graph has no place for a recurrent state between calls, so a compiled linearized
+model recomputes the prefix each call (see notes/issue-5.md and :mod:`transfigure.kernels.linear_attention`'s
+decode step for the recurrent path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from transfigure.compiler import GraphView, Pass, PassResult, option, register_pass
+from transfigure.kernels.linear_attention import linear_attention, linear_attention_bidirectional
+
+EPS = 1e-6
+WINDOW_FACTOR_INIT = math.log(0.1 / 0.9)
+_COMPARISONS = {operator.le, operator.lt, operator.ge, operator.gt, torch.le, torch.lt, torch.ge, torch.gt, "le", "lt", "ge", "gt"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearizeOptions:
+    feature_map: Literal["hedgehog", "liger", "elu"] = option("hedgehog", "feature map phi applied to q and k")
+    window: Literal["none", "lolcats", "liger"] = option("none", "softmax window mixed with the linear part")
+    window_size: int = option(64, "window length in tokens (lolcats: block size of the terraced window)", low=1)
+    layers: tuple[int, ...] = option((), "layer indices to linearize (empty: all)")
+    chunk_size: int = option(64, "chunk length of the chunkwise-parallel kernel", choices=(16, 32, 64, 128))
+    causal: Literal["auto", "causal", "bidirectional"] = option("auto", "override the detected causality of masked sites")
+    state: Mapping[str, Any] | str | None = option(
+        None, "trained feature-map/window parameters (dict from distill_attention, or a path to torch.save of it)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# what replaces a site (traced by AOTAutograd; the kernels are opaque custom ops)
+# --------------------------------------------------------------------------------------------------
+
+
+def _phi(x: torch.Tensor, kind: str, weight: torch.Tensor | None) -> torch.Tensor:
+    x = x.float()
+    if kind == "elu":
+        return F.elu(x) + 1
+    if kind == "liger":
+        return torch.softmax(x, dim=-1)
+    y = torch.einsum("bhtd,hde->bhte", x, weight.float())
+    return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
+
+
+def _window_part(q, k, v, valid, window: str, window_size: int, scale: float, window_factor, T: int):
+    """Softmax over the window, blockwise in O(T * window): returns (numerator, denominator) unnormalized for
+    lolcats (with the running max subtracted) and the normalized softmax output for liger."""
+    B, H, _, d = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    W = window_size
+    N = -(-T // W)
+    pad = N * W - T
+    qf = F.pad(q.float(), (0, 0, 0, pad)).reshape(B, Hk, G, N, W, d)
+    kf = F.pad(k.float(), (0, 0, W, pad))  # one block of zeros in front: block n sees blocks n-1, n
+    vf = F.pad(v.float(), (0, 0, W, pad))
+    validf = F.pad(valid, (W, pad))
+    kw = torch.cat([kf[:, :, : N * W].reshape(B, Hk, N, W, d), kf[:, :, W:].reshape(B, Hk, N, W, d)], 3)
+    vw = torch.cat([vf[:, :, : N * W].reshape(B, Hk, N, W, -1), vf[:, :, W:].reshape(B, Hk, N, W, -1)], 3)
+    okw = torch.cat([validf[:, : N * W].reshape(B, N, W), validf[:, W:].reshape(B, N, W)], 2)  # [B, N, 2W]
+    qi = torch.arange(W, device=q.device)[:, None] + W  # position inside the 2W span
+    kj = torch.arange(2 * W, device=q.device)[None, :]
+    allowed = kj <= qi
+    if window == "liger":
+        allowed = allowed & (qi - kj < W)
+    block = torch.arange(N, device=q.device)
+    allowed = allowed[None] & ~((block[:, None, None] == 0) & (kj[None] < W))  # no block before the first
+    allowed = allowed[None, None, None] & okw[:, None, None, :, None, :]  # [B, 1, 1, N, W, 2W]
+    s = scale * torch.einsum("bhgnid,bhnjd->bhgnij", qf, kw)
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    a = (s - m).exp()
+    if window == "liger":
+        out = torch.einsum("bhgnij,bhnjv->bhgniv", a, vw) / (a.sum(-1, keepdim=True) + 1e-30)
+        return out.reshape(B, H, N * W, -1)[:, :, :T], None
+    f = torch.sigmoid(window_factor.float()).reshape(1, Hk, G, 1, 1, 1)
+    a = f * a
+    num = torch.einsum("bhgnij,bhnjv->bhgniv", a, vw).reshape(B, H, N * W, -1)[:, :, :T]
+    den = a.sum(-1).reshape(B, H, N * W)[:, :, :T, None]
+    return num, den
+
+
+def _lolcats_linear_part(fq, fk, v, T: int, W: int):
+    """Linear attention over keys at least one full block back: sum_{j < W (i//W - 1)} phi(q_i).phi(k_j) [v_j, 1]."""
+    B, H, _, dk = fq.shape
+    Hk = fk.shape[1]
+    G = H // Hk
+    N = -(-T // W)
+    pad = N * W - T
+    vf = torch.cat([v.float(), v.new_ones(*v.shape[:3], 1, dtype=torch.float32)], -1)
+    kc = F.pad(fk, (0, 0, 0, pad)).reshape(B, Hk, N, W, dk)
+    vc = F.pad(vf, (0, 0, 0, pad)).reshape(B, Hk, N, W, -1)
+    kv = torch.einsum("bhnjk,bhnjv->bhnkv", kc, vc).cumsum(2)  # through block n
+    states = F.pad(kv, (0, 0, 0, 0, 2, 0))[:, :, :N]  # through block n-2
+    qc = F.pad(fq, (0, 0, 0, pad)).reshape(B, Hk, G, N, W, dk)
+    out = torch.einsum("bhgnik,bhnkv->bhgniv", qc, states).reshape(B, H, N * W, -1)[:, :, :T]
+    return out[..., :-1], out[..., -1:]
+
+
+def linearized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    q_map: torch.Tensor | None,
+    k_map: torch.Tensor | None,
+    window_factor: torch.Tensor | None,
+    *,
+    causal: bool,
+    feature_map: str,
+    window: str,
+    window_size: int,
+    chunk_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """One linearized attention site. q: [B,H,T,d]; k, v: [B,Hk,T,d] (native GQA); mask: SDPA's attn_mask."""
+    B, H, T, d = q.shape
+    if mask is None:
+        valid = torch.ones(B, k.shape[2], dtype=torch.bool, device=q.device)
+    else:
+        ok = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        valid = ok.expand(B, -1, -1, -1).any(-2)[:, 0, :]
+    fq = _phi(q, feature_map, q_map)
+    fk = _phi(k, feature_map, k_map) * valid[:, None, :, None]
+    g = None
+    if feature_map == "liger":
+        g = (F.logsigmoid(k.float()) / 16.0).clamp_min(-1.0) * valid[:, None, :, None]
+    compute = q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
+    if compute == torch.float16:
+        compute = torch.float32  # feature-map products underflow fp16; the kernels take fp32 or bf16
+    if not causal:
+        out = linear_attention_bidirectional(fq.to(compute), fk.to(compute), v.to(compute), normalize=True, eps=EPS)
+        return out.to(q.dtype)
+    if window == "lolcats":
+        num_w, den_w = _window_part(q, k, v, valid, window, window_size, scale, window_factor, T)
+        num_l, den_l = _lolcats_linear_part(fq, fk, v, T, window_size)
+        return ((num_w + num_l) / (den_w + den_l + EPS)).to(q.dtype)
+    lin = linear_attention(fq.to(compute), fk.to(compute), v.to(compute), None if g is None else g.to(compute),
+                           chunk_size=chunk_size, normalize=True, eps=EPS).float()
+    if window == "liger":
+        swa, _ = _window_part(q, k, v, valid, window, window_size, scale, None, T)
+        return (0.5 * swa + 0.5 * lin).to(q.dtype)
+    return lin.to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# matching
+# --------------------------------------------------------------------------------------------------
+
+
+def _shape(graph: GraphView, node: Any) -> tuple[int, ...] | None:
+    value = graph.meta_value(node) if isinstance(node, fx.Node) else None
+    return tuple(int(s) for s in value.shape) if value is not None and hasattr(value, "shape") else None
+
+
+def unrepeat_kv(node: fx.Node) -> fx.Node | None:
+    """If ``node`` is transformers' ``repeat_kv`` (``x[:, :, None].expand(...).reshape(...)``), the un-repeated ``x``."""
+    if not isinstance(node, fx.Node) or node.target not in ("reshape", "view", torch.reshape):
+        return None
+    expand = node.args[0]
+    if not isinstance(expand, fx.Node) or expand.target != "expand":
+        return None
+    index = expand.args[0]
+    if not isinstance(index, fx.Node) or index.target is not operator.getitem:
+        return None
+    src, item = index.args
+    if isinstance(item, tuple) and len(item) == 5 and item[2] is None and all(isinstance(s, slice) for i, s in enumerate(item) if i != 2):
+        return src
+    return None
+
+
+def mask_is_causal(mask: fx.Node, limit: int = 400) -> bool:
+    """A materialized mask is causal when it is built from a position comparison (``kv_idx <= q_idx``)."""
+    seen, stack = set(), [mask]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node) or node.op == "placeholder":
+            continue
+        seen.add(node)
+        if node.target in _COMPARISONS and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            return True  # index vs index (BERT's padding mask compares q_idx >= 0 only)
+        stack.extend(node.all_input_nodes)
+    return False
+
+
+def load_state(state: Mapping[str, Any] | str | None) -> dict[str, torch.Tensor]:
+    if state is None:
+        return {}
+    if isinstance(state, str):
+        state = torch.load(state, map_location="cpu")
+    return {str(k): v for k, v in dict(state).items() if isinstance(v, torch.Tensor)}
+
+
+@register_pass
+class LinearizePass(Pass):
+    name = "linearize"
+    Options = LinearizeOptions
+    order = 10
+    description = "softmax attention -> (gated) linear attention (Hedgehog / Liger / ELU, LoLCATs or Liger window)"
+
+    def run(self, graph: GraphView) -> PassResult:
+        opts: LinearizeOptions = self.options
+        result = PassResult(self.name)
+        state = load_state(opts.state)
+        for site in graph.attention_calls():
+            if opts.layers and site.layer not in opts.layers:
+                result.skip(site, f"layer {site.layer} not in layers={list(opts.layers)}")
+                continue
+            if site.dropout_p not in (0, 0.0, None):
+                result.skip(site, f"attention dropout (dropout_p={site.dropout_p}); compile the model in eval mode")
+                continue
+            q_shape = _shape(graph, site.query)
+            key, value = site.key, site.value
+            gqa_form = "enable_gqa" if site.enable_gqa is True else "none"
+            k_src, v_src = unrepeat_kv(key), unrepeat_kv(value)
+            if k_src is not None and v_src is not None:
+                key, value, gqa_form = k_src, v_src, "repeat_kv (looked through)"
+            k_shape, v_shape = _shape(graph, key), _shape(graph, value)
+            if q_shape is None or k_shape is None or v_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
+                result.skip(site, "query/key shapes unknown or not [B, H, T, d]")
+                continue
+            B, H, T, d = q_shape
+            Hk = k_shape[1]
+            if k_shape[2] != T:
+                result.skip(site, f"key length {k_shape[2]} != query length {T} (KV cache / cross attention)")
+                continue
+            if H % Hk:
+                result.skip(site, f"{H} query heads not a multiple of {Hk} key heads")
+                continue
+            if site.is_causal is True:
+                causal, how = True, "is_causal"
+            elif site.attn_mask is None:
+                causal, how = False, "no mask"
+            elif not isinstance(site.attn_mask, fx.Node):
+                result.skip(site, f"unsupported attn_mask {site.attn_mask!r}")
+                continue
+            elif opts.causal != "auto":
+                causal, how = opts.causal == "causal", "option"
+            else:
+                causal = mask_is_causal(site.attn_mask)
+                how = "mask built from a position comparison" if causal else "padding-only mask"
+            if not isinstance(site.is_causal, bool):
+                result.skip(site, f"is_causal is not a constant ({site.is_causal!r})")
+                continue
+            if not causal and opts.window != "none":
+                result.skip(site, f"window={opts.window!r} needs a causal site (this one is bidirectional)")
+                continue
+            scale = float(site.scale) if isinstance(site.scale, (int, float)) else 1.0 / math.sqrt(d)
+            prefix = site.fqn or site.node.name
+            params = self._params(graph, prefix, opts, H, Hk, d, state)
+            nodes = {name: graph.add_input(f"{prefix}.{name}", tensor, trainable=True) for name, tensor in params.items()}
+            with graph.graph.inserting_before(site.node):
+                new = graph.graph.call_function(
+                    linearized_attention,
+                    (site.query, key, value, site.attn_mask, nodes.get("q_map"), nodes.get("k_map"), nodes.get("window_factor")),
+                    dict(causal=causal, feature_map=opts.feature_map, window=opts.window if causal else "none",
+                         window_size=opts.window_size, chunk_size=opts.chunk_size, scale=scale),
+                )
+            new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
+            site.node.replace_all_uses_with(new)
+            graph.graph.erase_node(site.node)
+            detail = (f"{opts.feature_map} {'causal' if causal else 'bidirectional'} ({how}), window={opts.window if causal else 'none'}, "
+                      f"H={H} Hk={Hk} d={d}, GQA {gqa_form}, mask={'yes' if site.attn_mask is not None else 'no'}")
+            if params:
+                detail += ", " + ("trained state" if any(f"{prefix}.{n}" in state for n in params) else "fresh parameters")
+            result.rewrote(site, detail)
+        graph.graph.eliminate_dead_code()
+        return result
+
+    def _params(self, graph: GraphView, prefix: str, opts: LinearizeOptions, H: int, Hk: int, d: int, state) -> dict[str, torch.Tensor]:
+        shapes: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+        if opts.feature_map == "hedgehog":
+            shapes["q_map"] = ((H, d, d), torch.eye(d).repeat(H, 1, 1))
+            shapes["k_map"] = ((Hk, d, d), torch.eye(d).repeat(Hk, 1, 1))
+        if opts.window == "lolcats":
+            shapes["window_factor"] = ((H,), torch.full((H,), WINDOW_FACTOR_INIT))
+        owner = next((p.value for p in graph.placeholders if p.kind == "parameter"), None)
+        device = next((p.value.device for p in graph.placeholders if p.kind == "parameter"), torch.device("cpu"))
+        params = {}
+        for name, (shape, init) in shapes.items():
+            given = state.get(f"{prefix}.{name}")
+            if given is not None and tuple(given.shape) != shape:
+                raise ValueError(f"linearize state {prefix}.{name} has shape {tuple(given.shape)}, expected {shape}")
+            source = given if given is not None else init
+
+            def make(source=source):
+                return source.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+
+            key = f"linearize:{prefix}.{name}:{opts.feature_map}:{opts.window}:{id(opts.state) if opts.state is not None else 0}"
+            params[name] = graph.cached(owner, key, make) if owner is not None else make()
+        return params
+
+
+__all__ = ["LinearizeOptions", "LinearizePass", "linearized_attention", "mask_is_causal", "unrepeat_kv", "load_state"]
