@@ -183,8 +183,9 @@ def find_residual_chain(graph: fx.Graph) -> list[SubBlock]:
         target = stream_next.target if isinstance(stream_next.target, str) else getattr(stream_next.target, "__name__", str(stream_next.target))
         raise LadderError(
             f"ladder: the residual stream is interrupted: the residual add `{end.name}` reaches the next residual "
-            f"add `{nxt.name}` only through `{between}` ({target}), not directly. This is a post-norm block "
-            "(BERT-style: LayerNorm(x + f(x))) or some other op on the stream; the ladder recurrence "
+            f"add `{nxt.name}` only through `{between}` ({target}), not directly. This is what a post-norm block "
+            "(BERT-style: LayerNorm(x + f(x))) or a parallel block (GPT-J style: x + attn(x) + mlp(x)) looks like; "
+            "the ladder recurrence "
             "h_j = h_{j-1} + f_j(h_{j-2}) is defined for pre-norm decoders (Llama, Qwen3, Mistral, GPT-2). "
             "Disable the 'ladder' pass for this model."
         )
