@@ -209,3 +209,20 @@ sparse_linear = define_op(
     backward=_backward,
     setup_context=_setup_context,
 )
+
+
+def sparsify_decode_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``s(x)`` for at most 8 tokens, ``x`` unchanged above (dense prefill); used before kernels without a
+    sparse variant when the ``sparsity`` pass runs with ``sparse_prefill=False``."""
+    if _tokens(x) <= MAX_SPARSE_TOKENS:
+        return sparsify_reference(x, threshold)
+    return x.clone()
+
+
+def _sparsify_decode_cuda(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    if _tokens(x) <= MAX_SPARSE_TOKENS and sparsify_triton is not None:
+        return sparsify_triton(x, threshold)
+    return sparsify_decode_reference(x, threshold)
+
+
+sparsify_decode = define_op("sparsify_decode", sparsify_decode_reference, cuda=_sparsify_decode_cuda)

@@ -16,11 +16,11 @@ Allocation of a model-level target ``p`` across a block's sites:
 
 * ``uniform``: every site gets ``p``.
 * ``greedy`` (TEAL's block-wise greedy): per block, start every site at 0; at each step try raising each
-  site ``i`` by ``delta * P / P_i`` (``P_i`` its parameter count, ``P`` the block's), i.e. the same number
-  of skipped weights for every candidate, and keep the one whose new thresholds give the least relative L2
-  error of the block output (measured by re-running the block on stored calibration inputs). The
-  parameter-weighted block sparsity ``sum_i P_i s_i / P`` rises by ``delta`` per step; the path is recorded
-  up to ``greedy_max`` so any target below it can be looked up later without the model.
+  site ``i`` by ``delta`` and keep the one that adds the least relative L2 error to the block output per
+  unit of parameter-weighted block sparsity ``S = sum_i P_i s_i / P`` gained (``P_i`` its parameter count,
+  ``P`` the block's; the error is measured by re-running the block on stored calibration inputs). The path
+  is recorded up to ``S = greedy_max``; a target is looked up between the two path points around it
+  (they differ in one site, raised part of the way), so the block sparsity equals the target exactly.
 
 The :class:`Calibration` object is plain data (histograms, site names, shapes, greedy paths): ``save`` /
 ``load`` round-trip it through ``torch.save`` with ``weights_only`` loading.
@@ -113,10 +113,14 @@ class Calibration:
         out: dict[str, float] = {}
         for block, path in self.greedy.items():
             chosen = None
-            for level, levels in path:
-                if level >= target - 1e-9:
-                    chosen = levels
+            for (lo, lo_levels), (hi, hi_levels) in zip(path, path[1:]):
+                if hi >= target - 1e-12:
+                    # consecutive points differ in one site: raise it part of the way to hit the target exactly
+                    w = 0.0 if hi <= lo else min(max((target - lo) / (hi - lo), 0.0), 1.0)
+                    chosen = {k: lo_levels[k] + w * (hi_levels[k] - lo_levels[k]) for k in lo_levels}
                     break
+            if target <= 0.0 and path:
+                chosen = dict(path[0][1])
             if chosen is None:
                 raise ValueError(f"greedy path of block {block!r} reaches only {path[-1][0]:.3f} < target {target}; "
                                  f"calibrate with a larger greedy_max")
@@ -418,24 +422,24 @@ def _greedy_paths(model, calibration: Calibration, stored, step: float, maximum:
     for block, sites in tqdm(by_block.items(), desc="TEAL greedy allocation", disable=not progress):
         total = sum(s.params for s in sites)
         levels = {s.name: 0.0 for s in sites}
+        current_err = 0.0
         path = [(0.0, dict(levels))]
-        n_steps = int(math.ceil(maximum / step - 1e-9))
-        for k in range(1, n_steps + 1):
-            goal = min(k * step, maximum)
-            current = sum(s.params * levels[s.name] for s in sites) / total
+        while path[-1][0] < maximum - 1e-9:
             best = None
             for cand in sites:
                 if levels[cand.name] >= cap:
                     continue
                 trial = dict(levels)
-                trial[cand.name] = min(cap, levels[cand.name] + (goal - current) * total / cand.params)
+                trial[cand.name] = min(cap, levels[cand.name] + step)
+                gain = (trial[cand.name] - levels[cand.name]) * cand.params / total
                 thresholds = {m: s.quantile(trial[s.name]) for s in sites for m in s.members}
                 err = _block_error(modules[block], stored[block], thresholds, block)
-                if best is None or err < best[0]:
-                    best = (err, trial)
+                cost = (err - current_err) / gain
+                if best is None or cost < best[0]:
+                    best = (cost, err, trial)
             if best is None:
                 break
-            levels = best[1]
+            _, current_err, levels = best
             path.append((sum(s.params * levels[s.name] for s in sites) / total, dict(levels)))
         paths[block] = path
     return paths

@@ -1,0 +1,179 @@
+"""The TEAL ``sparsity`` pass and its calibration, on the five tiny architectures and a trained tiny Llama."""
+
+import fnmatch
+
+import pytest
+import torch
+
+import transfigure
+from transfigure.compiler import OptionError
+from transfigure.models import text_corpus, tiny_model, trained_tiny_llama
+from transfigure.passes.sparsity import SparsityPass
+from transfigure.passes.teal_calibration import (
+    Calibration,
+    CalibrationMismatchError,
+    block_errors,
+    calibrate,
+    measure_sparsity,
+    thresholded,
+)
+
+# Where TEAL puts thresholds: one per distinct projection input in every block (module-name suffixes,
+# grouped by shared input), and nowhere outside the blocks.
+EXPECTED_SITES = {
+    "llama": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)],
+    "gpt2": [("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)],
+    "bert": [("attention.self.query", "attention.self.key", "attention.self.value"), ("attention.output.dense",),
+             ("intermediate.dense",), ("output.dense",)],
+}
+EXPECTED_SITES["qwen3"] = EXPECTED_SITES["mistral"] = EXPECTED_SITES["llama"]
+BLOCKS = {"llama": "model.layers.{}", "qwen3": "model.layers.{}", "mistral": "model.layers.{}",
+          "gpt2": "transformer.h.{}", "bert": "encoder.layer.{}"}
+
+
+def _random_batches(count, batch=2, seq=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (batch, seq), generator=g) for _ in range(count)]
+
+
+def _held_out_split(seq_len, batch, count, part, seed):
+    """Windows of the pydoc corpus cut in 4 KiB chunks: even chunks calibrate, odd chunks are held out."""
+    data = torch.frombuffer(bytearray(text_corpus()), dtype=torch.uint8).long()
+    chunks = data[: len(data) // 4096 * 4096].view(-1, 4096)[part::2]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        rows = torch.randint(0, len(chunks), (batch,), generator=g).tolist()
+        cols = torch.randint(0, 4096 - seq_len, (batch,), generator=g).tolist()
+        out.append(torch.stack([chunks[r, c:c + seq_len] for r, c in zip(rows, cols)]))
+    return out
+
+
+def _output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two busy ones
+    try:
+        model = trained_tiny_llama()
+        calibration = calibrate(model, _held_out_split(128, 8, 12, part=0, seed=1), progress=False,
+                                greedy_step=0.1, greedy_batches=1)
+        yield model, calibration
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gpt2", "bert"])
+def test_thresholds_exactly_where_teal_puts_them(arch):
+    model = tiny_model(arch)
+    calibration = calibrate(model, _random_batches(2), progress=False, greedy=False)
+    expected = [tuple(BLOCKS[arch].format(layer) + "." + suffix for suffix in group)
+                for layer in range(2) for group in EXPECTED_SITES[arch]]
+    assert [s.members for s in calibration.sites] == expected
+
+    backend = transfigure.backend(lowering="eager", sparsity={"calibration": calibration, "target": 0.5, "allocation": "uniform"})
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        out = _output(compiled(x))
+        thresholds = calibration.thresholds(0.5, "uniform")
+        with thresholded(model, thresholds):
+            reference = _output(model(x))
+        dense = _output(model(x))
+    result = backend.report.graphs[0].passes[0].result
+    rewritten = {s.fqn for s in result.rewritten}
+    assert rewritten == {m for group in expected for m in group}
+    assert not result.skipped
+    # the graph: one sparse_linear per block projection, with that projection's threshold
+    graph = backend.report.graphs[0].final_code
+    assert graph.count("transfigure.sparse_linear") == len(rewritten)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    assert (out - dense).abs().max() > 1e-4  # the thresholds did change the output
+
+
+def test_held_out_sparsity_within_two_points(trained):
+    model, calibration = trained
+    held_out = _held_out_split(128, 8, 8, part=1, seed=2)
+    for target in (0.4, 0.5):
+        for allocation in ("uniform", "greedy"):
+            levels = calibration.sparsities(target, allocation)
+            measured = measure_sparsity(model, calibration, calibration.thresholds(target, allocation), held_out)
+            worst = max(abs(measured[name] - levels[name]) for name in measured)
+            assert worst < 0.02, (target, allocation, measured, levels)
+            for block_level in calibration.block_sparsity(levels).values():
+                assert block_level == pytest.approx(target, abs=1e-9)
+
+
+def test_greedy_beats_uniform_block_error(trained):
+    model, calibration = trained
+    held_out = _held_out_split(128, 8, 4, part=1, seed=3)
+    errors = {a: block_errors(model, calibration, calibration.thresholds(0.5, a), held_out) for a in ("uniform", "greedy")}
+    assert sum(errors["greedy"].values()) < 0.9 * sum(errors["uniform"].values()), errors
+    levels = calibration.sparsities(0.5, "greedy")
+    assert max(levels.values()) - min(levels.values()) > 0.1  # greedy really reallocates
+
+
+def test_save_load_roundtrip(tmp_path, trained):
+    model, calibration = trained
+    path = tmp_path / "teal.pt"
+    calibration.save(path)
+    loaded = Calibration.load(path)
+    for allocation in ("uniform", "greedy"):
+        assert loaded.thresholds(0.45, allocation) == calibration.thresholds(0.45, allocation)
+    # a path works as the option value too
+    backend = transfigure.backend(lowering="eager", sparsity={"calibration": str(path), "target": 0.45})
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randint(0, 256, (1, 3))
+    with torch.no_grad(), thresholded(model, calibration.thresholds(0.45, "greedy")):
+        torch.testing.assert_close(_output(compiled(x)), _output(model(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_calibration_names_first_difference():
+    calibration = calibrate(tiny_model("llama"), _random_batches(1), progress=False, greedy=False)
+    wider = tiny_model("llama", intermediate_size=96)
+    backend = transfigure.backend(lowering="eager", sparsity={"calibration": calibration, "allocation": "uniform"})
+    with pytest.raises(Exception, match=r"model\.layers\.0\.mlp\.down_proj.*in_features=96"):
+        torch.compile(wider, backend=backend)(torch.randint(0, 256, (1, 4)))
+    deeper = tiny_model("llama", num_hidden_layers=3)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"model\.layers\.2\.self_attn\.q_proj"):
+        torch.compile(deeper, backend=backend)(torch.randint(0, 256, (1, 4)))
+    with pytest.raises(CalibrationMismatchError, match="gpt2|transformer.h.0"):
+        calibration.check({"transformer.h.0.attn.c_attn": 64})
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])
+def test_target_outside_unit_interval_is_an_option_error(bad):
+    calibration = calibrate(tiny_model("llama"), _random_batches(1), progress=False, greedy=False)
+    with pytest.raises(OptionError, match="sparsity.target"):
+        transfigure.backend(sparsity={"calibration": calibration, "target": bad})
+    with pytest.raises(OptionError, match="sparsity"):
+        transfigure.backend(sparsity={"target": 0.5})  # no calibration
+
+
+def test_modules_filter_and_dense_prefill():
+    model = tiny_model("llama")
+    calibration = calibrate(model, _random_batches(2), progress=False, greedy=False)
+    backend = transfigure.backend(lowering="eager", sparsity={
+        "calibration": calibration, "allocation": "uniform", "modules": ["*.mlp.*"], "sparse_prefill": False})
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    thresholds = {k: v for k, v in calibration.thresholds(0.5, "uniform").items() if fnmatch.fnmatch(k, "*.mlp.*")}
+    with torch.no_grad():
+        short, long = torch.randint(0, 256, (1, 4)), torch.randint(0, 256, (1, 12))
+        with thresholded(model, thresholds):
+            expected_short = _output(model(short))
+        torch.testing.assert_close(_output(compiled(short)), expected_short, rtol=1e-5, atol=1e-5)
+        # 12 tokens > 8: dense prefill, same as the unmodified model
+        torch.testing.assert_close(_output(compiled(long)), _output(model(long)), rtol=1e-5, atol=1e-5)
+    result = backend.report.graphs[0].passes[0].result
+    assert {s.fqn.split(".")[-2] for s in result.rewritten} == {"mlp"}
+    assert len(result.skipped) == 8
+
+
+def test_pass_is_registered_with_order_after_quantization():
+    assert transfigure.compiler.builtin_passes()["sparsity"] is SparsityPass
+    assert SparsityPass.order == 45

@@ -1,0 +1,209 @@
+"""The ``sparsity`` pass: TEAL activation sparsity on the inputs of every projection in a transformer block.
+
+Math (Liu et al., "Training-Free Activation Sparsity in Large Language Models", TEAL, ICLR 2025)
+------------------------------------------------------------------------------------------------
+Each projection ``y = x W^T + b`` inside a block becomes ``y = s(x) W^T + b`` with
+``s(x) = x * 1[|x| > t]``. The threshold ``t`` of an input is the ``p``-quantile of ``|x|`` over calibration
+text (:func:`transfigure.passes.teal_calibration.calibrate`), with ``p`` the site's sparsity under the
+chosen allocation (``uniform``: the target everywhere; ``greedy``: TEAL's block-wise greedy search).
+Projections sharing an input node share the threshold (q/k/v, gate/up; GPT-2 and BERT likewise).
+When ``x[k] = 0`` the ``k``-th column of ``W`` is not needed: at decode (few tokens) the
+``transfigure::sparse_linear`` op runs a GEMV over ``W^T`` (stored column-major, so a column is contiguous)
+that skips those columns; with many tokens it runs the plain path (threshold kernel + cuBLAS). The choice is
+a shape check inside the op, so the graph has no break and no guard on the token count.
+
+What the pass matches
+---------------------
+* ``F.linear`` in a block (Llama, Qwen3, Mistral, BERT) -> ``sparse_linear(x, W^T, b, t)``; ``W^T`` is a
+  column-major copy made at compile time (an extra input derived from ``W``: in-place changes to ``W``
+  after compiling are caught by the compiler's weight check).
+* ``torch.addmm(b, x, W)`` from GPT-2's ``Conv1D`` -> ``sparse_linear(x, W, b, t)``: GPT-2 already stores
+  ``W`` as ``[in, out]``, i.e. column-major, so no copy.
+* ``transfigure::lut_linear`` from the quantization pass (order 40) without rotation ->
+  ``transfigure::sparse_lut_linear`` over the codes repacked column-major (see
+  :mod:`transfigure.kernels.sparse_lut_gemv`). With a Hadamard rotation the rotated activation ``R s(x)`` is
+  dense, so only the threshold is inserted (same math, no speed-up).
+* any other rewritten linear: the threshold op is inserted on its input.
+Linears outside blocks (``lm_head``, BERT's pooler) are left alone, as in TEAL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from ..compiler import Pass, PassResult, option, register_pass
+from ..compiler.graph import GraphView, LinearCall, layer_index
+from ..kernels import sparse_gemv as _sparse_gemv  # noqa: F401  (registers transfigure::sparse_linear)
+from ..kernels import threshold as _threshold  # noqa: F401  (registers transfigure::sparsify)
+from .teal_calibration import Calibration
+
+ADDMM_TARGETS = (torch.addmm, torch.Tensor.addmm, "addmm")
+
+
+def _load_calibration(value: Any) -> Calibration:
+    if isinstance(value, Calibration):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        if not os.path.exists(value):
+            raise ValueError(f"calibration file {os.fspath(value)!r} does not exist")
+        return Calibration.load(value)
+    raise ValueError("a Calibration from transfigure.calibrate(model, batches) or the path of a saved one is "
+                     f"required (got {type(value).__name__})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityOptions:
+    target: float = option(0.5, "model-wide target activation sparsity", low=0.0, high=1.0, high_open=True)
+    calibration: Any = option(None, "Calibration object from transfigure.calibrate(...) or path of a saved one (required)")
+    allocation: Literal["uniform", "greedy"] = option("greedy", "uniform: target on every input; greedy: TEAL's block-wise search")
+    modules: tuple[str, ...] = option(("*",), "fnmatch patterns over linear module FQNs to sparsify")
+    sparse_prefill: bool = option(True, "also threshold inputs of more than 8 tokens (False: dense prefill, sparse decode)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "calibration", _load_calibration(self.calibration))
+        # allocation feasibility is checked here so that a bad target fails at option parsing
+        self.calibration.sparsities(self.target, self.allocation)
+
+
+def _addmm_calls(graph: GraphView) -> list[LinearCall]:
+    """GPT-2 ``Conv1D``: ``addmm(bias, x2d, weight[in, out])`` inside a block."""
+    found = []
+    for node in graph.graph.nodes:
+        if node.op not in ("call_function", "call_method") or node.target not in ADDMM_TARGETS:
+            continue
+        if "transfigure_linear" in node.meta or len(node.args) < 3 or node.kwargs:
+            continue
+        bias, x, weight = node.args[:3]
+        if not isinstance(weight, fx.Node) or weight.op != "placeholder":
+            continue
+        w = graph.tensor(weight)
+        if not isinstance(w, torch.nn.Parameter) or w.dim() != 2:
+            continue
+        fqn = graph.module_fqn(node)
+        weight_fqn = graph.fqn(weight)
+        if weight_fqn and (not fqn or not weight_fqn.startswith(fqn)):
+            fqn = weight_fqn.rsplit(".", 1)[0]
+        site = LinearCall(node, x, weight, bias, fqn, weight_fqn, w.shape[0], w.shape[1], layer_index(fqn))
+        if hasattr(site, "transposed"):
+            site.transposed = True
+        found.append(site)
+    return found
+
+
+def _copy_meta(new: fx.Node, like: fx.Node) -> None:
+    for key in ("val", "example_value", "nn_module_stack", "stack_trace"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+
+
+@register_pass
+class SparsityPass(Pass):
+    name = "sparsity"
+    Options = SparsityOptions
+    order = 45
+    description = "TEAL activation sparsity: calibrated thresholds on projection inputs, sparse GEMV at decode"
+
+    def run(self, graph: GraphView) -> PassResult:
+        opts = self.options
+        result = PassResult(self.name)
+        calibration: Calibration = opts.calibration
+        sites = [s for s in graph.linear_calls() if s.layer is not None]
+        seen = {s.node for s in sites}
+        # GPT-2's Conv1D addmm (newer GraphView versions already list it, with ``transposed=True``)
+        sites += [s for s in _addmm_calls(graph) if s.layer is not None and s.node not in seen]
+        calibration.check({s.fqn: s.in_features for s in sites})
+        thresholds = calibration.thresholds(opts.target, opts.allocation)
+        levels = calibration.sparsities(opts.target, opts.allocation)
+        site_of = calibration.site_of()
+        sharing: dict[fx.Node, list[str]] = {}
+        for s in sites:
+            sharing.setdefault(s.input, []).append(s.fqn.rsplit(".", 1)[-1])
+        for site in sites:
+            if not any(fnmatch.fnmatchcase(site.fqn, pattern) for pattern in opts.modules):
+                result.skip(site, "not matched by sparsity.modules")
+                continue
+            t = thresholds[site.fqn]
+            level = levels[site_of[site.fqn].name]
+            if t <= 0.0:
+                result.skip(site, f"allocated sparsity {level:.2f}: left dense")
+                continue
+            shared = sharing.get(site.input, [])
+            detail = f"t={t:.4g} (s={level:.2f})" + (f", input shared by {'/'.join(shared)}" if len(shared) > 1 else "")
+            kind = self._rewrite(graph, site, t)
+            result.rewrote(site, f"{detail}, {kind}")
+        result.note(f"target {opts.target}, allocation {opts.allocation}, calibration {calibration!r}")
+        return result
+
+    # -- rewrites ----------------------------------------------------------------------------------
+    def _rewrite(self, graph: GraphView, site: LinearCall, t: float) -> str:
+        node = site.node
+        prefill = self.options.sparse_prefill
+        if node.target in ADDMM_TARGETS:
+            return self._replace(graph, site, (site.input, site.weight, site.bias, t, prefill), "sparse GEMV (Conv1D W is column-major)")
+        if node.target in (torch._C._nn.linear, torch.nn.functional.linear):
+            w = graph.tensor(site.weight) if isinstance(site.weight, fx.Node) and site.weight.op == "placeholder" else None
+            if isinstance(w, torch.Tensor) and w.dim() == 2:
+                wt = graph.cached(w, f"sparsity.weight_t.v{w._version}", lambda: w.detach().t().contiguous())
+                wt_node = graph.add_input(f"{site.fqn}.weight_t", wt, derived_from=[w])
+                return self._replace(graph, site, (site.input, wt_node, site.bias, t, prefill), "sparse GEMV")
+        if _is_lut_linear(node):
+            fused = _sparse_lut(graph, site, t, prefill)
+            if fused is not None:
+                graph.replace_linear(site, fused)
+                return "sparse LUT GEMV"
+        # anything else (rotated LUT, other rewrites): threshold its input, same math, no sparse kernel
+        op = torch.ops.transfigure.sparsify.default if prefill else torch.ops.transfigure.sparsify_decode.default
+        with graph.graph.inserting_before(node):
+            xs = graph.graph.call_function(op, (site.input, t))
+        _copy_meta(xs, site.input)
+        node.replace_input_with(site.input, xs)
+        if "transfigure_linear" in node.meta:
+            node.meta["transfigure_linear"] = dataclasses.replace(node.meta["transfigure_linear"], input=xs)
+        return "threshold only (no sparse kernel for this linear)"
+
+    @staticmethod
+    def _replace(graph: GraphView, site: LinearCall, args: tuple, kind: str) -> str:
+        with graph.graph.inserting_before(site.node):
+            new = graph.graph.call_function(torch.ops.transfigure.sparse_linear.default, args)
+        graph.replace_linear(site, new)
+        return kind
+
+
+def _is_lut_linear(node: fx.Node) -> bool:
+    return "lut_linear" in str(node.target) and "sparse" not in str(node.target)
+
+
+def _sparse_lut(graph: GraphView, site: LinearCall, t: float, prefill: bool) -> fx.Node | None:
+    """``lut_linear`` without rotation -> ``sparse_lut_linear`` over column-major codes, or None."""
+    try:
+        from ..kernels import sparse_lut_gemv
+    except ImportError:
+        return None
+    node = site.node
+    args = list(node.args)
+    if len(args) != 11 or node.kwargs:
+        return None
+    x, codes, scales, table, signs, bias, bits, p, group_size, hadamard_size, in_features = args
+    if hadamard_size or not isinstance(codes, fx.Node) or codes.op != "placeholder":
+        return None
+    if not sparse_lut_gemv.supports(bits, p):
+        return None
+    codes_value = graph.tensor(codes)
+    scales_value = graph.tensor(scales) if isinstance(scales, fx.Node) and scales.op == "placeholder" else None
+    if scales_value is None:
+        return None
+    codes_t, scales_t = graph.cached(codes_value, "sparsity.lut_colmajor",
+                                     lambda: sparse_lut_gemv.repack_column_major(codes_value, scales_value, bits, p))
+    codes_node = graph.add_input(f"{site.fqn}.codes_colmajor", codes_t)
+    scales_node = graph.add_input(f"{site.fqn}.scales_colmajor", scales_t)
+    with graph.graph.inserting_before(node):
+        return graph.graph.call_function(
+            torch.ops.transfigure.sparse_lut_linear.default,
+            (x, codes_node, scales_node, table, bias, bits, group_size, in_features, t, prefill),
+        )
