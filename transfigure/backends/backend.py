@@ -96,13 +96,8 @@ def _lower(view: GraphView, lowering: str, compiler: CompilerOptions):
     compiled = compile_fx(view.gm, view.inputs(), config_patches=patches)
     if not extras:
         return compiled
-    if getattr(compiled, "_boxed_call", False):
 
-        def run_boxed(*args):
-            return compiled([*args, *extras])
-
-        return run_boxed
-
+    # compile_fx's callable takes unpacked arguments even though it is marked _boxed_call.
     def run_inductor(*args):
         return compiled(*args, *extras)
 

@@ -48,7 +48,11 @@ class Placeholder:
 
 @dataclasses.dataclass
 class LinearCall:
-    """``y = x @ weight.T + bias`` at ``node``; ``fqn`` is the module that made the call."""
+    """``y = x @ weight.T + bias`` at ``node``; ``fqn`` is the module that made the call.
+
+    For GPT-2's Conv1D (``addmm(bias, x2d, weight)``, weight stored ``(in, out)``) ``transposed`` is True and
+    ``input`` is the 2-D view of x.
+    """
 
     node: fx.Node
     input: fx.Node
@@ -59,6 +63,8 @@ class LinearCall:
     in_features: int | None
     out_features: int | None
     layer: int | None
+    # GPT-2's Conv1D stores the weight as (in, out) and calls addmm(bias, x2d, weight): transposed=True.
+    transposed: bool = False
 
 
 @dataclasses.dataclass
@@ -265,19 +271,26 @@ class GraphView:
             if "transfigure_linear" in node.meta:
                 found.append(node.meta["transfigure_linear"])
                 continue
-            if node.target not in LINEAR_TARGETS:
+            transposed = False
+            if node.target in LINEAR_TARGETS:
+                args = list(node.args) + [None] * 3
+                x = args[0]
+                weight = node.kwargs.get("weight", args[1])
+                bias = node.kwargs.get("bias", args[2])
+            elif node.target is torch.addmm and len(node.args) == 3 and not node.kwargs and self._is_parameter(node.args[2]):
+                bias, x, weight = node.args
+                transposed = True
+            else:
                 continue
-            args = list(node.args) + [None] * 3
-            x = args[0]
-            weight = node.kwargs.get("weight", args[1])
-            bias = node.kwargs.get("bias", args[2])
             weight_value = self._value(weight)
             fqn = self.module_fqn(node)
             weight_fqn = self.fqn(weight) if isinstance(weight, fx.Node) else None
             if not fqn and weight_fqn:
                 fqn = weight_fqn.rsplit(".", 1)[0]
             out_features, in_features = (tuple(weight_value.shape) + (None, None))[:2] if weight_value is not None else (None, None)
-            found.append(LinearCall(node, x, weight, bias, fqn, weight_fqn, in_features, out_features, layer_index(fqn)))
+            if transposed:
+                in_features, out_features = out_features, in_features
+            found.append(LinearCall(node, x, weight, bias, fqn, weight_fqn, in_features, out_features, layer_index(fqn), transposed))
         return found
 
     def replace_linear(self, site: LinearCall, new_node: fx.Node) -> None:
@@ -335,6 +348,10 @@ class GraphView:
                 return None
             current = tensor_args[0]
         return None
+
+    def _is_parameter(self, node: Any) -> bool:
+        found = self.placeholder(node) if isinstance(node, fx.Node) else None
+        return found is not None and found.kind == "parameter"
 
     # -- values ------------------------------------------------------------------------------------
     def _value(self, node: Any) -> Any:

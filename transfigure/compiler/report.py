@@ -63,7 +63,7 @@ class Region:
             import matplotlib.pyplot as plt
             import networkx as nx
         except ImportError:
-            dot = path.with_suffix(".dot")
+            dot = path.parent / (path.name + ".dot")
             dot.write_text(self.to_dot())
             return dot
         graph = nx.DiGraph()
@@ -95,7 +95,7 @@ class Region:
         axes.set_title("rewritten region (orange: added by the pass)")
         axes.axis("off")
         figure.tight_layout()
-        svg = path.with_suffix(".svg")
+        svg = path.parent / (path.name + ".svg")
         figure.savefig(svg)
         plt.close(figure)
         return svg

@@ -1,0 +1,185 @@
+"""Command line: ``python -m transfigure {demo,inspect,passes}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _passes_table() -> str:
+    from transfigure.compiler import builtin_passes
+    from transfigure.compiler.options import describe
+    from transfigure.compiler.pipeline import CompilerOptions
+
+    import transfigure.passes  # noqa: F401
+
+    lines = ["compiler options (top-level keys of options={...}):"]
+    for row in describe(CompilerOptions):
+        allowed = f"  allowed: {row['allowed']}" if row["allowed"] else ""
+        lines.append(f"  {row['name']:<16} {row['type']:<28} default {row['default']:<10} {row['help']}{allowed}")
+    passes = builtin_passes()
+    if not passes:
+        lines.append("\nbuilt-in passes: none installed")
+    for name, cls in passes.items():
+        lines.append(f"\n{name} (order {cls.order}): {cls.description}")
+        rows = describe(cls.Options)
+        if not rows:
+            lines.append("  (no options)")
+        for row in rows:
+            allowed = f"  allowed: {row['allowed']}" if row["allowed"] else ""
+            lines.append(f"  {row['name']:<16} {row['type']:<28} default {row['default']:<10} {row['help']}{allowed}")
+    return "\n".join(lines)
+
+
+def options_markdown() -> str:
+    """The README's options table, generated from the option dataclasses (a test keeps README in sync)."""
+    from transfigure.compiler import builtin_passes
+    from transfigure.compiler.options import describe
+    from transfigure.compiler.pipeline import CompilerOptions
+
+    import transfigure.passes  # noqa: F401
+
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = ["| key | type | default | allowed | what it does |", "| --- | --- | --- | --- | --- |"]
+    for row in describe(CompilerOptions):
+        lines.append(f"| `{row['name']}` | {cell(row['type'])} | `{cell(row['default'])}` | {cell(row['allowed'])} | {cell(row['help'])} |")
+    for name, cls in builtin_passes().items():
+        lines.append(f"| **`{name}`** | pass | off | `true` or a dict | {cell(cls.description)} (order {cls.order}) |")
+        for row in describe(cls.Options):
+            lines.append(
+                f"| `{name}.{row['name']}` | {cell(row['type'])} | `{cell(row['default'])}` | {cell(row['allowed'])} | {cell(row['help'])} |"
+            )
+    return "\n".join(lines)
+
+
+def _apply_assignments(options: dict, assignments: list[str]) -> dict:
+    """``verify=true sparsity.target=0.4`` (values parsed as JSON when they can be) into an options dict."""
+    import json
+
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise SystemExit(f"--set expects KEY=VALUE (e.g. verify=true or sparsity.target=0.5), got {assignment!r}")
+        key, raw = assignment.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if "." in key:
+            pass_name, option_name = key.split(".", 1)
+            section = options.setdefault(pass_name, {})
+            if not isinstance(section, dict):
+                section = options[pass_name] = {}
+            section[option_name] = value
+        else:
+            options[key] = value
+    return options
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def demo(args: argparse.Namespace) -> int:
+    import transfigure
+    from transfigure.compiler import builtin_passes
+    from transfigure.models import example_inputs, tiny_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    arch = args.model
+    model = tiny_model(arch, hidden_size=args.hidden, intermediate_size=args.hidden * 2) if arch != "gpt2" else tiny_model(arch)
+    model = model.to(device)
+    inputs = {k: v.to(device) for k, v in example_inputs(arch, batch=args.batch, seq_len=args.seq_len).items()}
+    options = _apply_assignments({name: {} for name in (args.passes or [])}, args.set or [])
+    available = list(builtin_passes())
+    print(f"transfigure demo: {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, random weights) on {device}")
+    print(f"built-in passes available: {', '.join(available) or '(none yet)'}; running: {', '.join(args.passes or []) or '(none)'}")
+    report = transfigure.inspect(model, kwargs=inputs, **options)
+    print(report)
+    backend = transfigure.backend(**options)
+    compiled = torch.compile(model, backend=backend)
+    key = "logits" if arch != "bert" else "last_hidden_state"
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = compiled(**inputs)[key]
+        compile_seconds = time.perf_counter() - start
+        ref = model(**inputs)[key]
+        error = ((out - ref).abs().max() / ref.abs().max()).item()
+        eager_ms = _time(lambda: model(**inputs), args.repeats)
+        compiled_ms = _time(lambda: compiled(**inputs), args.repeats)
+    print(f"\nmax relative error vs the original model: {error:.2e}")
+    print(f"compile time (first call): {compile_seconds:.1f} s")
+    print(f"eager: {eager_ms:.2f} ms/call   transfigure: {compiled_ms:.2f} ms/call   speedup {eager_ms / compiled_ms:.2f}x")
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    import transfigure
+    from transfigure.models import example_inputs, tiny_model
+
+    model = tiny_model(args.model)
+    options = _apply_assignments({name: {} for name in (args.passes or [])}, args.set or [])
+    report = transfigure.inspect(model, kwargs=example_inputs(args.model, seq_len=args.seq_len), **options)
+    print(report)
+    if args.out:
+        print(f"\nreport written to {report.save(args.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transfigure.models import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(prog="python -m transfigure", description="transfigure: rewrite transformer graphs under torch.compile")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_demo = sub.add_parser("demo", help="compile a small built-in Llama with the available passes; print report, error, timings")
+    p_demo.add_argument("--model", choices=ARCHITECTURES, default="llama")
+    p_demo.add_argument("--passes", nargs="*", default=None, help="built-in passes to enable (default: none)")
+    p_demo.add_argument("--set", nargs="*", help="options as KEY=VALUE, e.g. verify=true sparsity.target=0.4")
+    p_demo.add_argument("--hidden", type=int, default=256)
+    p_demo.add_argument("--batch", type=int, default=1)
+    p_demo.add_argument("--seq-len", type=int, default=64)
+    p_demo.add_argument("--repeats", type=int, default=10)
+    p_demo.set_defaults(func=demo)
+
+    p_inspect = sub.add_parser("inspect", help="show what the passes do to a built-in tiny model's graph")
+    p_inspect.add_argument("--model", choices=ARCHITECTURES, default="llama")
+    p_inspect.add_argument("--passes", nargs="*", default=None)
+    p_inspect.add_argument("--set", nargs="*", help="options as KEY=VALUE")
+    p_inspect.add_argument("--seq-len", type=int, default=16)
+    p_inspect.add_argument("--out", help="directory for code, diffs, pictures and summary.json")
+    p_inspect.set_defaults(func=inspect_command)
+
+    p_passes = sub.add_parser("passes", help="list built-in passes and their options")
+    p_passes.add_argument("--markdown", action="store_true", help="print the README options table")
+    p_passes.set_defaults(func=lambda args: print(options_markdown() if args.markdown else _passes_table()) or 0)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as error:  # show option errors plainly, not as a traceback
+        from transfigure.compiler import OptionError
+
+        cause = error
+        while cause is not None and not isinstance(cause, OptionError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            print(f"error: {cause}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
