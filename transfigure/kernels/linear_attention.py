@@ -302,24 +302,20 @@ if triton_available():
         q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, scale, T, NT, G, K, V,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
     ):
+        # one program per (chunk, key/value head); the value dimension is walked in blocks of BV so that
+        # only [BK, BV] slices of the states are live at once (full 128x128 fp32 tiles exceed shared memory)
         n = tl.program_id(0)
         i_kvh = tl.program_id(1)
         offs_k = tl.arange(0, BK)
-        offs_v = tl.arange(0, BV)
+        offs_bv = tl.arange(0, BV)
         t = n * BT + tl.arange(0, BT)
         mk = offs_k < K
-        mv = offs_v < V
         mt = t < T
         mtk = mt[:, None] & mk[None, :]
-        mtv = mt[:, None] & mv[None, :]
-        mkv = mk[:, None] & mv[None, :]
         kv_off = i_kvh.to(tl.int64) * T
+        st_base = (i_kvh.to(tl.int64) * NT + n) * K * V
         k = tl.load(k_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
-        v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0)
-        st_off = (i_kvh.to(tl.int64) * NT + n) * K * V + offs_k[:, None] * V + offs_v[None, :]
-        h = tl.load(h_ptr + st_off, mask=mkv, other=0.0)
-        dh = tl.load(dh_ptr + st_off, mask=mkv, other=0.0)
-        dt = h.dtype
+        dt = h_ptr.dtype.element_ty
         if USE_G:
             gg = tl.load(g_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
             b = tl.cumsum(gg, axis=0)
@@ -329,33 +325,58 @@ if triton_available():
         else:
             k_tilde = k.to(dt)
             k_hat = k.to(dt)
-        v = v.to(dt)
         causal = t[:, None] >= t[None, :]
+        NV = tl.cdiv(V, BV)
         dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
-        dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
+        # phase 1: per query head, dA = do v^T and dq; dk's intra part
         for j in range(G):
             i_bh = i_kvh * G + j
             q = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
-            do = tl.load(do_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
             if USE_G:
                 q = (q.to(tl.float32) * tl.exp(b)).to(dt)
             q = q.to(dt)
-            A = tl.where(causal, tl.dot(q, tl.trans(k_tilde)), 0.0) * scale
-            dA = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0) * scale
-            dq = tl.dot(dA.to(dt), k_tilde) + tl.dot(do, tl.trans(h)) * scale
+            dA = tl.zeros([BT, BT], dtype=tl.float32)
+            dq = tl.zeros([BT, BK], dtype=tl.float32)
+            for iv in range(NV):
+                offs_v = iv * BV + offs_bv
+                mv = offs_v < V
+                mtv = mt[:, None] & mv[None, :]
+                v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
+                do = tl.load(do_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
+                h = tl.load(h_ptr + st_base + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+                dA += tl.dot(do, tl.trans(v))
+                dq += tl.dot(do, tl.trans(h))
+            dA = tl.where(causal, dA, 0.0) * scale
+            dq = tl.dot(dA.to(dt), k_tilde) + dq * scale
             if USE_G:
                 dq = dq * tl.exp(b)
             tl.store(dq_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mtk)
             dk_acc += tl.dot(tl.trans(dA).to(dt), q)
-            dv_acc += tl.dot(tl.trans(A).to(dt), do)
-        dk_inter = tl.dot(v, tl.trans(dh))
-        dv_acc += tl.dot(k_hat, dh)
+        # phase 2: per value block, dv (intra summed over the group + inter) and dk's inter part
+        dk_inter = tl.zeros([BT, BK], dtype=tl.float32)
+        for iv in range(NV):
+            offs_v = iv * BV + offs_bv
+            mv = offs_v < V
+            mtv = mt[:, None] & mv[None, :]
+            v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
+            dh = tl.load(dh_ptr + st_base + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            dv = tl.dot(k_hat, dh)
+            dk_inter += tl.dot(v, tl.trans(dh))
+            for j in range(G):
+                i_bh = i_kvh * G + j
+                q = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
+                if USE_G:
+                    q = (q.to(tl.float32) * tl.exp(b)).to(dt)
+                q = q.to(dt)
+                do = tl.load(do_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
+                A = tl.where(causal, tl.dot(q, tl.trans(k_tilde)), 0.0) * scale
+                dv += tl.dot(tl.trans(A).to(dt), do)
+            tl.store(dv_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mtv)
         if USE_G:
             dk = dk_acc * tl.exp(-b) + dk_inter * tl.exp(b_last[None, :] - b)
         else:
             dk = dk_acc + dk_inter
         tl.store(dk_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mtk)
-        tl.store(dv_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], dv_acc.to(dv_ptr.dtype.element_ty), mask=mtv)
 
     def _state_dtype(q: torch.Tensor, gated: bool) -> torch.dtype:
         # dot operands: bf16 stays bf16 (same exponent range as fp32); fp16 with gates would overflow in
@@ -435,18 +456,22 @@ if triton_available():
         dv = torch.empty_like(v)
         _chunk_dqkv_bwd[(NT, B * Hk)](
             q, k, v, g_arg, h, dh, do, dq, dk, dv, float(scale), T, NT, G, K, V,
-            BT=BT, BK=_pow2(K), BV=_pow2(V), USE_G=gated,
+            BT=BT, BK=_pow2(K), BV=_split_block(V, config.meta["BV_DQKV"]), USE_G=gated,
             num_warps=config.meta["DQKV_WARPS"], num_stages=config.meta["DQKV_STAGES"],
         )
         return dq, dk, dv
 
     _bwd_configs = [
-        Config({"BK_STATE": 64, "BV_STATE": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
-        Config({"BK_STATE": 64, "BV_STATE": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
-        Config({"BK_STATE": 32, "BV_STATE": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 2}, num_warps=4, num_stages=3),
-        Config({"BK_STATE": 32, "BV_STATE": 32, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=2, num_stages=3),
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 32, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 2}, num_warps=4, num_stages=3),
+        Config({"BK_STATE": 32, "BV_STATE": 32, "BV_DQKV": 32, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=2, num_stages=3),
     ]
-    _bwd_tuner = Autotuner("linear_attn_bwd", _bwd_configs, key=_key, launch=_bwd_launch)
+
+    def _bwd_key(q, k, v, g, do, scale, chunk_size):
+        return _key(q, k, v, g, scale, chunk_size)
+
+    _bwd_tuner = Autotuner("linear_attn_bwd", _bwd_configs, key=_bwd_key, launch=_bwd_launch)
 
     def linear_attn_triton(q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
         """Triton forward: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""

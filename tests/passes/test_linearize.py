@@ -1,0 +1,94 @@
+"""The linearize pass on tiny random HF models vs the module-level quadratic reference (fp32, CPU)."""
+
+import pytest
+import torch
+
+import transfigure
+import transfigure.passes.linearize  # noqa: F401  (registers the pass)
+from transfigure.compiler.options import OptionError
+from transfigure.models import tiny_model
+from transfigure.passes.attention_transfer import attention_transfer_loss, distill_attention, init_state
+from transfigure.passes.linearize import LinearizePass
+from transfigure.reference.linear_attention import linearize_reference, restore_reference
+
+
+def run(model, arch, ids, **kw):
+    out = model(ids, **kw)
+    return out.last_hidden_state if arch == "bert" else out.logits
+
+
+CASES = [
+    ("llama", "hedgehog", "none", True),
+    ("qwen3", "liger", "liger", False),
+    ("mistral", "elu", "lolcats", True),
+    ("gpt2", "hedgehog", "lolcats", False),
+    ("bert", "hedgehog", "none", True),
+    ("bert", "elu", "none", False),
+]
+
+
+@pytest.mark.parametrize("arch,feature_map,window,padded", CASES)
+def test_pass_equals_module_reference(arch, feature_map, window, padded):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 256, (2, 26), generator=torch.Generator().manual_seed(1))
+    kw = {}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[0, :6] = 0  # left padding on one row
+        kw["attention_mask"] = mask
+    opts = {"feature_map": feature_map, "window": window, "window_size": 16, "chunk_size": 16}
+    state = init_state(model, feature_map, window)
+    gen = torch.Generator().manual_seed(2)
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in state.items()}  # not the identity
+    if state:
+        opts["state"] = state
+    backend = transfigure.backend(lowering="eager", linearize=opts)
+    out = run(torch.compile(model, backend=backend), arch, ids, **kw)
+    result = backend.report.graphs[-1].passes[0].result
+    assert len(result.rewritten) == 2 and not result.skipped, result.sites
+    torch._dynamo.reset()
+    linearize_reference(model, feature_map, window, window_size=16, state=state)
+    ref = run(model, arch, ids, **kw)
+    restore_reference(model)
+    plain = run(model, arch, ids, **kw)
+    keep = kw["attention_mask"].bool() if padded else slice(None)
+    err = ((out - ref)[keep].abs().max() / ref[keep].abs().max()).item()
+    assert err < 1e-5, err
+    assert ((plain - ref)[keep].abs().max() / ref[keep].abs().max()).item() > 1e-5  # it really changed attention
+
+
+def test_layer_selection_skips_with_reason_and_feature_maps_train():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    backend = transfigure.backend(lowering="eager", linearize={"layers": [1], "chunk_size": 16})
+    compiled = torch.compile(model, backend=backend)
+    compiled(ids).logits.square().mean().backward()
+    result = backend.report.graphs[-1].passes[0].result
+    assert [s.status for s in result.sites] == ["skipped", "rewritten"]
+    assert "not in layers" in result.skipped[0].detail
+    trainable = transfigure.named_trainable_parameters(model)
+    assert set(trainable) == {"model.layers.1.self_attn.q_map", "model.layers.1.self_attn.k_map"}
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in trainable.values())
+
+
+def test_bad_options_name_the_key():
+    with pytest.raises(OptionError, match="linearize.feature_map"):
+        LinearizePass(feature_map="cosformer")
+    with pytest.raises(OptionError, match="linearize.chunk_size"):
+        LinearizePass(chunk_size=48)
+
+
+def test_attention_transfer_reduces_mse_and_feeds_the_pass():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    batches = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    kw = dict(feature_map="hedgehog", window="none", chunk_size=16)
+    before = attention_transfer_loss(model, batches, None, **kw)
+    state = distill_attention(model, batches, steps=25, lr=3e-2, progress=False, **kw)
+    after = attention_transfer_loss(model, batches, state, **kw)
+    assert after < 0.8 * before, (before, after)
+    assert all(not p.requires_grad is False for p in model.parameters())  # model restored
+    assert model.config._attn_implementation == "sdpa"
+    backend = transfigure.backend(lowering="eager", linearize={"state": state, "chunk_size": 16})
+    torch.compile(model, backend=backend)(batches[0])
+    assert "trained state" in backend.report.graphs[-1].passes[0].result.rewritten[0].detail
