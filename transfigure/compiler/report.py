@@ -40,7 +40,9 @@ class Region:
                 keep.setdefault(neighbour.name, neighbour)
             if len(keep) > limit:
                 break
-        nodes = [(name, _label(node), name not in before_names) for name, node in keep.items()]
+        position = {name: i for i, name in enumerate(after_nodes)}
+        ordered = sorted(keep.items(), key=lambda item: position.get(item[0], 0))
+        nodes = [(name, _label(node), name not in before_names) for name, node in ordered]
         edges = [(p.name, n.name) for n in keep.values() for p in n.all_input_nodes if p.name in keep]
         removed = sorted(before_names - set(after_nodes))
         return Region(nodes, edges, removed)
@@ -55,7 +57,7 @@ class Region:
         return "\n".join(lines)
 
     def draw(self, path: Path) -> Path:
-        """Write an SVG picture (matplotlib) or, without matplotlib, a ``.dot`` file; returns the path."""
+        """Write SVG and PNG pictures (matplotlib) or, without matplotlib, a ``.dot`` file; returns the path."""
         try:
             import matplotlib
 
@@ -97,6 +99,7 @@ class Region:
         figure.tight_layout()
         svg = path.parent / (path.name + ".svg")
         figure.savefig(svg)
+        figure.savefig(path.parent / (path.name + ".png"), dpi=80)
         plt.close(figure)
         return svg
 
