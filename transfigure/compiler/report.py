@@ -72,15 +72,11 @@ class Region:
         for name, label, is_new in self.nodes:
             graph.add_node(name, label=label, new=is_new)
         graph.add_edges_from(self.edges)
-        try:
-            for layer, names in enumerate(nx.topological_generations(graph)):
-                for name in names:
-                    graph.nodes[name]["layer"] = layer
-            positions = nx.multipartite_layout(graph, subset_key="layer", align="horizontal")
-            positions = {k: (x, -y) for k, (x, y) in positions.items()}
-            positions = {k: (y, x) for k, (y, x) in positions.items()}
-        except Exception:
-            positions = nx.spring_layout(graph, seed=0)
+        order = {name: i for i, (name, _, _) in enumerate(self.nodes)}
+        positions = {}
+        for depth, names in enumerate(nx.topological_generations(graph)):
+            for column, name in enumerate(sorted(names, key=order.__getitem__)):
+                positions[name] = (column, -depth)
         height = max(4.0, 0.5 * len(graph))
         figure, axes = plt.subplots(figsize=(12, min(height, 60)))
         colors = ["#ffd27f" if graph.nodes[n]["new"] else "#cfe2ff" for n in graph]
