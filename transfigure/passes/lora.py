@@ -137,37 +137,16 @@ class _Site:
     plain: bool  # an unrewritten F.linear / addmm that the fused op can replace
 
 
-def _conv1d_calls(graph: GraphView) -> list[LinearCall]:
-    """GPT-2's ``Conv1D``: ``torch.addmm(bias, x2d, W)`` with a parameter ``W`` (in x out)."""
-    found = []
-    for node in graph.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.addmm or "transfigure_linear" in node.meta:
-            continue
-        if len(node.args) < 3 or node.kwargs:
-            continue
-        bias, x, weight = node.args[:3]
-        if not (isinstance(weight, fx.Node) and weight.op == "placeholder"):
-            continue
-        value = graph.tensor(weight)
-        if not isinstance(value, torch.nn.Parameter) or value.dim() != 2:
-            continue
-        fqn = graph.module_fqn(node) or (graph.fqn(weight) or "").rsplit(".", 1)[0]
-        found.append(LinearCall(node, x, weight, bias if isinstance(bias, fx.Node) else None, fqn, graph.fqn(weight),
-                                value.shape[0], value.shape[1], layer_index(fqn)))
-    return found
-
-
 def find_sites(graph: GraphView) -> list[_Site]:
     sites = []
-    for call in list(graph.linear_calls()) + _conv1d_calls(graph):
+    for call in graph.linear_calls():  # includes GPT-2 Conv1D addmm sites (call.transposed)
         if not isinstance(call.weight, fx.Node) or call.weight.op != "placeholder":
             continue
         weight = graph.tensor(call.weight)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
-        transposed = call.node.target is torch.addmm and "transfigure_linear" not in call.node.meta
-        if transposed or getattr(call, "transposed", False):
-            transposed = True
+        transposed = bool(getattr(call, "transposed", False))
+        if transposed:
             in_f, out_f = weight.shape
         else:
             out_f, in_f = weight.shape
@@ -336,17 +315,13 @@ def attach(graph: GraphView, site: _Site, a_node: fx.Node, b_node: fx.Node, scal
                 torch.ops.transfigure.lora_linear.default,
                 (call.input, weight, call.bias, a_node, b_node, float(scale), float(grad_scale)),
             )
-        if site.transposed:
-            # Conv1D's addmm works on the flattened input; keep its 2-D output shape
-            pass
         graph.replace_linear(call, new)
         return "fused lora_linear"
     # keep the base node (plain linear, Conv1D addmm, or an earlier pass's replacement) and add the branch
     base = call.node
     users = list(base.users)
-    with g.inserting_after(base):
+    with g.inserting_before(base.next):  # inserting_before keeps the new nodes in program order
         low = _lowrank_branch(g, call.input, a_node, b_node, scale, dropout)
-    with g.inserting_after(low):
         new = g.call_function(torch.add, (base, low))
     for user in users:
         user.replace_input_with(base, new)
