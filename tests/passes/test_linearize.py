@@ -36,7 +36,7 @@ def test_pass_equals_module_reference(arch, feature_map, window, padded):
         mask = torch.ones_like(ids)
         mask[0, :6] = 0  # left padding on one row
         kw["attention_mask"] = mask
-    opts = {"feature_map": feature_map, "window": window, "window_size": 16, "chunk_size": 16}
+    opts = {"feature_map": feature_map, "window": window, "window_size": 8, "chunk_size": 16}
     state = init_state(model, feature_map, window)
     gen = torch.Generator().manual_seed(2)
     state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in state.items()}  # not the identity
@@ -47,7 +47,7 @@ def test_pass_equals_module_reference(arch, feature_map, window, padded):
     result = backend.report.graphs[-1].passes[0].result
     assert len(result.rewritten) == 2 and not result.skipped, result.sites
     torch._dynamo.reset()
-    linearize_reference(model, feature_map, window, window_size=16, state=state)
+    linearize_reference(model, feature_map, window, window_size=8, state=state)
     ref = run(model, arch, ids, **kw)
     restore_reference(model)
     plain = run(model, arch, ids, **kw)
