@@ -8,6 +8,8 @@ from .backends import Backend, backend, inspect
 from .backends.backend import StaleWeightsError
 from .compiler import GraphView, OptionError, Pass, PassResult, Report, option, register_pass
 from .compiler.graph import trainable_tensors_for
+from .passes.attention_transfer import distill_attention
+from .passes.teal_calibration import calibrate
 
 __version__ = "0.1.0"
 
@@ -35,6 +37,8 @@ __all__ = [
     "Report",
     "StaleWeightsError",
     "backend",
+    "calibrate",
+    "distill_attention",
     "inspect",
     "named_trainable_parameters",
     "option",

@@ -138,6 +138,18 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def quality_command(args: argparse.Namespace) -> int:
+    from transfigure import quality
+
+    text = open(args.text, encoding="utf-8").read() if args.text else None
+    result = quality.evaluate(args.model, text, args.combinations, seq_len=args.seq_len, max_windows=args.max_windows,
+                              device=args.device, lowering=args.lowering, distill_steps=args.distill_steps)
+    print(quality.markdown_table(result))
+    if args.out:
+        print(f"\nwritten to {quality.save(result, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from transfigure.models import ARCHITECTURES
 
@@ -161,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.add_argument("--seq-len", type=int, default=16)
     p_inspect.add_argument("--out", help="directory for code, diffs, pictures and summary.json")
     p_inspect.set_defaults(func=inspect_command)
+
+    p_quality = sub.add_parser("quality", help="perplexity / KL (or cosine for encoders) of each pass combination vs the original")
+    p_quality.add_argument("--model", default="tiny-llama", help="local HF checkpoint dir, 'tiny-llama' (trained in-process) or a tiny arch")
+    p_quality.add_argument("--text", help="UTF-8 text file (default: Python's pydoc topics)")
+    p_quality.add_argument("--combinations", nargs="*", help="default: every combination whose passes are installed")
+    p_quality.add_argument("--seq-len", type=int, default=128)
+    p_quality.add_argument("--max-windows", type=int, default=32)
+    p_quality.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_quality.add_argument("--lowering", choices=("eager", "inductor"), default="eager")
+    p_quality.add_argument("--distill-steps", type=int, default=200)
+    p_quality.add_argument("--out", help="directory for quality.json and quality.md")
+    p_quality.set_defaults(func=quality_command)
 
     p_passes = sub.add_parser("passes", help="list built-in passes and their options")
     p_passes.add_argument("--markdown", action="store_true", help="print the README options table")

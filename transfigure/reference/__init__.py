@@ -1,0 +1,1 @@
+"""Module-level plain-PyTorch reference models: the test oracles of the graph passes."""
