@@ -205,5 +205,5 @@ def _sparse_lut(graph: GraphView, site: LinearCall, t: float, prefill: bool) -> 
     with graph.graph.inserting_before(node):
         return graph.graph.call_function(
             torch.ops.transfigure.sparse_lut_linear.default,
-            (x, codes_node, scales_node, table, bias, bits, group_size, in_features, t, prefill),
+            (x, codes, scales, table, bias, codes_node, scales_node, bits, group_size, in_features, t, prefill),
         )
