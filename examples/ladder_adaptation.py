@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
 import transfigure
 import transfigure.passes.ladder  # noqa: F401  (registers the "ladder" pass)
+
+try:  # the LoRA pass, where present
+    import transfigure.passes.lora  # noqa: F401
+except Exception:  # pragma: no cover
+    pass
 from transfigure import models
 
 
@@ -95,15 +104,18 @@ def adaptation(steps: int = 200, pretrain_steps: int = 600, layers: int = 4, lr:
         _finetune(model, compiled, list(model.parameters()), steps, lr, seed)
         row[f"full FT {steps} steps"] = _eval_loss(compiled)
         if have_lora:
-            torch._dynamo.reset()
-            model = _fresh(pretrain_steps, layers).requires_grad_(False)
-            backend = transfigure.backend(lowering="eager", ladder={"layers": choice}, lora={"r": 16})
-            compiled = torch.compile(model, backend=backend)
-            model.train()
-            compiled(input_ids=torch.zeros(1, 8, dtype=torch.long, device=DEVICE))  # creates the adapters
-            params = transfigure.trainable_parameters(model)
-            _finetune(model, compiled, params, steps, lora_lr, seed)
-            row[f"LoRA r16 {steps} steps"] = _eval_loss(compiled)
+            try:
+                torch._dynamo.reset()
+                model = _fresh(pretrain_steps, layers).requires_grad_(False)
+                backend = transfigure.backend(lowering="eager", ladder={"layers": choice}, lora={"r": 16})
+                compiled = torch.compile(model, backend=backend)
+                model.train()
+                compiled(input_ids=torch.zeros(1, 8, dtype=torch.long, device=DEVICE))  # creates the adapters
+                params = transfigure.trainable_parameters(model)
+                _finetune(model, compiled, params, steps, lora_lr, seed)
+                row[f"LoRA r16 {steps} steps"] = _eval_loss(compiled)
+            except Exception as error:  # report, keep the full fine-tuning numbers
+                row["lora_error"] = f"{type(error).__name__}: {str(error)[:300]}"
         rows[f"ladder {choice}"] = row
         torch._dynamo.reset()
     return {"steps": steps, "pretrain_steps": pretrain_steps, "layers": layers, "lr": lr, "lora": have_lora,
@@ -111,10 +123,11 @@ def adaptation(steps: int = 200, pretrain_steps: int = 600, layers: int = 4, lr:
 
 
 def markdown(result: dict) -> str:
-    columns = sorted({k for row in result["rows"].values() for k in row}, key=lambda k: (k != "converted", k))
+    columns = sorted({k for row in result["rows"].values() for k in row if k != "lora_error"}, key=lambda k: (k != "converted", k))
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in result["rows"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in columns) + " |")
+    lines += [f"({name}: LoRA failed: {row['lora_error']})" for name, row in result["rows"].items() if "lora_error" in row]
     return "\n".join(lines)
 
 
