@@ -177,3 +177,66 @@ def test_modules_filter_and_dense_prefill():
 def test_pass_is_registered_with_order_after_quantization():
     assert transfigure.compiler.builtin_passes()["sparsity"] is SparsityPass
     assert SparsityPass.order == 45
+
+
+class _LutQuantForTest(transfigure.Pass):
+    """Stands in for the quantization pass (order 40): every block linear -> transfigure::lut_linear."""
+
+    name = "test_lut"
+    order = 40
+
+    def __init__(self, hadamard_size=0):
+        super().__init__()
+        self.hadamard_size = hadamard_size
+
+    def run(self, graph):
+        from transfigure.kernels import lut_gemm  # noqa: F401  (registers the op)
+        from transfigure.kernels.lut_format import pack
+
+        result = transfigure.PassResult(self.name)
+        for site in graph.linear_calls():
+            if site.layer is None:
+                continue
+            w = graph.tensor(site.weight)
+            packed = pack(w.detach(), torch.linspace(-1.5, 1.5, 16), bits=4, group_size=32, hadamard_size=self.hadamard_size)
+            args = list(packed.op_args())
+            args[0] = graph.add_input(f"{site.fqn}.codes", packed.codes)
+            args[1] = graph.add_input(f"{site.fqn}.scales", packed.scales)
+            args[2] = graph.add_input(f"{site.fqn}.table", packed.table)
+            if packed.signs is not None:
+                args[3] = graph.add_input(f"{site.fqn}.signs", packed.signs)
+            args[4] = site.bias
+            with graph.graph.inserting_before(site.node):
+                new = graph.graph.call_function(torch.ops.transfigure.lut_linear.default, (site.input, *args))
+            graph.replace_linear(site, new)
+            result.rewrote(site, "lut4")
+        return result
+
+
+@pytest.mark.parametrize("hadamard_size", [0, 32])
+def test_composes_with_lut_quantization(hadamard_size):
+    model = tiny_model("llama")
+    calibration = calibrate(model, _random_batches(2), progress=False, greedy=False)
+    both = transfigure.backend(passes=[_LutQuantForTest(hadamard_size)], lowering="eager",
+                               sparsity={"calibration": calibration, "allocation": "uniform"})
+    x = torch.randint(0, 256, (1, 4))
+    with torch.no_grad():
+        sparse = _output(torch.compile(model, backend=both)(x))
+    result = both.report.graphs[0].passes[-1].result
+    assert len(result.rewritten) == 14
+    code = both.report.graphs[0].final_code
+    if hadamard_size == 0:
+        assert code.count("torch.ops.transfigure.sparse_lut_linear") == 14 and all("sparse LUT GEMV" in s.detail for s in result.rewritten)
+    else:
+        assert code.count("torch.ops.transfigure.sparsify") == 14 and code.count("torch.ops.transfigure.lut_linear") == 14
+    # reference: an eager replica whose block linears hold the dequantized weights, inputs thresholded
+    replica = tiny_model("llama")
+    from transfigure.kernels.lut_format import dequantize, pack
+
+    for fqn, module in replica.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in fqn:
+            packed = pack(module.weight.detach(), torch.linspace(-1.5, 1.5, 16), bits=4, group_size=32, hadamard_size=hadamard_size)
+            module.weight.data.copy_(dequantize(packed))
+    with torch.no_grad(), thresholded(replica, calibration.thresholds(0.5, "uniform")):
+        reference = _output(replica(x))
+    torch.testing.assert_close(sparse, reference, rtol=1e-4, atol=1e-4)
