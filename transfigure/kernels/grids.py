@@ -45,6 +45,11 @@ class Grid:
 
 
 def _nearest_sq_dist(samples: torch.Tensor, centers: torch.Tensor, chunk: int = 1 << 16):
+    if centers.shape[1] == 1:  # 1-D: sort + bucketize instead of all pairwise distances
+        order = torch.argsort(centers[:, 0])
+        sc = centers[order, 0]
+        idx = order[torch.bucketize(samples[:, 0].contiguous(), (sc[1:] + sc[:-1]) / 2)]
+        return idx, (samples[:, 0] - centers[idx, 0]).pow(2)
     c2 = (centers * centers).sum(1)
     idx = torch.empty(samples.shape[0], dtype=torch.int64)
     dist = torch.empty(samples.shape[0])
@@ -73,7 +78,7 @@ def build_gaussian_grid(bits: int, p: int, *, n_samples: int = 1 << 20, iters: i
     else:
         first = torch.randint(0, n_samples, (1,), generator=g)
         centers = samples[first]
-        pool = samples[torch.randint(0, n_samples, (min(n_samples, 1 << 16),), generator=g)]
+        pool = samples[torch.randint(0, n_samples, (min(n_samples, 1 << 14),), generator=g)]
         while centers.shape[0] < k:
             _, d = _nearest_sq_dist(pool, centers)
             pick = torch.multinomial(d / d.sum(), 1, generator=g)

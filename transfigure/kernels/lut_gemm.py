@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .lut_format import dequantize_parts, rotate_input
+from .lut_format import PLANES, dequantize_parts, rotate_input
 from .registry import define_op, triton_available
 
 
@@ -64,7 +64,236 @@ def _backward(ctx, grad):
     return grad_x, None, None, None, None, grad_b, None, None, None, None, None
 
 
-lut_linear_triton = None  # the Triton GEMV/GEMM launcher is added in this module next
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# One kernel covers GEMV, small-M and large-M GEMM. A program owns BLOCK_N output features x BLOCK_M rows of x
+# and walks its share of K (split-K: SPLIT_K programs per output tile, fp32 atomics) in BLOCK_K steps. Each
+# step loads the packed words of the weight tile (one int32 load per 32/w codes of each bit-plane), unpacks
+# them with shifts and masks (the packed layout makes a tile's codes contiguous per row, so this is a
+# broadcast shift + reshape), looks the codes up in the table (a small global array that stays in L1:
+# ``tl.load(table + code)``; for p = 2 one code gives two weights), applies the group scales, and either
+# reduces ``x * w`` over K in registers (M <= 4, no tensor cores: a GEMV is bandwidth bound) or feeds the
+# dequantized tile to ``tl.dot`` (M > 4). For large M the autotuner also tries "dequantize to a dense
+# tile-by-tile buffer + cuBLAS", so the large-M path never loses to that baseline by more than noise.
+# ---------------------------------------------------------------------------------------------------------
+lut_linear_triton = None
+dequantize_triton = None
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from .autotune import Autotuner, Config
+
+    @triton.jit
+    def _w_tile(codes_ptr, table_ptr, scales_ptr, rows, row_mask, k0, words_per_row, plane1_base, n_groups,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr, W0: tl.constexpr,
+                W1: tl.constexpr, G: tl.constexpr):
+        """Dequantized fp32 weight tile [BLOCK_N, BLOCK_K] (rotated basis) starting at column k0."""
+        NC: tl.constexpr = BLOCK_K // P
+        NW0: tl.constexpr = NC * W0 // 32
+        row_off = rows[:, None] * words_per_row
+        w_off = (k0 // P) * W0 // 32 + tl.arange(0, NW0)
+        words = tl.load(codes_ptr + row_off + w_off[None, :], mask=row_mask[:, None], other=0)
+        shifts = (tl.arange(0, 32 // W0) * W0)[None, None, :]
+        code = tl.reshape((words[:, :, None] >> shifts) & ((1 << W0) - 1), [BLOCK_N, NC])
+        if W1 > 0:
+            NW1: tl.constexpr = NC * W1 // 32
+            w1_off = plane1_base + (k0 // P) * W1 // 32 + tl.arange(0, NW1)
+            words1 = tl.load(codes_ptr + row_off + w1_off[None, :], mask=row_mask[:, None], other=0)
+            shifts1 = (tl.arange(0, 32 // W1) * W1)[None, None, :]
+            code1 = tl.reshape((words1[:, :, None] >> shifts1) & ((1 << W1) - 1), [BLOCK_N, NC])
+            code = code | (code1 << W0)
+        if P == 1:
+            vals = tl.load(table_ptr + code)
+        else:
+            pair = tl.load(table_ptr + code[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
+            vals = tl.reshape(pair, [BLOCK_N, BLOCK_K])
+        if BLOCK_K <= G:
+            s = tl.load(scales_ptr + rows * n_groups + k0 // G, mask=row_mask, other=0.0).to(tl.float32)
+            w = vals * s[:, None]
+        else:
+            gi = k0 // G + tl.arange(0, BLOCK_K // G)
+            s = tl.load(scales_ptr + rows[:, None] * n_groups + gi[None, :], mask=row_mask[:, None], other=0.0)
+            w = tl.reshape(tl.reshape(vals, [BLOCK_N, BLOCK_K // G, G]) * s.to(tl.float32)[:, :, None],
+                           [BLOCK_N, BLOCK_K])
+        return w
+
+    @triton.jit
+    def _lut_mm_kernel(x_ptr, codes_ptr, scales_ptr, table_ptr, bias_ptr, y_ptr, M, N, Kp, words_per_row,
+                       plane1_base, n_groups, k_per_split,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr,
+                       W0: tl.constexpr, W1: tl.constexpr, G: tl.constexpr, USE_DOT: tl.constexpr,
+                       SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = ms < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_start = pid_k * k_per_split
+        for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+            w = _w_tile(codes_ptr, table_ptr, scales_ptr, rows, row_mask, k0, words_per_row, plane1_base,
+                        n_groups, BLOCK_N, BLOCK_K, P, W0, W1, G)
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + ms[:, None].to(tl.int64) * Kp + ks[None, :], mask=m_mask[:, None], other=0.0)
+            if USE_DOT:
+                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+            else:
+                acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        out = y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :]
+        mask = m_mask[:, None] & row_mask[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(out, acc, mask=mask)
+
+    @triton.jit
+    def _dequant_kernel(codes_ptr, scales_ptr, table_ptr, w_ptr, N, Kp, words_per_row, plane1_base, n_groups,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr, W0: tl.constexpr,
+                        W1: tl.constexpr, G: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        k0 = tl.program_id(1) * BLOCK_K
+        w = _w_tile(codes_ptr, table_ptr, scales_ptr, rows, row_mask, k0, words_per_row, plane1_base, n_groups,
+                    BLOCK_N, BLOCK_K, P, W0, W1, G)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        tl.store(w_ptr + rows[:, None].to(tl.int64) * Kp + ks[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=row_mask[:, None])
+
+    def _geometry(codes, scales, bits, p, group_size):
+        planes = PLANES[bits * p]
+        n, n_groups = scales.shape
+        kp = n_groups * group_size
+        w0 = planes[0]
+        w1 = planes[1] if len(planes) > 1 else 0
+        plane1_base = (kp // p) * w0 // 32
+        return n, kp, n_groups, w0, w1, plane1_base
+
+    def dequantize_triton(codes, scales, table, bits: int, p: int, group_size: int, dtype=torch.float16,
+                          block_n: int = 32, block_k: int = 128) -> torch.Tensor:
+        """Dense weight in the ROTATED basis, ``[N, K_pad]`` in ``dtype`` (the large-M fallback's first half)."""
+        n, kp, n_groups, w0, w1, plane1_base = _geometry(codes, scales, bits, p, group_size)
+        block_k = min(block_k, kp)
+        w = torch.empty(n, kp, dtype=dtype, device=codes.device)
+        _dequant_kernel[(triton.cdiv(n, block_n), kp // block_k)](
+            codes, scales, table, w, n, kp, codes.shape[1], plane1_base, n_groups,
+            BLOCK_N=block_n, BLOCK_K=block_k, P=p, W0=w0, W1=w1, G=group_size, num_warps=4)
+        return w
+
+    def _launch(config: Config, x2, codes, scales, table, bias, bits, p, group_size):
+        """x2: [M, K_pad] contiguous, already padded + rotated. Returns [M, N] in x2.dtype."""
+        n, kp, n_groups, w0, w1, plane1_base = _geometry(codes, scales, bits, p, group_size)
+        m = x2.shape[0]
+        meta = config.meta
+        if meta.get("MODE") == "dequant":
+            w = dequantize_triton(codes, scales, table, bits, p, group_size, dtype=x2.dtype)
+            return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        bm, bn, bk, split = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["SPLIT_K"]
+        use_dot = bm >= 16
+        if not use_dot:
+            bm = max(1, min(bm, triton.next_power_of_2(m)))
+        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
+        if split == 1:
+            y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        else:
+            y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+        _lut_mm_kernel[grid](
+            x2, codes, scales, table, bias if bias is not None else scales, y, m, n, kp, codes.shape[1],
+            plane1_base, n_groups, kp // split,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, P=p, W0=w0, W1=w1, G=group_size, USE_DOT=use_dot,
+            SPLIT_K=split, HAS_BIAS=bias is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+        if split > 1:
+            if bias is not None:
+                y += bias.to(torch.float32)
+            y = y.to(x2.dtype)
+        return y
+
+    def _c(bm, bn, bk, split, warps, stages):
+        return Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, warps, stages)
+
+    # configs[0] of each regime is what interpreter mode (CI) uses
+    _GEMV_CONFIGS = [
+        _c(4, 16, 128, 1, 4, 2), _c(4, 16, 256, 1, 4, 2), _c(4, 32, 256, 1, 4, 2), _c(4, 16, 512, 1, 4, 2),
+        _c(4, 32, 128, 1, 4, 3), _c(4, 8, 512, 1, 2, 2), _c(4, 16, 256, 2, 4, 2), _c(4, 32, 256, 2, 4, 2),
+        _c(4, 16, 256, 4, 4, 2), _c(4, 64, 128, 1, 8, 2), _c(4, 32, 512, 1, 8, 2),
+    ]
+    _SMALL_CONFIGS = [
+        _c(16, 32, 128, 1, 4, 2), _c(16, 64, 128, 1, 4, 3), _c(16, 64, 256, 1, 4, 2), _c(16, 128, 128, 1, 4, 3),
+        _c(16, 32, 256, 2, 4, 2), _c(16, 64, 128, 2, 4, 3), _c(16, 64, 128, 4, 4, 3), _c(32, 64, 128, 1, 4, 3),
+        _c(64, 64, 128, 1, 4, 3), _c(32, 128, 64, 1, 4, 4), _c(64, 128, 64, 1, 4, 3), Config({"MODE": "dequant"}),
+    ]
+    _LARGE_CONFIGS = [
+        _c(64, 64, 64, 1, 4, 3), _c(64, 128, 64, 1, 4, 3), _c(128, 128, 64, 1, 8, 3), _c(128, 64, 64, 1, 4, 3),
+        _c(128, 256, 64, 1, 8, 3), _c(64, 256, 64, 1, 8, 3), _c(128, 128, 128, 1, 8, 2),
+        Config({"MODE": "dequant"}),
+    ]
+
+    def _prune(configs, args):
+        x2, codes, scales, table, bias, bits, p, group_size = args
+        m = x2.shape[0]
+        kp = scales.shape[1] * group_size
+        if m <= 4:
+            pool = _GEMV_CONFIGS
+        elif m <= 64:
+            pool = _SMALL_CONFIGS
+        else:
+            pool = _LARGE_CONFIGS
+        keep = []
+        for c in pool:
+            if c.meta.get("MODE") == "dequant":
+                keep.append(c)
+                continue
+            bk, split = c.meta["BLOCK_K"], c.meta["SPLIT_K"]
+            if bk < 32 * p or kp % (bk * split):
+                continue
+            if c.meta["BLOCK_M"] >= 16 and c.meta["BLOCK_M"] > max(16, triton.next_power_of_2(m)):
+                continue
+            keep.append(c)
+        return keep
+
+    def _key(x2, codes, scales, table, bias, bits, p, group_size):
+        m = x2.shape[0]
+        bucket = m if m <= 16 else triton.next_power_of_2(m)
+        return (bucket, scales.shape[0], scales.shape[1] * group_size, bits, p, group_size, str(x2.dtype),
+                bias is not None)
+
+    _lut_tuner = Autotuner("lut_linear", _GEMV_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS, key=_key,
+                           launch=_launch, prune=_prune)
+
+    def prepare_input(x, signs, hadamard_size: int, kp: int) -> torch.Tensor:
+        """``x [..., K]`` -> ``[M, K_pad]`` contiguous, padded and rotated (Triton FWHT on CUDA)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[1] < kp:
+            x2 = torch.nn.functional.pad(x2, (0, kp - x2.shape[1]))
+        if hadamard_size:
+            x2 = torch.ops.transfigure.fwht(x2, signs, hadamard_size, 1.0 / math.sqrt(hadamard_size))
+        return x2.contiguous()
+
+    def lut_linear_triton(x, codes, scales, table, signs, bias, bits: int, p: int, group_size: int,
+                          hadamard_size: int, in_features: int, config: Config | None = None) -> torch.Tensor:
+        """Triton path (CUDA, or CPU with TRITON_INTERPRET=1). ``config`` forces one config (tests)."""
+        kp = scales.shape[1] * group_size
+        x2 = prepare_input(x, signs, hadamard_size, kp)
+        table = table.to(device=x.device, dtype=torch.float32).contiguous()
+        args = (x2, codes.contiguous(), scales.contiguous(), table, bias, bits, p, group_size)
+        if x2.shape[0] == 0:
+            y = x2.new_empty(0, scales.shape[0])
+        elif config is not None:
+            y = _launch(config, *args)
+        else:
+            y = _lut_tuner(*args)
+        return y.reshape(*x.shape[:-1], scales.shape[0])
+
+    def configs_for(m: int, kp: int, p: int) -> list[Config]:
+        """The candidate configs the autotuner would try for ``m`` rows (tests iterate over them)."""
+        fake = torch.empty(m, 0)
+        return _prune(None, (fake, None, torch.empty(1, kp // 64), None, None, 4, p, 64))
 
 lut_linear = define_op(
     "lut_linear",

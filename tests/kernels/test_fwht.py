@@ -1,0 +1,68 @@
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transfigure.kernels.fwht import fwht_reference, fwht_triton, ifwht_reference
+
+
+def hadamard_matrix(h: int) -> torch.Tensor:
+    m = torch.ones(1, 1, dtype=torch.float64)
+    while m.shape[0] < h:
+        m = torch.cat([torch.cat([m, m], 1), torch.cat([m, -m], 1)], 0)
+    return m
+
+
+@given(log_h=st.integers(0, 7), blocks=st.integers(1, 3), rows=st.integers(1, 4), signed=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_reference_matches_dense_hadamard(log_h, blocks, rows, signed, seed):
+    h = 2**log_h
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, blocks * h, generator=g, dtype=torch.float64)
+    signs = (torch.randint(0, 2, (blocks * h,), generator=g) * 2 - 1).double() if signed else None
+    y = fwht_reference(x, signs, h, 1 / math.sqrt(h))
+    xs = x * signs if signed else x
+    expected = (xs.view(rows, blocks, h) @ hadamard_matrix(h).T / math.sqrt(h)).view(rows, blocks * h)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ifwht_reference(y, signs, h), x, rtol=1e-5, atol=1e-5)
+
+
+@given(log_h=st.integers(0, 10), blocks=st.integers(1, 2), rows=st.integers(1, 3), signed=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), scale=st.floats(0.01, 2.0), seed=st.integers(0, 2**16))
+def test_triton_matches_reference(log_h, blocks, rows, signed, dtype, scale, seed):
+    h = 2**log_h
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, blocks * h, generator=g).to(dtype)
+    signs = (torch.randint(0, 2, (blocks * h,), generator=g) * 2 - 1).float() if signed else None
+    expected = fwht_reference(x, signs, h, scale)
+    actual = fwht_triton(x, signs, h, scale)
+    assert actual.dtype == dtype and actual.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * math.sqrt(h))
+
+
+def test_large_block_in_interpreter():
+    h = 32768
+    x = torch.randn(1, h)
+    torch.testing.assert_close(fwht_triton(x, None, h, 1 / math.sqrt(h)), fwht_reference(x, None, h, 1 / math.sqrt(h)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_op_gradient_is_adjoint():
+    h = 16
+    x = torch.randn(2, 32, requires_grad=True)
+    gout = torch.randn(2, 32)
+    signs = (torch.randint(0, 2, (32,)) * 2 - 1).float()
+    (torch.ops.transfigure.fwht(x, signs, h, 0.25) * gout).sum().backward()
+    expected = (gout.double().view(2, 2, h) @ hadamard_matrix(h)).view(2, 32) * 0.25 * signs.double()
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_bad_sizes():
+    import pytest
+
+    with pytest.raises(ValueError, match="power of two"):
+        fwht_reference(torch.randn(2, 12), None, 12, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        fwht_reference(torch.randn(2, 12), None, 8, 1.0)

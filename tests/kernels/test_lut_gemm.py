@@ -1,0 +1,112 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transfigure.kernels.lut_format import (PLANES, dequantize, pack, pack_codes, padded_size, rotate_input,
+                                              unpack_codes)
+from transfigure.kernels.lut_gemm import configs_for, dequantize_triton, lut_linear_reference, lut_linear_triton
+
+
+def _packed(seed, n, k, bits, p, group, hadamard):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    table = torch.randn(2 ** (bits * p), p, generator=g)
+    return w, pack(w, table, bits=bits, p=p, group_size=group, hadamard_size=hadamard, signs_seed=seed)
+
+
+@given(code_bits=st.sampled_from(sorted(PLANES)), rows=st.integers(1, 5), chunks=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_pack_codes_round_trip(code_bits, rows, chunks, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**code_bits, (rows, 32 * chunks), generator=g)
+    words = pack_codes(codes, code_bits)
+    assert words.dtype == torch.int32 and words.shape == (rows, 32 * chunks * code_bits // 32)
+    torch.testing.assert_close(unpack_codes(words, code_bits, 32 * chunks), codes)
+
+
+@given(bits=st.sampled_from([2, 3, 4]), p=st.sampled_from([1, 2]), group=st.sampled_from([64, 128, 256]),
+       hadamard=st.sampled_from([0, 64, 256]), seed=st.integers(0, 2**16))
+def test_pack_dequantize_round_trip(bits, p, group, hadamard, seed):
+    """Dequantized weight = the nearest table points times the scales, undone rotation included."""
+    w, pk = _packed(seed, 8, 100, bits, p, group, hadamard)
+    assert pk.padded_in_features == padded_size(100, group, hadamard, p)
+    assert pk.codes.shape == (8, pk.padded_in_features * bits // 32)
+    rotated = dequantize(pk, "rotated")
+    scale = pk.scales.float()[..., None]
+    # every p-vector of (rotated / scale) is a table point ...
+    vecs = (rotated.view(8, -1, group) / scale).reshape(-1, p)
+    assert torch.cdist(vecs, pk.table).min(1).values.max() < 1e-3
+    # ... and it is the nearest table point to the true (rotated, normalized) weight vector
+    true = (rotate_input(w, pk.signs, hadamard, pk.padded_in_features).view(8, -1, group) / scale).reshape(-1, p)
+    assigned = (true - vecs).norm(dim=1)
+    best = torch.cdist(true, pk.table).min(1).values
+    assert (assigned - best).max() < 1e-3
+    original = dequantize(pk, "original")
+    assert original.shape == w.shape
+    torch.testing.assert_close(rotate_input(original, pk.signs, hadamard, pk.padded_in_features)[:, :100],
+                               rotated[:, :100], rtol=1e-4, atol=1e-4)
+
+
+@given(bits=st.sampled_from([2, 3, 4]), p=st.sampled_from([1, 2]), group=st.sampled_from([64, 128, 256]),
+       hadamard=st.sampled_from([0, 128]), m=st.sampled_from([1, 3, 8, 33, 80]), n=st.integers(1, 40),
+       k=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.float16]), bias=st.booleans(),
+       which=st.integers(0, 20), seed=st.integers(0, 2**16))
+def test_triton_matches_reference(bits, p, group, hadamard, m, n, k, dtype, bias, which, seed):
+    _, pk = _packed(seed, n, k, bits, p, group, hadamard)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    args = list(pk.op_args())
+    args[4] = b
+    expected = lut_linear_reference(x, *args)
+    candidates = configs_for(m, pk.padded_in_features, p)
+    config = candidates[which % len(candidates)]
+    actual = lut_linear_triton(x, *args, config=config)
+    assert actual.dtype == dtype and actual.shape == (m, n)
+    err = ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 3e-3), (config.describe(), err)
+
+
+def test_split_k_and_batched_leading_dims():
+    _, pk = _packed(3, 24, 512, 4, 1, 64, 0)
+    x = torch.randn(2, 3, 512)
+    args = list(pk.op_args())
+    args[4] = torch.randn(24)
+    expected = lut_linear_reference(x, *args)
+    for config in configs_for(1, 512, 1):
+        if config.meta["SPLIT_K"] > 1:
+            torch.testing.assert_close(lut_linear_triton(x[:1, :1], *args, config=config), expected[:1, :1],
+                                       rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lut_linear_triton(x, *args), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,p", [(2, 1), (3, 1), (4, 1), (2, 2), (3, 2), (4, 2)])
+def test_dequantize_kernel(bits, p):
+    _, pk = _packed(bits + 10 * p, 20, 256, bits, p, 64, 0)
+    w = dequantize_triton(pk.codes, pk.scales, pk.table, bits, p, 64, dtype=torch.float32)
+    torch.testing.assert_close(w, dequantize(pk, "rotated"))
+
+
+def test_op_is_linear_in_original_basis_and_differentiable():
+    w, pk = _packed(7, 16, 96, 4, 1, 64, 64)
+    x = torch.randn(5, 96, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    args = list(pk.op_args())
+    args[4] = b
+    y = torch.ops.transfigure.lut_linear(x, *args)
+    dense = dequantize(pk, "original")
+    torch.testing.assert_close(y, x @ dense.T + b, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_()
+    (x2 @ dense.T + b2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_op_under_torch_compile():
+    _, pk = _packed(1, 16, 64, 3, 2, 64, 0)
+    x = torch.randn(4, 64)
+    fn = torch.compile(lambda t: torch.ops.transfigure.lut_linear(t, *pk.op_args()) * 2, backend="inductor")
+    torch.testing.assert_close(fn(x), lut_linear_reference(x, *pk.op_args()) * 2)
