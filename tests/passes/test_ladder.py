@@ -214,3 +214,19 @@ def test_graph_is_valid_after_pass():
     view.graph.lint()
     assert any(n.target is operator.add for n in view.graph.nodes)
     assert any("delayed past sub-block" in note for note in result.notes)
+
+
+def test_through_transfigure_backend_options():
+    """options={"ladder": {...}} on the real backend (eager lowering), with the pass's report."""
+    import transfigure
+    import transfigure.passes.ladder  # noqa: F401  (registers the pass)
+
+    model = tiny("qwen3")
+    x = ids(seed=2)
+    backend = transfigure.backend(lowering="eager", ladder={"layers": [1, 3]})
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend, fullgraph=True)(x, use_cache=False).logits
+        want = LadderReference(model, (1, 3))(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    report = backend.report.graphs[-1].passes[0]
+    assert report.name == "ladder" and len(report.result.rewritten) == 4
