@@ -28,7 +28,7 @@ import torch
 from .autotune import Autotuner, Config
 from .lut_format import PLANES, dequantize_parts, pack_codes, unpack_codes
 from .registry import define_op, interpreter_mode, triton_available
-from .sparse_gemv import MAX_SPARSE_TOKENS, _tokens
+from .sparse_gemv import MAX_SPARSE_TOKENS, GraphTuned, _tokens
 from .threshold import sparsify_reference, sparsify_triton
 
 
@@ -157,7 +157,7 @@ if triton_available():
 
     def _configs() -> list[Config]:
         configs = [Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=2, num_stages=1)]
-        for block_n, block_k, warps in ((128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8), (512, 32, 8)):
+        for block_n, block_k, warps in ((64, 64, 2), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8), (512, 32, 8)):
             for split in (1, 4, 8, 16, 32):
                 configs.append(Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, warps, 3))
         return configs
@@ -176,6 +176,8 @@ if triton_available():
         prune=_prune,
     )
 
+    _graph_tuned = GraphTuned(_tuner)
+
     def sparse_lut_gemv_triton(x, codes_t, scales_t, table, bias, bits: int, group_size: int, in_features: int,
                                threshold: float) -> torch.Tensor:
         """The Triton sparse LUT GEMV alone (at most 16 tokens; CUDA or interpreter tensors)."""
@@ -190,7 +192,7 @@ if triton_available():
         if x2.shape[0] == 0:
             return x.new_empty((*x.shape[:-1], n))
         table = table.reshape(-1).to(torch.float32).contiguous()
-        y = _tuner(x2, codes_t, scales_t, table, bias, bits, group_size, threshold)
+        y = _graph_tuned(x2, codes_t, scales_t, table, bias, bits, group_size, threshold)
         return y.reshape(*x.shape[:-1], n)
 
     def _sparse_lut_linear_cuda(x, codes, scales, table, bias, codes_t, scales_t, bits, group_size, in_features,
