@@ -150,6 +150,14 @@ def quality_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    from transfigure import bench
+
+    result = bench.run(args.models, args.batch, args.new_tokens, args.variants, args.prompt_len, args.device, args.out)
+    print(bench.markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from transfigure.models import ARCHITECTURES
 
@@ -185,6 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     p_quality.add_argument("--distill-steps", type=int, default=200)
     p_quality.add_argument("--out", help="directory for quality.json and quality.md")
     p_quality.set_defaults(func=quality_command)
+
+    from transfigure.bench import DEFAULT_VARIANTS
+
+    p_bench = sub.add_parser("bench", help="end-to-end generate() decode benchmark (GPU): eager, inductor, transfigure + passes")
+    p_bench.add_argument("--models", nargs="*", default=["llama-1b"], help="llama-1b, llama-8b, or a tiny architecture")
+    p_bench.add_argument("--batch", nargs="*", type=int, default=[1])
+    p_bench.add_argument("--new-tokens", nargs="*", type=int, default=[256])
+    p_bench.add_argument("--prompt-len", type=int, default=128)
+    p_bench.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS))
+    p_bench.add_argument("--device", default=None)
+    p_bench.add_argument("--out", default="benchmarks/results")
+    p_bench.set_defaults(func=bench_command)
 
     p_passes = sub.add_parser("passes", help="list built-in passes and their options")
     p_passes.add_argument("--markdown", action="store_true", help="print the README options table")
