@@ -140,6 +140,15 @@ def main() -> None:
                 e, g = bench_pair(lambda: sg.sparse_gemv_triton(xp, wt, None, t))
                 row[f"sparse{int(p * 100)}_eager_us"], row[f"sparse{int(p * 100)}_graph_us"] = e, g
                 row[f"speedup{int(p * 100)}"] = row["cublas_graph_us"] / g
+            for p in (0.5, 0.4):
+                xp, t = sparse_x(1, k, p, torch.bfloat16, seed=1)
+                try:
+                    err = rel_err(sg.sparse_gemv_compact_triton(xp, wt, None, t), sg.sparse_linear_reference(xp.float(), wt.float(), None, t))
+                    e, g = bench_pair(lambda: sg.sparse_gemv_compact_triton(xp, wt, None, t))
+                    row[f"compact{int(p * 100)}_graph_us"], row[f"compact{int(p * 100)}_rel_err"] = g, err
+                    row[f"compact_speedup{int(p * 100)}"] = row["cublas_graph_us"] / g
+                except Exception as error:
+                    result["errors"].append(f"compact {name}: {type(error).__name__}: {error}")
             row["config"] = next((c.describe() for key, c in sg._graph_tuned.chosen.items() if key[1] == sg._tuner.key(x, wt, None, 0.0)), "")
             result["m1"].append(row)
             print(row, f"{time.time() - t_start:.0f}s", flush=True)
@@ -201,6 +210,7 @@ def main() -> None:
                 result["errors"].append(f"plain M {m} {name}: {type(error).__name__}: {error}")
     print(result["plain"], flush=True)
     result["tuning_graph_timings_us"] = {repr(k): v for k, v in {**sg._graph_tuned.timings, **slg._graph_tuned.timings}.items()}
+    result["tuning_graph_timings_compact_us"] = {repr(k): v for k, v in sg._compact_graph_tuned.timings.items()}
     result["seconds"] = time.time() - t_start
     save()
     (out / "sparsity.md").write_text(markdown(result))
@@ -224,6 +234,12 @@ def markdown(r) -> str:
     for row in r["m1"]:
         lines.append(f"| {row['shape']} | {row['cublas_graph_us']:.1f} | {row['sparse0_graph_us']:.1f} | {row['sparse40_graph_us']:.1f} | "
                      f"{row['sparse50_graph_us']:.1f} | {row['speedup40']:.2f} | {row['speedup50']:.2f} | {row['sparse50_eager_us']:.1f} | {row.get('config', '')} |")
+    lines += ["\n## M = 1, bf16: compaction variant (indices of surviving columns first, then a gather GEMV)\n",
+              "| shape | cuBLAS | compact 40% | compact 50% | x 40% | x 50% | rel err 50% |", "|---|---|---|---|---|---|---|"]
+    for row in r["m1"]:
+        if "compact50_graph_us" in row:
+            lines.append(f"| {row['shape']} | {row['cublas_graph_us']:.1f} | {row.get('compact40_graph_us', float('nan')):.1f} | "
+                         f"{row['compact50_graph_us']:.1f} | {row.get('compact_speedup40', float('nan')):.2f} | {row['compact_speedup50']:.2f} | {row['compact50_rel_err']:.1e} |")
     lines += ["\n## M = 1, bf16 activations, 4-bit LUT weights (g128): sparse LUT GEMV vs cuBLAS bf16\n",
               "| shape | cuBLAS bf16 | LUT4 0% | LUT4 50% | x 0% | x 50% |", "|---|---|---|---|---|---|"]
     for row in r["lut"]:

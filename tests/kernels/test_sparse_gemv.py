@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from transfigure.kernels.sparse_gemv import (
     MAX_SPARSE_TOKENS,
+    sparse_gemv_compact_triton,
     sparse_gemv_triton,
     sparse_linear,
     sparse_linear_reference,
@@ -40,6 +41,22 @@ def test_triton_matches_reference(m, k, n, sparsity, dtype, bias, seed):
     assert (actual.double() - expected).abs().max().item() <= tol * scale
 
 
+@given(
+    m=st.integers(1, MAX_SPARSE_TOKENS),
+    k=st.integers(1, 200),
+    n=st.integers(1, 64),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_compact_variant_matches_reference(m, k, n, sparsity, dtype, seed):
+    x, weight_t, b, threshold = _problem(m, k, n, sparsity, dtype, seed)
+    expected = sparse_linear_reference(x.double(), weight_t.double(), b.double(), threshold)
+    actual = sparse_gemv_compact_triton(x, weight_t, b, threshold)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert (actual.double() - expected).abs().max().item() <= tol * (expected.abs().max().item() + 1.0)
+
+
 def test_skipped_columns_are_not_read():
     """Columns of W whose activation is below threshold are never loaded: poison them with NaN."""
     x, weight_t, b, threshold = _problem(3, 256, 96, 0.6, torch.float32, seed=1)
@@ -49,6 +66,7 @@ def test_skipped_columns_are_not_read():
     poisoned[dead] = float("nan")
     actual = sparse_gemv_triton(x, poisoned, b, threshold)
     assert torch.isfinite(actual).all()
+    assert torch.isfinite(sparse_gemv_compact_triton(x, poisoned, b, threshold)).all()
     torch.testing.assert_close(actual, sparse_linear_reference(x, weight_t, b, threshold), rtol=1e-5, atol=1e-5)
 
 
