@@ -1,0 +1,214 @@
+"""GPU benchmark of LUT-quantized linears (issue 3): correctness in bf16, then timings vs cuBLAS bf16,
+dequantize + cuBLAS, and torch's int4 weight-only GEMM (tinygemm), plus FWHT bandwidth and the memory of a
+Llama-3.2-1B-shaped set of linear weights after packing + releasing the dense copies.
+
+    python benchmarks/bench_quant.py --out DIR [--quick]
+
+Writes DIR/quant.json and DIR/quant.md (and quant.png when matplotlib is present), incrementally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from transfigure.kernels import fwht as fwht_mod
+from transfigure.kernels.grids import get_grid
+from transfigure.kernels.lut_format import pack
+from transfigure.kernels.lut_gemm import _lut_tuner, dequantize_triton, lut_linear_reference, lut_linear_triton
+
+SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]  # (out N, in K), Llama-3-8B
+MS = [1, 4, 16, 64, 256]
+
+
+def bench(fn):
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")) * 1e3  # us
+
+
+def int4_tinygemm(w: torch.Tensor, group: int = 128):
+    """torch's own int4 weight-only GEMM (asymmetric RTN, g128). Returns a callable or raises."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
+    zero = lo + 8 * scale  # tinygemm dequant: (q - 8) * scale + zero
+    scales_zeros = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    q_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(q_u8.contiguous(), 8)
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_zeros)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    dev = torch.device("cuda")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    results = {"meta": meta, "gemm": [], "fwht": [], "memory": {}, "errors": []}
+    t_start = time.time()
+
+    def save():
+        (out / "quant.json").write_text(json.dumps(results, indent=1))
+
+    torch.manual_seed(0)
+    variants = [(4, 1)] + [(3, 1), (2, 1), (4, 2)]
+    for n, k in SHAPES:
+        w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
+        int4 = None
+        try:
+            int4 = int4_tinygemm(w)
+        except Exception as e:  # noqa: BLE001
+            results["errors"].append(f"int4 tinygemm {n}x{k}: {type(e).__name__}: {e}"[:300])
+        packs = {}
+        for bits, p in variants:
+            packs[(bits, p)] = pack(w.float(), get_grid("higgs", bits, p).table, bits=bits, p=p, group_size=128,
+                                    hadamard_size=0, scale_mode="rms", grid="higgs")
+        for m in MS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            row = {"N": n, "K": k, "M": m}
+            row["cublas_bf16_us"] = bench(lambda: F.linear(x, w))
+            if int4 is not None:
+                try:
+                    row["torch_int4_us"] = bench(lambda: int4(x))
+                except Exception as e:  # noqa: BLE001
+                    results["errors"].append(f"int4 mm {n}x{k} M={m}: {e}"[:300])
+            for (bits, p), pk in packs.items():
+                if (bits, p) != (4, 1) and m != 1 and not args.quick:
+                    continue
+                if args.quick and m not in (1, 16):
+                    continue
+                a = pk.op_args()
+                tag = f"lut{bits}b_p{p}"
+                y = lut_linear_triton(x, *a)  # tunes on first call
+                ref = lut_linear_reference(x.float(), *a)
+                row[f"{tag}_relerr"] = float((y.float() - ref).norm() / ref.norm())
+                row[f"{tag}_us"] = bench(lambda: lut_linear_triton(x, *a))
+                row[f"{tag}_config"] = _lut_tuner.best_config(x, pk.codes, pk.scales, pk.table.float(), None,
+                                                              bits, p, 128).describe()
+                row[f"{tag}_speedup_vs_cublas"] = row["cublas_bf16_us"] / row[f"{tag}_us"]
+                if (bits, p) == (4, 1):
+                    row["dequant_cublas_us"] = bench(lambda: F.linear(
+                        x, dequantize_triton(pk.codes, pk.scales, pk.table, bits, p, 128, dtype=x.dtype)))
+            results["gemm"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
+        # the full op with online rotation (H=512), 4-bit, M=1
+        pk = pack(w.float(), get_grid("higgs", 4, 1).table, bits=4, p=1, group_size=128, hadamard_size=512)
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        a = pk.op_args()
+        lut_linear_triton(x, *a)
+        results["gemm"][-len(MS)]["lut4b_H512_M1_us"] = bench(lambda: lut_linear_triton(x, *a))
+        del w, packs
+        save()
+        print("elapsed", time.time() - t_start, flush=True)
+
+    # memory: Llama-3.2-1B-shaped linear weights (16 layers), 4-bit g128, dense released after packing
+    torch.cuda.empty_cache()
+    hidden, inter, kv = 2048, 8192, 512
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+              (hidden, inter)] * 16
+    base = torch.cuda.memory_allocated()
+    weights = [torch.randn(s, device=dev, dtype=torch.bfloat16) * 0.02 for s in shapes]
+    dense = torch.cuda.memory_allocated() - base
+    packed = []
+    table = get_grid("higgs", 4, 1).table
+    for wt in weights:
+        packed.append(pack(wt, table, bits=4, p=1, group_size=128, hadamard_size=512))
+        wt.untyped_storage().resize_(0)  # what release_dense does
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated() - base
+    results["memory"] = {"dense_bf16_bytes": dense, "after_release_bytes": after, "ratio": after / dense}
+    print(json.dumps(results["memory"]), flush=True)
+    save()
+    # FWHT bandwidth vs copy
+    for h in (512, 1024):
+        x = torch.randn(8 * 1024 * 1024 // 2 // h, h, device=dev, dtype=torch.bfloat16)  # 64 MB
+        signs = (torch.randint(0, 2, (h,), device=dev) * 2 - 1).float()
+        y = torch.ops.transfigure.fwht(x, signs, h, 1 / math.sqrt(h))
+        ref = fwht_mod.fwht_reference(x[:64].float(), signs, h, 1 / math.sqrt(h))
+        err = float((y[:64].float() - ref).norm() / ref.norm())
+        t = bench(lambda: torch.ops.transfigure.fwht(x, signs, h, 1 / math.sqrt(h)))
+        tc = bench(lambda: x.clone())
+        row = {"h": h, "bytes": 2 * x.numel() * 2, "fwht_us": t, "copy_us": tc, "fraction_of_copy": tc / t,
+               "GBps": 2 * x.numel() * 2 / t / 1e3, "relerr_bf16": err}
+        results["fwht"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+    write_markdown(results, out)
+
+
+def write_markdown(results, out: Path) -> None:
+    meta = results["meta"]
+    lines = [f"# LUT quantization benchmark ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"{meta['date']})", "", "Times in us (do_bench median), bf16 activations, HIGGS grids g128, no rotation "
+             "unless noted. Speedup = cuBLAS bf16 / ours.", "",
+             "| N x K | M | cuBLAS bf16 | torch int4 | dequant+cuBLAS | LUT 4b | x | LUT 3b | x | LUT 2b | x | LUT 4b p2 | x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+    g = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in results["gemm"]:
+        lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {f(r.get('cublas_bf16_us'))} | {f(r.get('torch_int4_us'))} | "
+                     f"{f(r.get('dequant_cublas_us'))} | {f(r.get('lut4b_p1_us'))} | {g(r.get('lut4b_p1_speedup_vs_cublas'))} | "
+                     f"{f(r.get('lut3b_p1_us'))} | {g(r.get('lut3b_p1_speedup_vs_cublas'))} | {f(r.get('lut2b_p1_us'))} | "
+                     f"{g(r.get('lut2b_p1_speedup_vs_cublas'))} | {f(r.get('lut4b_p2_us'))} | {g(r.get('lut4b_p2_speedup_vs_cublas'))} |")
+    lines += ["", "Full op with online FWHT (H=512), 4-bit, M=1: " + ", ".join(
+        f"{r['N']}x{r['K']}: {r['lut4b_H512_M1_us']:.1f} us" for r in results["gemm"] if "lut4b_H512_M1_us" in r)]
+    lines += ["", "| FWHT h | us | copy us | fraction of copy bandwidth | GB/s |", "|---|---|---|---|---|"]
+    for r in results["fwht"]:
+        lines.append(f"| {r['h']} | {r['fwht_us']:.1f} | {r['copy_us']:.1f} | {r['fraction_of_copy']:.2f} | {r['GBps']:.0f} |")
+    if results["memory"]:
+        m = results["memory"]
+        lines += ["", f"Memory, Llama-3.2-1B-shaped linear weights: dense bf16 {m['dense_bf16_bytes'] / 2**20:.0f} MiB, "
+                  f"after pack + release {m['after_release_bytes'] / 2**20:.0f} MiB, ratio {m['ratio']:.3f}"]
+    if results["errors"]:
+        lines += ["", "Errors:"] + [f"- {e}" for e in results["errors"]]
+    (out / "quant.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(SHAPES), figsize=(4 * len(SHAPES), 3.5), sharey=True)
+        for ax, (n, k) in zip(axes, SHAPES):
+            rows = [r for r in results["gemm"] if r["N"] == n and r["K"] == k]
+            for key, label in [("lut4b_p1_speedup_vs_cublas", "LUT 4b"), ("lut3b_p1_speedup_vs_cublas", "LUT 3b"),
+                               ("lut2b_p1_speedup_vs_cublas", "LUT 2b")]:
+                pts = [(r["M"], r[key]) for r in rows if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=label)
+            pts = [(r["M"], r["cublas_bf16_us"] / r["torch_int4_us"]) for r in rows if "torch_int4_us" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="x", ls="--", label="torch int4")
+            ax.axhline(1.0, color="k", lw=0.5)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{n}x{k}")
+            ax.set_xlabel("M")
+        axes[0].set_ylabel("speedup vs cuBLAS bf16")
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "quant.png", dpi=100)
+    except Exception as e:  # noqa: BLE001
+        print("no plot:", e)
+
+
+if __name__ == "__main__":
+    main()
