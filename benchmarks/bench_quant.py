@@ -138,8 +138,8 @@ def main() -> None:
     print(json.dumps(results["memory"]), flush=True)
     save()
     # FWHT bandwidth vs copy
-    for h in (512, 1024):
-        x = torch.randn(8 * 1024 * 1024 // 2 // h, h, device=dev, dtype=torch.bfloat16)  # 64 MB
+    for h in (512, 1024, 2048, 4096, 8192, 16384):
+        x = torch.randn(64 * 1024 * 1024 // 2 // h, h, device=dev, dtype=torch.bfloat16)  # 64 MB
         signs = (torch.randint(0, 2, (h,), device=dev) * 2 - 1).float()
         y = torch.ops.transfigure.fwht(x, signs, h, 1 / math.sqrt(h))
         ref = fwht_mod.fwht_reference(x[:64].float(), signs, h, 1 / math.sqrt(h))

@@ -9,8 +9,11 @@ The last dimension ``K`` must be a multiple of ``h``: each consecutive block of 
 independently (``signs`` has length ``K``, one sign per entry, so every block can have its own signs).
 
 * :func:`fwht_reference` — plain PyTorch, ``log2(h)`` butterfly stages on reshaped views (CPU path, oracle).
-* :func:`fwht_triton` — one Triton program per (row, block); the whole block is held in registers and
-  the butterflies are done as reshapes + sums (``h`` up to 32768).
+* :func:`fwht_triton` — for 16 <= h <= 128, tiles of R blocks times the h x h Hadamard matrix (built in
+  registers from bit parities) on tensor cores; for 256 <= h <= 16384, ``H_h = H_A (x) H_B`` so a block seen
+  as an ``[A, B]`` matrix ``X`` becomes ``H_A X H_B`` (two small ``tl.dot``; 16-bit inputs keep fp32 accuracy
+  by splitting the intermediate into hi + lo halves); other sizes (h < 16, h = 32768): butterflies on a
+  register-resident block (reshape + sum per stage; slow, correct).
 * ``torch.ops.transfigure.fwht(x, signs, hadamard_size, scale)`` — the op (CPU -> reference, CUDA -> Triton).
   Its adjoint is itself with the signs applied after instead of before, see :func:`ifwht_reference`.
 """
@@ -85,6 +88,83 @@ if triton_available():
             v = tl.reshape(tl.permute(v, [0, 2, 1]), [H])
         tl.store(y_ptr + row.to(tl.int64) * K + cols, (v * scale).to(y_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _hadamard(N: tl.constexpr, LOG_N: tl.constexpr):
+        """The N x N Sylvester Hadamard matrix, H[i, j] = (-1)^popcount(i & j), as fp32."""
+        both = tl.arange(0, N)[:, None] & tl.arange(0, N)[None, :]
+        parity = tl.zeros([N, N], dtype=tl.int32)
+        for b in tl.static_range(LOG_N):
+            parity = parity ^ ((both >> b) & 1)
+        return 1.0 - 2.0 * parity.to(tl.float32)
+
+    @triton.jit
+    def _fwht_rows_kernel(x_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, scale, R: tl.constexpr, H: tl.constexpr,
+                          LOG_H: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr):
+        """Small blocks (16 <= h <= 128): R consecutive blocks as an [R, h] tile, Y = X @ H_h (tensor cores)."""
+        blocks = tl.program_id(0) * R + tl.arange(0, R)
+        bmask = blocks < n_blocks
+        cols = tl.arange(0, H)
+        offs = blocks[:, None].to(tl.int64) * H + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=bmask[:, None], other=0.0)
+        if HAS_SIGNS:
+            sidx = (blocks % blocks_per_row)[:, None] * H + cols[None, :]
+            x = x * tl.load(s_ptr + sidx, mask=bmask[:, None], other=1.0).to(x.dtype)
+        hm = _hadamard(H, LOG_H)
+        if LOWP:
+            y = tl.dot(x, hm.to(x.dtype))
+        else:
+            y = tl.dot(x, hm, input_precision="ieee")
+        tl.store(y_ptr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=bmask[:, None])
+
+    @triton.jit
+    def _fwht_kron_kernel(x_ptr, s_ptr, y_ptr, K, scale, A: tl.constexpr, B: tl.constexpr, LOG_A: tl.constexpr,
+                          LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr):
+        """Large blocks h = A * B (256..16384): H_h = H_A (x) H_B, so a block seen as X [A, B] maps to H_A X H_B."""
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * K + tl.program_id(1) * (A * B)
+        inner = tl.arange(0, A)[:, None] * B + tl.arange(0, B)[None, :]
+        x = tl.load(x_ptr + base + inner)
+        if HAS_SIGNS:
+            x = x * tl.load(s_ptr + tl.program_id(1) * (A * B) + inner).to(x.dtype)
+        hb = _hadamard(B, LOG_B)
+        ha = _hadamard(A, LOG_A)
+        if LOWP:
+            t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
+            t_hi = t.to(x.dtype)
+            t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)  # keep fp32 accuracy through the second factor
+            y = tl.dot(ha.to(x.dtype), t_hi) + tl.dot(ha.to(x.dtype), t_lo)
+        else:
+            t = tl.dot(x, hb, input_precision="ieee")
+            y = tl.dot(ha, t, input_precision="ieee")
+        tl.store(y_ptr + base + inner, (y * scale).to(y_ptr.dtype.element_ty))
+
+    def _split(h: int) -> tuple[int, int]:
+        log = int(math.log2(h))
+        log_b = min(7, log - 4)
+        log_b = max(4, min(log_b, (log + 1) // 2))
+        return h >> log_b, 1 << log_b
+
+    def _launch_dot(config: Config, x: torch.Tensor, signs: torch.Tensor | None, h: int, scale: float) -> torch.Tensor:
+        K = x.shape[-1]
+        x2 = x.contiguous().view(-1, K)
+        y = torch.empty_like(x2)
+        lowp = x.dtype in (torch.float16, torch.bfloat16)
+        s = signs if signs is not None else x2
+        if x2.numel() == 0:
+            return y.view(x.shape)
+        if h <= 128:
+            n_blocks = x2.numel() // h
+            r = config.meta["R"]
+            _fwht_rows_kernel[(triton.cdiv(n_blocks, r),)](
+                x2, s, y, n_blocks, K // h, float(scale), R=r, H=h, LOG_H=int(math.log2(h)),
+                HAS_SIGNS=signs is not None, LOWP=lowp, num_warps=config.num_warps, num_stages=config.num_stages)
+        else:
+            a, b = _split(h)
+            _fwht_kron_kernel[(x2.shape[0], K // h)](
+                x2, s, y, K, float(scale), A=a, B=b, LOG_A=int(math.log2(a)), LOG_B=int(math.log2(b)),
+                HAS_SIGNS=signs is not None, LOWP=lowp, num_warps=config.num_warps, num_stages=config.num_stages)
+        return y.view(x.shape)
+
     def _launch(config: Config, x: torch.Tensor, signs: torch.Tensor | None, h: int, scale: float) -> torch.Tensor:
         K = x.shape[-1]
         x2 = x.contiguous().view(-1, K)
@@ -111,10 +191,24 @@ if triton_available():
         prune=_prune,
     )
 
+    _fwht_dot_tuner = Autotuner(
+        "fwht_dot",
+        [Config({"R": 64}, num_warps=4, num_stages=1), Config({"R": 32}, num_warps=4, num_stages=1),
+         Config({"R": 128}, num_warps=8, num_stages=1), Config({"R": 64}, num_warps=8, num_stages=1),
+         Config({"R": 16}, num_warps=2, num_stages=1)],
+        key=lambda x, signs, h, scale: (x.dtype, h, x.numel() // x.shape[-1] > 64, signs is not None),
+        launch=_launch_dot,
+        prune=lambda configs, args: configs if args[2] <= 128 else [
+            c for c in configs if c.meta["R"] == 64 and c.num_warps == (4 if args[2] <= 2048 else 8)],
+    )
+
     def fwht_triton(x: torch.Tensor, signs: torch.Tensor | None, hadamard_size: int, scale: float) -> torch.Tensor:
+        """Tensor-core path (16 <= h <= 16384: ``X @ H_h`` or ``H_A X H_B``), butterflies otherwise."""
         _check(x, hadamard_size)
         if signs is not None:
             signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
+        if 16 <= hadamard_size <= 16384:
+            return _fwht_dot_tuner(x, signs, hadamard_size, scale)
         return _fwht_tuner(x, signs, hadamard_size, scale)
 
 else:  # pragma: no cover
