@@ -8,7 +8,6 @@ TP + ladder output equals the single-process reference ladder model, and every a
 """
 
 import os
-import sys
 import time
 from datetime import timedelta
 
