@@ -95,8 +95,8 @@ class GraphTuned:
         import triton.testing
 
         candidates = self.tuner.prune(self.tuner.configs, args) if self.tuner.prune else self.tuner.configs
-        timings = {}
-        for config in candidates:
+        timings: list[tuple[float, int]] = []  # (ms per launch, candidate index); Config holds a dict: unhashable
+        for index, config in enumerate(candidates):
             try:
                 self.tuner.launch(config, *args)  # compile outside the capture
                 torch.cuda.synchronize()
@@ -109,15 +109,15 @@ class GraphTuned:
                 with torch.cuda.graph(graph):
                     for _ in range(8):
                         self.tuner.launch(config, *args)
-                timings[config] = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median") / 8
+                timings.append((triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median") / 8, index))
                 del graph
             except Exception as error:  # a config may exceed shared memory or registers
                 if "out of resource" not in str(error).lower() and "OutOfResources" not in type(error).__name__:
                     raise
         if not timings:
             return self.tuner.best_config(*args)
-        best = min(timings, key=timings.__getitem__)
-        self.timings[self.tuner.key(*args)] = {c.describe(): t * 1e3 for c, t in timings.items()}
+        best = candidates[min(timings)[1]]
+        self.timings[self.tuner.key(*args)] = {candidates[i].describe(): t * 1e3 for t, i in timings}
         return best
 
 
