@@ -40,6 +40,7 @@ path). Both accept GQA shapes. Layout everywhere is ``[B, H, T, D]`` (what SDPA 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -464,14 +465,51 @@ if triton_available():
     _bwd_configs = [
         Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 32, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
         Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
-        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 2}, num_warps=4, num_stages=3),
+        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=3),
         Config({"BK_STATE": 32, "BV_STATE": 32, "BV_DQKV": 32, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=2, num_stages=3),
+        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 2}, num_warps=4, num_stages=3),
     ]
+    _SUSPECT: dict[str, set[int]] = {"fwd": set(), "bwd": set()}
+
+    def _prune_bwd(configs, args):
+        """Drop ``BV_DQKV=32`` when the dot operands are 16-bit.
+
+        On the H100 (triton 3.6) the two configs with ``BV_DQKV=32`` hit an illegal memory access in bf16
+        *ungated* (launched alone, ``CUDA_LAUNCH_BLOCKING=1``), while the same configs passed bf16 gated and fp32,
+        and every ``BV_DQKV=64`` config passed all cases (benchmarks/results/linear_attention.md). The pointer
+        arithmetic and masks are the same for every block shape (V=128 splits exactly into 32-wide blocks, all
+        offsets int64-based), and ungated bf16 is the one case where ``k``/``q`` feed ``tl.dot`` straight from
+        the load with no conversion in between. So this looks like a code-generation problem for that operand
+        path with a 32-wide N tile, not an out-of-bounds index; we avoid the shape rather than work around it.
+        fp16 shares the code path, so it is pruned too; gated bf16 is pruned for safety."""
+        q, k, v, g = args[:4]
+        if _state_dtype(q, g is not None) in (torch.bfloat16, torch.float16):
+            kept = [c for c in configs if c.meta["BV_DQKV"] >= 64]
+            return kept or configs
+        return configs
+
+    def _excluded(kind: str) -> set[int]:
+        """Config indices to drop. Default: the suspect configs. ``TRANSFIGURE_LINEAR_ATTN_EXCLUDE="bwd:4,fwd:1"``
+        replaces that set (``""`` keeps every config); the GPU benchmark validates every config alone in bf16 and
+        passes the failing ones here."""
+        spec = os.environ.get("TRANSFIGURE_LINEAR_ATTN_EXCLUDE")
+        if spec is None:
+            return set(_SUSPECT[kind])
+        return {int(i) for part in spec.split(",") if part.strip() for k_, _, i in [part.strip().partition(":")] if k_ == kind}
+
+    def _keep(configs: list, kind: str) -> list:
+        drop = _excluded(kind)
+        kept = [c for i, c in enumerate(configs) if i not in drop]
+        return kept or configs[:1]
+
+    _all_fwd_configs, _all_bwd_configs = list(_fwd_configs), list(_bwd_configs)
+    _fwd_tuner.configs = _keep(_fwd_configs, "fwd")
+    _bwd_configs = _keep(_bwd_configs, "bwd")
 
     def _bwd_key(q, k, v, g, do, scale, chunk_size):
         return _key(q, k, v, g, scale, chunk_size)
 
-    _bwd_tuner = Autotuner("linear_attn_bwd", _bwd_configs, key=_bwd_key, launch=_bwd_launch)
+    _bwd_tuner = Autotuner("linear_attn_bwd", _bwd_configs, key=_bwd_key, launch=_bwd_launch, prune=_prune_bwd)
 
     def linear_attn_triton(q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
         """Triton forward: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
@@ -492,9 +530,78 @@ if triton_available():
         dq, dk, dv = _bwd_tuner(q, k, v, g, do, scale, chunk_size)
         return [dq, dk, dv, _gate_grad(q, k, g, dq, dk)]
 
+    # ---- recurrent single-token decode step ----
+    @triton.jit
+    def _decode_step(
+        q_ptr, k_ptr, v_ptr, g_ptr, s_ptr, s_out_ptr, o_ptr, scale, G, K, V,
+        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+    ):
+        # one program per (value block, batch x key/value head): the fp32 state slice [K, BV] is read once,
+        # decayed, updated with k^T v, written back (``s_out`` may alias ``s``: blocks are disjoint), and
+        # read by every query head of the group (GQA native)
+        i_v = tl.program_id(0)
+        i_kvh = tl.program_id(1)
+        offs_k = tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mk = offs_k < K
+        mv = offs_v < V
+        m2 = mk[:, None] & mv[None, :]
+        s_off = i_kvh.to(tl.int64) * K * V + offs_k[:, None] * V + offs_v[None, :]
+        s = tl.load(s_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + i_kvh.to(tl.int64) * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + i_kvh.to(tl.int64) * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+        if USE_G:
+            gk = tl.load(g_ptr + i_kvh.to(tl.int64) * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+            s = s * tl.exp(gk)[:, None]
+        s = s + k[:, None] * v[None, :]
+        tl.store(s_out_ptr + s_off, s, mask=m2)
+        for j in range(G):
+            i_h = i_kvh.to(tl.int64) * G + j
+            q = tl.load(q_ptr + i_h * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+            o = tl.sum(q[:, None] * s, axis=0) * scale
+            tl.store(o_ptr + i_h * V + offs_v, o.to(o_ptr.dtype.element_ty), mask=mv)
+
+    def _decode_launch(config: Config, q, k, v, g, state, scale: float, out_state):
+        B, H, K = q.shape
+        Hk, V = k.shape[1], v.shape[-1]
+        o = torch.empty(B, H, V, device=q.device, dtype=q.dtype)
+        BV = _split_block(V, config.meta["BV"])
+        _decode_step[(triton.cdiv(V, BV), B * Hk)](
+            q, k, v, g if g is not None else k, state, out_state, o, float(scale), H // Hk, K, V,
+            BK=_pow2(K), BV=BV, USE_G=g is not None, num_warps=config.num_warps, num_stages=1,
+        )
+        return o
+
+    def _decode_tune_launch(config: Config, q, k, v, g, state, scale: float):
+        return _decode_launch(config, q, k, v, g, state, scale, torch.empty_like(state))
+
+    _decode_configs = [
+        Config({"BV": 32}, num_warps=4, num_stages=1),
+        Config({"BV": 64}, num_warps=4, num_stages=1),
+        Config({"BV": 16}, num_warps=2, num_stages=1),
+        Config({"BV": 64}, num_warps=8, num_stages=1),
+    ]
+
+    def _decode_key(q, k, v, g, state, scale):
+        return (q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[-1], g is not None)
+
+    _decode_tuner = Autotuner("linear_attn_decode", _decode_configs, key=_decode_key, launch=_decode_tune_launch)
+
+    def linear_attn_decode_triton(q, k, v, g, state, scale: float, out_state: Optional[torch.Tensor] = None):
+        """Triton decode step: returns ``[o, new_state]``; ``out_state=state`` updates the state in place."""
+        _check_decode_shapes(q, k, v, g, state)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = g.contiguous() if g is not None else None
+        state = state.contiguous()
+        config = _decode_tuner.best_config(q, k, v, g, state, scale)
+        new_state = torch.empty_like(state) if out_state is None else out_state
+        o = _decode_launch(config, q, k, v, g, state, scale, new_state)
+        return [o, new_state]
+
 else:  # pragma: no cover
     linear_attn_triton = None
     linear_attn_bwd_triton = None
+    linear_attn_decode_triton = None
 
 
 def _gate_grad(q, k, g, dq, dk) -> torch.Tensor:
@@ -586,6 +693,54 @@ linear_attn_bwd = define_op(
 )
 
 
+def _check_decode_shapes(q, k, v, g, state):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or state.dim() != 4:
+        raise ValueError("decode step expects q [B, H, K], k [B, Hk, K], v [B, Hk, V], state [B, Hk, K, V]")
+    B, H, K = q.shape
+    Hk, V = k.shape[1], v.shape[-1]
+    if k.shape != (B, Hk, K) or v.shape[:2] != (B, Hk) or state.shape != (B, Hk, K, V) or H % Hk:
+        raise ValueError(f"decode shapes: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} state {tuple(state.shape)}")
+    if state.dtype != torch.float32 and state.dtype != torch.float64:
+        raise ValueError("the recurrent state must be fp32 (or fp64)")
+    if g is not None and g.shape != k.shape:
+        raise ValueError(f"gates must have the key's shape {tuple(k.shape)}, got {tuple(g.shape)}")
+
+
+def linear_attention_decode_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], state: torch.Tensor, scale: float
+) -> list[torch.Tensor]:
+    """One recurrent step (the definition): ``S <- diag(exp(g)) S + k^T v``, ``o = scale * q S``.
+
+    q: [B, H, K]; k, g: [B, Hk, K]; v: [B, Hk, V]; state: [B, Hk, K, V] (fp32, shared by the G = H/Hk query
+    heads of a group). Returns ``[o (q's dtype), new_state]``."""
+    _check_decode_shapes(q, k, v, g, state)
+    B, H, K = q.shape
+    Hk = k.shape[1]
+    dt = state.dtype
+    S = state
+    if g is not None:
+        S = S * g.to(dt).exp()[..., None]
+    S = S + k.to(dt)[..., None] * v.to(dt)[..., None, :]
+    o = scale * torch.einsum("bhgk,bhkv->bhgv", q.to(dt).reshape(B, Hk, H // Hk, K), S)
+    return [o.reshape(B, H, -1).to(q.dtype), S.clone()]
+
+
+def _linear_attn_decode_fake(q, k, v, g, state, scale):
+    return [q.new_empty(*q.shape[:2], v.shape[-1]), torch.empty_like(state)]
+
+
+linear_attn_decode = define_op(
+    "linear_attn_decode", linear_attention_decode_reference, cuda=linear_attn_decode_triton, fake=_linear_attn_decode_fake
+)
+
+
+def linear_attention_decode_step(q, k, v, g, state, scale: float = 1.0, inplace: bool = False) -> list[torch.Tensor]:
+    """Decode step through ``transfigure::linear_attn_decode``; ``inplace=True`` (CUDA) overwrites ``state``."""
+    if inplace and q.is_cuda and linear_attn_decode_triton is not None:
+        return linear_attn_decode_triton(q, k, v, g, state, float(scale), out_state=state)
+    return torch.ops.transfigure.linear_attn_decode(q, k, v, g, state, float(scale))
+
+
 def _linear_attn_op_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], scale: float, chunk_size: int
 ) -> torch.Tensor:
@@ -645,6 +800,10 @@ def linear_attention(
 __all__ = [
     "linear_attention",
     "linear_attention_bidirectional",
+    "linear_attention_decode_reference",
+    "linear_attention_decode_step",
+    "linear_attn_decode",
+    "linear_attn_decode_triton",
     "linear_attention_recurrent",
     "linear_attention_reference",
     "linear_attn",

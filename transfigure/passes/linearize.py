@@ -24,9 +24,13 @@ Matched forms (all that transformers emits): causal via ``is_causal=True`` or vi
 (no mask, or a padding-only mask), padding (keys no query may see are dropped from the sums). Sites with
 attention dropout, or a window on a bidirectional site, are skipped with the reason.
 
-Decoding: the compiled graph has no place for a recurrent state between calls, so a compiled linearized
-model recomputes the prefix each call (see notes/issue-5.md and :mod:`transfigure.kernels.linear_attention`'s
-decode step for the recurrent path).
+Decoding: the compiled graph has no place for a recurrent state between calls (transformers' ``Cache`` objects
+store per-layer key/value tensors that grow with the context, and the backend sees one traced call at a time),
+so under ``generate()`` a compiled linearized model recomputes the prefix (``use_cache=False``) or, with a KV
+cache, its decode steps are skipped by the pass (key length != query length) and stay softmax.
+:class:`LinearAttentionDecoder` is the decoding path: it keeps, per layer, the fp32 recurrent state (plus the
+window's recent keys/values) across calls and runs each new token through the ``transfigure::linear_attn_decode``
+step kernel, so per-token cost does not grow with the context.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from transfigure.compiler import GraphView, Pass, PassResult, option, register_pass
-from transfigure.kernels.linear_attention import linear_attention, linear_attention_bidirectional
+from transfigure.kernels.linear_attention import linear_attention, linear_attention_bidirectional, linear_attention_decode_step
 
 EPS = 1e-6
 WINDOW_FACTOR_INIT = math.log(0.1 / 0.9)
@@ -327,4 +331,205 @@ class LinearizePass(Pass):
         return params
 
 
-__all__ = ["LinearizeOptions", "LinearizePass", "linearized_attention", "mask_is_causal", "unrepeat_kv", "load_state"]
+# --------------------------------------------------------------------------------------------------
+# decoding with a recurrent state (outside the compiled graph)
+# --------------------------------------------------------------------------------------------------
+
+_DECODE_IMPL = "transfigure_linear_decode"
+
+
+class _LayerCache:
+    __slots__ = ("S", "k", "v", "start", "kv_full")
+
+    def __init__(self):
+        self.S = None  # [B, Hk, d_phi, d_v + 1] fp32: phi(k)^T [v, 1] summed (decayed) over folded keys
+        self.k = self.v = None  # window buffer: raw keys/values of positions start .. pos-1
+        self.start = 0
+        self.kv_full = None  # layers left as softmax: their whole K/V (grows with context)
+
+
+def _decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    decoder = getattr(module, "_transfigure_decoder", None)
+    if decoder is None:
+        raise RuntimeError("LinearAttentionDecoder: attention module has no decoder attached")
+    out = decoder._attend(module, query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class LinearAttentionDecoder:
+    """Token-by-token decoding of a linearized model with per-token cost flat in the context length.
+
+    The same math as the ``linearize`` pass (same options, same trained ``state``), run eagerly through
+    transformers' attention interface. Per attention layer it keeps the fp32 recurrent state
+    ``S = sum_j phi(k_j)^T [v_j, 1]`` (decayed by the Liger gates; the extra column is the normalizer) and, with
+    a window, the raw keys/values the window still needs: ``window="liger"`` the last ``window_size`` tokens,
+    ``window="lolcats"`` the current and previous ``window_size`` block (a block that falls out of the window
+    is folded into ``S``). Layers not selected by ``layers`` keep an ordinary growing K/V list (softmax).
+
+    The prompt is prefilled with the chunked kernels in one call; every later token costs one
+    ``transfigure::linear_attn_decode`` step per layer. Rows of a batch must share one length (no padding).
+
+    >>> dec = LinearAttentionDecoder(model, feature_map="hedgehog", window="lolcats", state=state)
+    >>> ids = dec.generate(prompt_ids, max_new_tokens=64)          # greedy
+    >>> logits = dec.prefill(prompt_ids); logits = dec.step(next_ids)  # or drive it yourself
+    """
+
+    def __init__(self, model: torch.nn.Module, feature_map: str = "hedgehog", window: str = "none", window_size: int = 64,
+                 chunk_size: int = 64, layers: tuple[int, ...] = (), state: Mapping[str, Any] | str | None = None):
+        opts = LinearizeOptions(feature_map=feature_map, window=window, window_size=window_size, layers=tuple(layers),
+                                chunk_size=chunk_size)  # validates like the pass
+        from transfigure.passes.attention_transfer import init_state
+        from transfigure.reference.linear_attention import attention_layers
+
+        self.model, self.opts = model, opts
+        given = load_state(state)
+        fresh = init_state(model, feature_map, window)
+        self.params = {k: given.get(k, v).detach().float().to(v.device) for k, v in fresh.items()}
+        self.selected = set(attention_layers(model, opts.layers))
+        self.modules = attention_layers(model)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.cache = {fqn: _LayerCache() for fqn in self.modules}
+
+    # -- the per-layer computation --
+    def _attend(self, module, q, k, v, scaling):
+        fqn = module._transfigure_fqn
+        c = self.cache[fqn]
+        o = self.opts
+        T = q.shape[2]
+        scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+        if fqn not in self.selected:  # softmax layer with a plain growing K/V list
+            kf, vf = (k, v) if c.kv_full is None else (torch.cat([c.kv_full[0], k], 2), torch.cat([c.kv_full[1], v], 2))
+            c.kv_full = (kf, vf)
+            return F.scaled_dot_product_attention(q, kf, vf, is_causal=T > 1, scale=scale, enable_gqa=True)
+        p = {n: self.params.get(f"{fqn}.{n}") for n in ("q_map", "k_map", "window_factor")}
+        if T > 1 or self.pos == 0:
+            if self.pos != 0:
+                raise ValueError("LinearAttentionDecoder: feed the prompt once (prefill), then one token per step")
+            return self._prefill(c, q, k, v, p, scale)
+        return self._step(c, q, k, v, p, scale)
+
+    def _prefill(self, c, q, k, v, p, scale):
+        o = self.opts
+        T = q.shape[2]
+        out = linearized_attention(q, k, v, None, p["q_map"], p["k_map"], p["window_factor"], causal=True,
+                                   feature_map=o.feature_map, window=o.window, window_size=o.window_size,
+                                   chunk_size=o.chunk_size, scale=scale)
+        fk = _phi(k, o.feature_map, p["k_map"])
+        va = torch.cat([v.float(), v.new_ones(*v.shape[:3], 1, dtype=torch.float32)], -1)
+        W = o.window_size
+        if o.window == "lolcats":
+            n = T // W  # block of the next position
+            c.start = max(0, W * (n - 1))
+            c.S = torch.einsum("bhtk,bhtv->bhkv", fk[:, :, : c.start], va[:, :, : c.start])
+        else:
+            if o.feature_map == "liger":
+                g = (F.logsigmoid(k.float()) / 16.0).clamp_min(-1.0)
+                b = g.cumsum(2)
+                fk = fk * (b[:, :, -1:] - b).exp()  # decay from each key to the end of the prompt
+            c.S = torch.einsum("bhtk,bhtv->bhkv", fk, va)
+            c.start = max(0, T - (W - 1)) if o.window == "liger" else T
+        c.k, c.v = k[:, :, c.start - T:] if c.start < T else k[:, :, :0], v[:, :, c.start - T:] if c.start < T else v[:, :, :0]
+        return out
+
+    def _step(self, c, q, k, v, p, scale):
+        o = self.opts
+        i, W = self.pos, o.window_size
+        B, H = q.shape[:2]
+        Hk = k.shape[1]
+        fq = _phi(q, o.feature_map, p["q_map"])[:, :, 0]
+        fk = _phi(k, o.feature_map, p["k_map"])[:, :, 0]
+        va = torch.cat([v.float(), v.new_ones(*v.shape[:3], 1, dtype=torch.float32)], -1)[:, :, 0]
+        if o.window == "lolcats":
+            lo = max(0, W * (i // W - 1))
+            if lo > c.start:  # a block left the window: fold it into the state
+                m = lo - c.start
+                c.S = c.S + torch.einsum("bhtk,bhtv->bhkv", _phi(c.k[:, :, :m], o.feature_map, p["k_map"]),
+                                         torch.cat([c.v[:, :, :m].float(), c.v.new_ones(B, Hk, m, 1, dtype=torch.float32)], -1))
+                c.k, c.v, c.start = c.k[:, :, m:], c.v[:, :, m:], lo
+            lin = torch.einsum("bhgk,bhkv->bhgv", fq.reshape(B, Hk, H // Hk, -1), c.S).reshape(B, H, -1)
+        else:
+            g = (F.logsigmoid(k[:, :, 0].float()) / 16.0).clamp_min(-1.0) if o.feature_map == "liger" else None
+            lin, c.S = linear_attention_decode_step(fq, fk, va, g, c.S, 1.0, inplace=True)
+        kw = torch.cat([c.k, k], 2)
+        vw = torch.cat([c.v, v], 2)
+        if o.window == "none":
+            out = lin[..., :-1] / (lin[..., -1:] + EPS)
+        else:
+            s = scale * torch.einsum("bhgd,bhjd->bhgj", q[:, :, 0].float().reshape(B, Hk, H // Hk, -1), kw.float())
+            a = (s - s.amax(-1, keepdim=True)).exp()
+            num_w = torch.einsum("bhgj,bhjv->bhgv", a, vw.float()).reshape(B, H, -1)
+            den_w = a.sum(-1).reshape(B, H, 1)
+            if o.window == "liger":
+                out = 0.5 * num_w / den_w + 0.5 * lin[..., :-1] / (lin[..., -1:] + EPS)
+            else:
+                f = torch.sigmoid(p["window_factor"].float()).reshape(1, H, 1)
+                out = (f * num_w + lin[..., :-1]) / (f * den_w + lin[..., -1:] + EPS)
+        keep = W - 1 if o.window == "liger" else kw.shape[2]
+        if o.window != "none":
+            c.k, c.v = kw[:, :, kw.shape[2] - keep:], vw[:, :, vw.shape[2] - keep:]
+            c.start = i + 1 - keep
+        return out[:, :, None].to(q.dtype)
+
+    # -- driving the model --
+    def _call(self, ids: torch.Tensor, **kwargs):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(_DECODE_IMPL, _decode_attention_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_DECODE_IMPL, sdpa_mask)
+        previous = self.model.config._attn_implementation
+        for fqn, module in self.modules.items():
+            module._transfigure_decoder, module._transfigure_fqn = self, fqn
+        try:
+            try:
+                self.model.set_attn_implementation(_DECODE_IMPL)
+            except Exception:
+                self.model.config._attn_implementation = _DECODE_IMPL
+            T = ids.shape[1]
+            positions = torch.arange(self.pos, self.pos + T, device=ids.device)[None].expand(ids.shape[0], -1)
+            out = self.model(ids, position_ids=positions, use_cache=False, **kwargs)
+            self.pos += T
+            return out.logits
+        finally:
+            for module in self.modules.values():
+                del module._transfigure_decoder
+            try:
+                self.model.set_attn_implementation(previous)
+            except Exception:
+                self.model.config._attn_implementation = previous
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Reset, run the prompt (chunked kernels), keep the states; returns the prompt's logits."""
+        self.reset()
+        return self._call(input_ids, **kwargs)
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One new token per row (``[B, 1]``); returns its logits ``[B, 1, vocab]``."""
+        if token_ids.shape[1] != 1:
+            raise ValueError("step takes one token per row")
+        return self._call(token_ids, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding; returns ``input_ids`` followed by ``max_new_tokens`` generated tokens."""
+        logits = self.prefill(input_ids)
+        out = [input_ids]
+        for n in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            if n + 1 < max_new_tokens:
+                logits = self.step(nxt)
+        return torch.cat(out, 1)
+
+
+def generate_linear(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+    """Greedy decoding of ``model`` linearized with ``options`` (the pass's options), O(1) per token."""
+    return LinearAttentionDecoder(model, **options).generate(input_ids, max_new_tokens)
+
+
+__all__ = ["LinearAttentionDecoder", "LinearizeOptions", "LinearizePass", "generate_linear", "linearized_attention", "mask_is_causal", "unrepeat_kv", "load_state"]
