@@ -119,4 +119,4 @@ def test_tensor_parallel_ladder_two_ranks(tmp_path):
         # (Stock TP cannot pass the next line: sub-block j+1 reads h_j, which needs sub-block j's wait first.)
         # Ladder: every wait but the last sub-block's comes after the next sub-block's all-reduce was issued.
         assert all(wait > nxt for (_, wait), (nxt, _) in zip(ladder, ladder[1:])), ladder
-        assert any("explicit all_reduce" in note for note in res["notes"])
+        assert any("explicit all_reduce" in note and "ladder_add" in note for note in res["notes"])

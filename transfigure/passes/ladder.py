@@ -25,9 +25,12 @@ What the pass does to the Dynamo graph:
    its first use, which after step 2 lies after sub-block j's compute. Under tensor parallelism
    (``parallelize_module`` with column-parallel q/k/v/gate/up and row-parallel o/down) Dynamo records the
    all-reduce as an async DTensor ``redistribute``; AOTAutograd turns it into ``_c10d_functional.all_reduce``
-   plus ``wait_tensor`` placed at the first consumer, so after this pass each wait sits after the next
-   sub-block's compute. Graphs built on functional collectives directly carry the ``wait_tensor`` node
-   already; it is moved the same way.
+   plus ``wait_tensor`` right after the all-reduce (traced functional collectives wait at once), so the pass
+   rewrites each delayed branch's ``redistribute(Partial -> Replicate).to_local()`` into explicit
+   ``_c10d_functional.all_reduce`` + ``wait_tensor`` nodes, which AOTAutograd keeps in graph order; the delayed
+   add becomes the opaque ``transfigure::ladder_add`` so Inductor cannot fuse it into the earlier norm kernel
+   (which would pull the wait back up). Graphs built on functional collectives directly carry the
+   ``wait_tensor`` node already; it is moved the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ from transfigure.compiler.passes import Pass, PassResult, register_pass
 from transfigure.reference.ladder import select_layers
 
 __all__ = ["LadderError", "LadderOptions", "LadderPass", "SubBlock", "find_residual_chain", "apply_ladder"]
+
+
+@torch.library.custom_op("transfigure::ladder_add", mutates_args=())
+def ladder_add(stream: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+    """``stream + pending`` as an opaque op: Inductor cannot fuse it into an earlier kernel (which would pull the
+    all-reduce wait of ``pending`` back in front of the sub-block it is meant to overlap)."""
+    return stream + pending
+
+
+@ladder_add.register_fake
+def _(stream, pending):
+    return torch.empty_like(torch.broadcast_tensors(stream, pending)[0])
 
 
 class LadderError(ValueError):
@@ -340,6 +355,9 @@ def apply_ladder(graph: fx.Graph, layers: tuple[int, ...] | str = "all", n: int 
                     result.skip(prev.add, "in-place residual add: not moved")
                 continue
             detail = _explicit_all_reduce(graph, prev)
+            if detail.startswith("explicit all_reduce") and prev.add.target in (operator.add, torch.add) and not prev.add.kwargs:
+                prev.add.target = torch.ops.transfigure.ladder_add.default
+                detail += "; delayed add kept unfused (transfigure::ladder_add)"
             _sink(graph, prev.add)
             for node in reversed(_pending_tail(prev.branch, prev.body)):
                 _sink(graph, node)
