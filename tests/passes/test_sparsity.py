@@ -240,3 +240,15 @@ def test_composes_with_lut_quantization(hadamard_size):
     with torch.no_grad(), thresholded(replica, calibration.thresholds(0.5, "uniform")):
         reference = _output(replica(x))
     torch.testing.assert_close(sparse, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_inductor_lowering_matches_eager_thresholds():
+    """The default lowering (Inductor, extra inputs, custom ops) gives the same numbers as eager thresholds."""
+    model = tiny_model("llama")
+    calibration = calibrate(model, _random_batches(2), progress=False, greedy=False)
+    compiled = torch.compile(model, backend=transfigure.backend(sparsity={"calibration": calibration, "allocation": "uniform"}))
+    x = torch.randint(0, 256, (1, 6))
+    with torch.no_grad(), thresholded(model, calibration.thresholds(0.5, "uniform")):
+        expected = _output(model(x))
+    with torch.no_grad():
+        torch.testing.assert_close(_output(compiled(x)), expected, rtol=1e-5, atol=1e-5)
