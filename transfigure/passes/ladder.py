@@ -319,11 +319,16 @@ def apply_ladder(graph: fx.Graph, layers: tuple[int, ...] | str = "all", n: int 
     if layer_ids != list(range(layer_ids[0], layer_ids[0] + len(layer_ids))):
         raise LadderError(f"ladder: decoder layers {layer_ids} in this graph are not consecutive; cannot apply layer choices")
     offset = layer_ids[0]
-    try:
-        chosen = set(select_layers(layers, len(layer_ids), n))
-    except ValueError as error:
-        raise LadderError(f"ladder.layers: {error}") from None
-    chosen = {offset + i for i in chosen} if isinstance(layers, str) else chosen
+    if isinstance(layers, str):
+        try:
+            chosen = {offset + i for i in select_layers(layers, len(layer_ids), n)}
+        except ValueError as error:
+            raise LadderError(f"ladder.layers: {error}") from None
+    else:
+        chosen = set(layers)
+        bad = sorted(chosen - set(layer_ids))
+        if bad:
+            raise LadderError(f"ladder.layers: layer indices {bad} out of range: this graph holds decoder layers {layer_ids[0]}..{layer_ids[-1]}")
     streams = [blocks[0].stream] + [b.add for b in blocks]  # streams[k] = s_k
     converted = []
     for block in blocks:
