@@ -43,14 +43,14 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def run_variant(model, name, options, prompt, new_tokens, max_len, do_bench, lowering="inductor"):
+def run_variant(model, name, options, prompt, new_tokens, max_len, do_bench, lowering="inductor", cudagraphs=True):
     import transformers
 
     import transfigure
     import transfigure.passes.ladder  # noqa: F401
 
     torch._dynamo.reset()
-    extra = {"inductor_config": {"triton.cudagraphs": True}} if lowering == "inductor" else {}
+    extra = {"inductor_config": {"triton.cudagraphs": cudagraphs}} if lowering == "inductor" else {}
     backend = transfigure.backend(lowering=lowering, **extra, **options)
     step = torch.compile(model, backend=backend, fullgraph=True)
     cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
@@ -134,7 +134,15 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=220.0, help="skip remaining variants after this")
+    parser.add_argument("--no-cudagraphs", action="store_true", help="Inductor without CUDA graphs")
+    parser.add_argument("--no-static-launcher", action="store_true",
+                        help="torch._inductor.config.use_static_cuda_launcher = False (both device runs segfaulted in it)")
     args = parser.parse_args()
+    if args.no_static_launcher:
+        import torch._inductor.config as inductor_config
+
+        if hasattr(inductor_config, "use_static_cuda_launcher"):
+            inductor_config.use_static_cuda_launcher = False
     os.makedirs(args.out, exist_ok=True)
     import transformers
     from triton.testing import do_bench
@@ -158,7 +166,8 @@ def main() -> None:
             print(f"skipping {name}: time budget spent", flush=True)
             continue
         try:
-            res = run_variant(model, name, options, prompt, args.new, args.prompt + args.new + 8, do_bench)
+            res = run_variant(model, name, options, prompt, args.new, args.prompt + args.new + 8, do_bench,
+                              cudagraphs=not args.no_cudagraphs)
             res.update(check(model, res, layers, args.prompt))
         except Exception as error:
             import traceback
