@@ -149,7 +149,7 @@ def main() -> None:
                     row[f"compact_speedup{int(p * 100)}"] = row["cublas_graph_us"] / g
                 except Exception as error:
                     result["errors"].append(f"compact {name}: {type(error).__name__}: {error}")
-            row["config"] = next((c.describe() for key, c in sg._graph_tuned.chosen.items() if key[1] == sg._tuner.key(x, wt, None, 0.0)), "")
+            row["config"] = sg._tuner.best_config(x, wt, None, 0.0).describe()
             result["m1"].append(row)
             print(row, f"{time.time() - t_start:.0f}s", flush=True)
             save()
@@ -209,8 +209,8 @@ def main() -> None:
             except Exception as error:
                 result["errors"].append(f"plain M {m} {name}: {type(error).__name__}: {error}")
     print(result["plain"], flush=True)
-    result["tuning_graph_timings_us"] = {repr(k): v for k, v in {**sg._graph_tuned.timings, **slg._graph_tuned.timings}.items()}
-    result["tuning_graph_timings_compact_us"] = {repr(k): v for k, v in sg._compact_graph_tuned.timings.items()}
+    result["tuning_graph_timings_ms"] = {**sg._tuner.timings, **slg._tuner.timings}
+    result["tuning_graph_timings_compact_ms"] = dict(sg._compact_tuner.timings)
     result["seconds"] = time.time() - t_start
     save()
     (out / "sparsity.md").write_text(markdown(result))

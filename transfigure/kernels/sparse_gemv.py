@@ -64,63 +64,6 @@ def _plain_path(x, weight_t, bias, threshold, sparse_prefill):
     return F.linear(x, weight_t.t(), bias)
 
 
-class GraphTuned:
-    """Config choice for a launcher whose kernels run for only ~10-50 us.
-
-    :class:`~.autotune.Autotuner` times ``launch`` with ``do_bench`` as Python issues it, and for kernels this
-    short that measures the host-side launch cost (~20-100 us here), so every config looks alike. This picks
-    the config by timing a CUDA graph of 8 launches per candidate (kernel time, as a compiled decode loop
-    with CUDA graphs sees it), remembers the choice per key in memory, and skips the Autotuner's per-call
-    key/lookup cost afterwards. In interpreter mode, on CPU, or while a CUDA graph is being captured it
-    defers to the Autotuner (configs[0] in the interpreter).
-    """
-
-    def __init__(self, tuner):
-        self.tuner = tuner
-        self.chosen: dict = {}
-        self.timings: dict = {}
-
-    def __call__(self, *args):
-        key = (args[0].device.index, self.tuner.key(*args))
-        config = self.chosen.get(key)
-        if config is None:
-            config = self._pick(args)
-            if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
-                self.chosen[key] = config
-        return self.tuner.launch(config, *args)
-
-    def _pick(self, args):
-        if interpreter_mode() or not args[0].is_cuda or torch.cuda.is_current_stream_capturing():
-            return self.tuner.best_config(*args)
-        import triton.testing
-
-        candidates = self.tuner.prune(self.tuner.configs, args) if self.tuner.prune else self.tuner.configs
-        timings: list[tuple[float, int]] = []  # (ms per launch, candidate index); Config holds a dict: unhashable
-        for index, config in enumerate(candidates):
-            try:
-                self.tuner.launch(config, *args)  # compile outside the capture
-                torch.cuda.synchronize()
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self.tuner.launch(config, *args)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(8):
-                        self.tuner.launch(config, *args)
-                timings.append((triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median") / 8, index))
-                del graph
-            except Exception as error:  # a config may exceed shared memory or registers
-                if "out of resource" not in str(error).lower() and "OutOfResources" not in type(error).__name__:
-                    raise
-        if not timings:
-            return self.tuner.best_config(*args)
-        best = candidates[min(timings)[1]]
-        self.timings[self.tuner.key(*args)] = {candidates[i].describe(): t * 1e3 for t, i in timings}
-        return best
-
-
 if triton_available():
     import triton
     import triton.language as tl
@@ -209,7 +152,7 @@ if triton_available():
         prune=_prune,
     )
 
-    _graph_tuned = GraphTuned(_tuner)
+    
 
     def sparse_gemv_triton(
         x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
@@ -225,7 +168,7 @@ if triton_available():
             raise ValueError(f"sparse_gemv: at most 16 tokens, got {x2.shape[0]}")
         if x2.shape[0] == 0:
             return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
-        y = _graph_tuned(x2, weight_t, bias, threshold)
+        y = _tuner(x2, weight_t, bias, threshold)
         return y.reshape(*x.shape[:-1], weight_t.shape[1])
 
     def _sparse_linear_cuda(x, weight_t, bias, threshold, sparse_prefill=True):
@@ -377,11 +320,11 @@ if triton_available():
                 configs.append(Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, warps, 3))
         return configs
 
-    _compact_graph_tuned = GraphTuned(Autotuner(
+    _compact_tuner = Autotuner(
         "sparse_gemv_compact", _compact_configs(),
         key=lambda x2, w, b, t: (str(x2.dtype), 1 if x2.shape[0] == 1 else 8, w.shape[0], w.shape[1], b is not None),
         launch=_launch_compact,
-    ))
+    )
 
     def sparse_gemv_compact_triton(x, weight_t, bias, threshold):
         """Same result as :func:`sparse_gemv_triton`, by compaction + gather (see above)."""
@@ -390,7 +333,7 @@ if triton_available():
             x2 = x2.contiguous()
         if x2.shape[0] > 16 or x2.shape[0] == 0:
             raise ValueError(f"sparse_gemv_compact: 1..16 tokens, got {x2.shape[0]}")
-        y = _compact_graph_tuned(x2, weight_t, bias, threshold)
+        y = _compact_tuner(x2, weight_t, bias, threshold)
         return y.reshape(*x.shape[:-1], weight_t.shape[1])
 
 else:  # pragma: no cover

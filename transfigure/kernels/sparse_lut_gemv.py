@@ -28,7 +28,7 @@ import torch
 from .autotune import Autotuner, Config
 from .lut_format import PLANES, dequantize_parts, pack_codes, unpack_codes
 from .registry import define_op, interpreter_mode, triton_available
-from .sparse_gemv import MAX_SPARSE_TOKENS, GraphTuned, _tokens
+from .sparse_gemv import MAX_SPARSE_TOKENS, _tokens
 from .threshold import sparsify_reference, sparsify_triton
 
 
@@ -176,7 +176,6 @@ if triton_available():
         prune=_prune,
     )
 
-    _graph_tuned = GraphTuned(_tuner)
 
     def sparse_lut_gemv_triton(x, codes_t, scales_t, table, bias, bits: int, group_size: int, in_features: int,
                                threshold: float) -> torch.Tensor:
@@ -192,7 +191,7 @@ if triton_available():
         if x2.shape[0] == 0:
             return x.new_empty((*x.shape[:-1], n))
         table = table.reshape(-1).to(torch.float32).contiguous()
-        y = _graph_tuned(x2, codes_t, scales_t, table, bias, bits, group_size, threshold)
+        y = _tuner(x2, codes_t, scales_t, table, bias, bits, group_size, threshold)
         return y.reshape(*x.shape[:-1], n)
 
     def _sparse_lut_linear_cuda(x, codes, scales, table, bias, codes_t, scales_t, bits, group_size, in_features,
