@@ -221,12 +221,13 @@ if triton_available():
     _GEMV_CONFIGS = [
         _c(4, 16, 128, 1, 4, 2), _c(4, 16, 256, 1, 4, 2), _c(4, 32, 256, 1, 4, 2), _c(4, 16, 512, 1, 4, 2),
         _c(4, 32, 128, 1, 4, 3), _c(4, 8, 512, 1, 2, 2), _c(4, 16, 256, 2, 4, 2), _c(4, 32, 256, 2, 4, 2),
-        _c(4, 16, 256, 4, 4, 2), _c(4, 64, 128, 1, 8, 2), _c(4, 32, 512, 1, 8, 2),
+        _c(4, 16, 256, 4, 4, 2), _c(4, 64, 128, 1, 8, 2), _c(4, 32, 512, 1, 8, 2), _c(4, 16, 64, 1, 4, 2),
     ]
     _SMALL_CONFIGS = [
         _c(16, 32, 128, 1, 4, 2), _c(16, 64, 128, 1, 4, 3), _c(16, 64, 256, 1, 4, 2), _c(16, 128, 128, 1, 4, 3),
         _c(16, 32, 256, 2, 4, 2), _c(16, 64, 128, 2, 4, 3), _c(16, 64, 128, 4, 4, 3), _c(32, 64, 128, 1, 4, 3),
-        _c(64, 64, 128, 1, 4, 3), _c(32, 128, 64, 1, 4, 4), _c(64, 128, 64, 1, 4, 3), Config({"MODE": "dequant"}),
+        _c(64, 64, 128, 1, 4, 3), _c(32, 128, 64, 1, 4, 4), _c(64, 128, 64, 1, 4, 3), _c(16, 32, 64, 1, 4, 2),
+        Config({"MODE": "dequant"}),
     ]
     _LARGE_CONFIGS = [
         _c(64, 64, 64, 1, 4, 3), _c(64, 128, 64, 1, 4, 3), _c(128, 128, 64, 1, 8, 3), _c(128, 64, 64, 1, 4, 3),
@@ -266,6 +267,8 @@ if triton_available():
     _lut_tuner = Autotuner("lut_linear", _GEMV_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS, key=_key,
                            launch=_launch, prune=_prune)
 
+    _CHOSEN: dict = {}
+
     def prepare_input(x, signs, hadamard_size: int, kp: int) -> torch.Tensor:
         """``x [..., K]`` -> ``[M, K_pad]`` contiguous, padded and rotated (Triton FWHT on CUDA)."""
         x2 = x.reshape(-1, x.shape[-1])
@@ -287,7 +290,12 @@ if triton_available():
         elif config is not None:
             y = _launch(config, *args)
         else:
-            y = _lut_tuner(*args)
+            # remember the tuner's choice per (shape key, device): later calls skip the tuner's key building
+            fast_key = (_key(*args), x2.device)
+            chosen = _CHOSEN.get(fast_key)
+            if chosen is None:
+                chosen = _CHOSEN[fast_key] = _lut_tuner.best_config(*args)
+            y = _launch(chosen, *args)
         return y.reshape(*x.shape[:-1], scales.shape[0])
 
     def configs_for(m: int, kp: int, p: int) -> list[Config]:
