@@ -153,7 +153,12 @@ def quality_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     from transfigure import bench
 
-    result = bench.run(args.models, args.batch, args.new_tokens, args.variants, args.prompt_len, args.device, args.out)
+    if args.no_static_launcher:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.use_static_cuda_launcher = False
+    result = bench.run(args.models, args.batch, args.new_tokens, args.variants, args.prompt_len, args.device, args.out,
+                       warm_compile=not args.no_warm)
     print(bench.markdown(result))
     return 0
 
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS))
     p_bench.add_argument("--device", default=None)
     p_bench.add_argument("--out", default="benchmarks/results")
+    p_bench.add_argument("--no-warm", action="store_true", help="skip the warm (cached) recompile measurement")
+    p_bench.add_argument("--no-static-launcher", action="store_true", help="Inductor's use_static_cuda_launcher = False")
     p_bench.set_defaults(func=bench_command)
 
     p_passes = sub.add_parser("passes", help="list built-in passes and their options")

@@ -83,8 +83,13 @@ def _calibration(ctx: Context):
     if "calibration" not in ctx:
         from transfigure.passes.teal_calibration import calibrate
 
-        ctx["calibration"] = calibrate(ctx["model"], [w[None] for w in ctx["calibration_windows"]], progress=False)
+        ctx["calibration"] = calibrate(ctx["model"], [w[None] for w in ctx["calibration_windows"]], greedy=ctx.get("greedy", True), progress=False)
     return ctx["calibration"]
+
+
+def _sparsity(ctx: Context, target: float) -> dict:
+    allocation = "greedy" if ctx.get("greedy", True) else "uniform"
+    return {"target": target, "calibration": _calibration(ctx), "allocation": allocation}
 
 
 def _distilled(ctx: Context):
@@ -102,12 +107,9 @@ COMBINATIONS: dict[str, tuple[tuple[str, ...], Callable[[Context], dict]]] = {
     "lut-4bit": (("lut_quant",), lambda ctx: {"lut_quant": {"bits": 4}}),
     "lut-3bit": (("lut_quant",), lambda ctx: {"lut_quant": {"bits": 3}}),
     "lut-2bit": (("lut_quant",), lambda ctx: {"lut_quant": {"bits": 2}}),
-    "sparsity-40": (("sparsity",), lambda ctx: {"sparsity": {"target": 0.4, "calibration": _calibration(ctx)}}),
-    "sparsity-50": (("sparsity",), lambda ctx: {"sparsity": {"target": 0.5, "calibration": _calibration(ctx)}}),
-    "lut-4bit+sparsity-50": (
-        ("lut_quant", "sparsity"),
-        lambda ctx: {"lut_quant": {"bits": 4}, "sparsity": {"target": 0.5, "calibration": _calibration(ctx)}},
-    ),
+    "sparsity-40": (("sparsity",), lambda ctx: {"sparsity": _sparsity(ctx, 0.4)}),
+    "sparsity-50": (("sparsity",), lambda ctx: {"sparsity": _sparsity(ctx, 0.5)}),
+    "lut-4bit+sparsity-50": (("lut_quant", "sparsity"), lambda ctx: {"lut_quant": {"bits": 4}, "sparsity": _sparsity(ctx, 0.5)}),
     "linearize-elu": (("linearize",), lambda ctx: {"linearize": {"feature_map": "elu"}}),
     "linearize-hedgehog": (("linearize",), lambda ctx: {"linearize": {"feature_map": "hedgehog"}}),
     "linearize-hedgehog+transfer": (

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# End-to-end decode benchmark on the GPU, one process per variant (a crash loses only that variant; it is
+# retried once without Inductor's static CUDA launcher). Writes parts under $OUT and merges them.
+set -u
+OUT=${OUT:-benchmarks/results}
+PARTS=${PARTS:-/tmp/e2e_parts}
+mkdir -p "$OUT" "$PARTS"
+export PYTHONUNBUFFERED=1
+VARIANTS=${VARIANTS:-"eager inductor transfigure transfigure+lut-4bit transfigure+sparsity-50 transfigure+lut-4bit+sparsity-50"}
+for v in $VARIANTS; do
+  extra=""; [ "$v" = "transfigure" ] || extra="--no-warm"
+  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} $extra --out "$PARTS/part_$v" > "$PARTS/log_$v.txt" 2>&1 \
+    || timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} --no-warm --no-static-launcher --out "$PARTS/part_$v" >> "$PARTS/log_$v.txt" 2>&1 \
+    || echo "variant $v failed twice" >> "$PARTS/failures.txt"
+  tail -n 3 "$PARTS/log_$v.txt"
+done
+cat "$PARTS"/log_*.txt > "$OUT/e2e_decode_log.txt" 2>/dev/null
+cp "$PARTS/failures.txt" "$OUT/" 2>/dev/null
+python - "$PARTS" "$OUT" <<'PY'
+import sys, glob
+from transfigure import bench
+parts = sorted(glob.glob(f"{sys.argv[1]}/part_*/e2e_decode.json"))
+if parts:
+    result = bench.merge(parts)
+    bench.save(result, sys.argv[2])
+    print(bench.markdown(result))
+PY
