@@ -256,3 +256,15 @@ def test_dropout_branch_trains():
     compiled(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for p in lora.lora_parameters(model)]
     assert all(g is not None for g in grads) and grads[1].abs().sum() > 0
+
+
+def test_lora_composes_with_the_real_lut_quant_pass():
+    model = tiny_model("llama").requires_grad_(False)
+    backend = transfigure.backend(lowering="eager", lut_quant={}, lora={"r": 4, "target_modules": ["q_proj", "up_proj"]})
+    ids = _batch(4, "llama")
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+    quant, adapters_report = backend.report.graphs[0].passes
+    assert quant.name == "lut_quant" and adapters_report.name == "lora"
+    assert len(adapters_report.result.rewritten) == 4
+    assert all("lut_linear" in s.detail for s in adapters_report.result.rewritten)
+    assert all(p.grad is not None for p in lora.lora_parameters(model))
