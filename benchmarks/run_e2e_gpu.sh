@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end decode benchmark on the GPU, one process per variant (a crash loses only that variant; it is
-# retried once without Inductor's static CUDA launcher). Writes parts under $OUT and merges them.
+# retried once without Inductor's static CUDA launcher when RETRY=1). Writes parts under $OUT and merges them.
 set -u
 OUT=${OUT:-benchmarks/results}
 PARTS=${PARTS:-/tmp/e2e_parts}
@@ -10,7 +10,7 @@ VARIANTS=${VARIANTS:-"eager inductor transfigure transfigure+lut-4bit transfigur
 for v in $VARIANTS; do
   extra=""; [ "$v" = "transfigure" ] || extra="--no-warm"
   timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} $extra --out "$PARTS/part_$v" > "$PARTS/log_$v.txt" 2>&1 \
-    || timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} --no-warm --no-static-launcher --out "$PARTS/part_$v" >> "$PARTS/log_$v.txt" 2>&1 \
+    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} --no-warm --no-static-launcher --out "$PARTS/part_$v" >> "$PARTS/log_$v.txt" 2>&1; } \
     || echo "variant $v failed twice" >> "$PARTS/failures.txt"
   tail -n 3 "$PARTS/log_$v.txt"
 done

@@ -99,26 +99,28 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     torch._dynamo.reset()
     model = build_model(model_name, device, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-    forward = model.forward
-    compile_fn: Callable[[], None] | None = None
+    from transformers import CompileConfig
+
+    compile_config: CompileConfig | None = None
     if variant == "eager":
         pass
     elif variant == "inductor":
-        model.generation_config.cache_implementation = "static"
-        compile_fn = lambda: setattr(model, "forward", torch.compile(forward, mode="reduce-overhead", fullgraph=True))  # noqa: E731
+        # transformers' own path: static cache, decode steps compiled with Inductor + CUDA graphs.
+        compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
     else:
         options = _variant_options(variant, model, device)
         if options is None:
             row.error = "pass not installed"
             return row
+        backend = transfigure.backend(**options)
+        compile_config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead")
+    if compile_config is not None:
+        compile_config._compile_all_devices = device != "cuda"  # lets the CPU smoke test compile too
         model.generation_config.cache_implementation = "static"
-        cudagraphs = {"triton.cudagraphs": device == "cuda"}
-        backend = transfigure.backend(inductor_config=cudagraphs, **options)
-        compile_fn = lambda: setattr(model, "forward", torch.compile(forward, backend=backend, fullgraph=True))  # noqa: E731
+        model.generation_config.compile_config = compile_config
+    compile_fn = (lambda: model.__dict__.pop("_compiled_call", None)) if compile_config is not None else None  # noqa: E731
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if compile_fn is not None:
-        compile_fn()
     cold = _time_generate(model, prompt, new_tokens, device)
     total = min(_time_generate(model, prompt, new_tokens, device) for _ in range(2))
     first = min(_time_generate(model, prompt, 1, device) for _ in range(2))

@@ -53,13 +53,37 @@ class Backend:
             return self
         return Backend(self.user_passes, self.lowering, **{**self.raw_options, **dict(options)})
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
+                 mode: str | None = None):
+        if mode:
+            options = {**dict(options or {}), "inductor_config": {**_mode_config(mode), **dict((options or {}).get("inductor_config") or self.raw_options.get("inductor_config") or {})}}
         if options:
             return self.with_options(options)(gm, example_inputs)
         return compile_graph(self, gm, example_inputs)
 
+    def __deepcopy__(self, memo):
+        # One backend object is meant to be shared (transformers' CompileConfig deep-copies its fields).
+        return self
+
     def __repr__(self) -> str:
         return f"transfigure.Backend(lowering={self.lowering!r}, passes={[p.name for p in self.passes]})"
+
+
+MODES = {
+    "default": {},
+    "reduce-overhead": {"triton.cudagraphs": True},
+    "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True},
+}
+
+
+def _mode_config(mode: str) -> dict[str, Any]:
+    """torch.compile's ``mode=`` as Inductor config (so transformers' ``CompileConfig(mode=...)`` works)."""
+    from transfigure.compiler import OptionError
+
+    if mode not in MODES:
+        raise OptionError("mode", f"got {mode!r}; allowed: {', '.join(repr(m) for m in MODES)}")
+    return dict(MODES[mode])
 
 
 def compile_graph(backend: Backend, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -147,11 +171,13 @@ def backend(passes: Sequence[Pass] = (), *, lowering: str = "inductor", **option
     return Backend(passes, lowering, **options)
 
 
-def transfigure(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
-    """``backend="transfigure"``: the pass pipeline, then Inductor."""
-    return Backend(lowering="inductor", **dict(options or {}))(gm, example_inputs)
+def transfigure(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
+                mode: str | None = None):
+    """``backend="transfigure"``: the pass pipeline, then Inductor (``mode`` as in torch.compile)."""
+    return Backend(lowering="inductor", **dict(options or {}))(gm, example_inputs, mode=mode)
 
 
-def transfigure_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
+def transfigure_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
+                      mode: str | None = None):
     """``backend="transfigure_eager"``: the pass pipeline, then the rewritten graph runs as plain PyTorch."""
     return Backend(lowering="eager", **dict(options or {}))(gm, example_inputs)
