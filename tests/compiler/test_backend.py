@@ -62,3 +62,27 @@ def test_generate_with_static_cache_matches_eager():
     model.forward = torch.compile(model.forward, backend="transfigure_eager")
     actual = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(actual, expected)
+
+
+def test_parameters_and_extra_inputs_are_static_for_cuda_graphs(monkeypatch):
+    """AOTAutograd must see our copied graph as Dynamo's, or CUDA graphs copy every weight per replay."""
+    import torch._functorch.aot_autograd as aot_autograd
+
+    from tests.compiler.test_graph import _TrainableScale
+
+    recorded = []
+    original = aot_autograd._try_get_metadata_from_dynamo
+
+    def record(mod, *args, **kwargs):
+        sources, static = original(mod, *args, **kwargs)
+        recorded.append((len(mod.graph.find_nodes(op="placeholder")), list(static)))
+        return sources, static
+
+    monkeypatch.setattr(aot_autograd, "_try_get_metadata_from_dynamo", record)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        torch.compile(model, backend=transfigure.backend(passes=[_TrainableScale()]))(**example_inputs("llama"))
+    (count, static), = recorded
+    parameters = sum(1 for _ in model.parameters())
+    assert len(static) == parameters + 1 + 1  # every parameter, the rotary buffer, the extra input
+    assert count - 1 in static  # the extra input is the last placeholder

@@ -168,6 +168,11 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
             new._dynamo_source = old._dynamo_source
     copied = fx.GraphModule(gm, graph)
     copied.meta = dict(getattr(gm, "meta", {}))
+    # AOTAutograd recognizes a Dynamo graph by these; without them it computes no static inputs, so CUDA
+    # graphs copy every parameter per replay and skip graphs that mutate a cache (transformers' StaticCache).
+    for attribute in ("_param_name_to_source", "_source_to_user_stacks", "compile_subgraph_reason"):
+        if hasattr(gm, attribute):
+            setattr(copied, attribute, getattr(gm, attribute))
     return copied
 
 
