@@ -14,9 +14,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo_and_rng():
+    """Each test starts from the same global RNG state and an empty Dynamo cache: results never depend on order."""
     import torch._dynamo
 
     torch._dynamo.reset()
+    torch.manual_seed(0)
     yield
     torch._dynamo.reset()
