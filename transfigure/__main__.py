@@ -103,6 +103,13 @@ def demo(args: argparse.Namespace) -> int:
     model = model.to(device)
     inputs = {k: v.to(device) for k, v in example_inputs(arch, batch=args.batch, seq_len=args.seq_len).items()}
     options = _apply_assignments({name: {} for name in (args.passes or [])}, args.set or [])
+    if isinstance(options.get("sparsity"), dict) and "calibration" not in options["sparsity"]:
+        from transfigure.models import byte_batches
+
+        print("sparsity: calibrating thresholds on 8 batches of pydoc text (pass sparsity.calibration=PATH to reuse one)")
+        batches = [b.to(device) for b in byte_batches(2, args.seq_len, count=8)]
+        options["sparsity"]["calibration"] = transfigure.calibrate(model, batches, greedy=False)
+        options["sparsity"].setdefault("allocation", "uniform")
     available = list(builtin_passes())
     print(f"transfigure demo: {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, random weights) on {device}")
     print(f"built-in passes available: {', '.join(available) or '(none yet)'}; running: {', '.join(args.passes or []) or '(none)'}")
