@@ -190,6 +190,7 @@ class GraphView:
         self.derived_from: list[tuple[str, torch.Tensor, int]] = []
         self.state: dict[str, Any] = {}
         self._placeholders: list[Placeholder] = []
+        self._by_node: dict[fx.Node, Placeholder] = {}
         self._bind()
 
     # -- binding -----------------------------------------------------------------------------------
@@ -215,7 +216,11 @@ class GraphView:
                     fqn = flat_to_fqn.get(node.name)
             if kind in ("input", "symint"):
                 fqn = source.name() if callable(getattr(source, "name", None)) else node.name
-            self._placeholders.append(Placeholder(node, index, kind, fqn, value, bool(getattr(value, "requires_grad", False))))
+            self._add_placeholder(Placeholder(node, index, kind, fqn, value, bool(getattr(value, "requires_grad", False))))
+
+    def _add_placeholder(self, placeholder: Placeholder) -> None:
+        self._placeholders.append(placeholder)
+        self._by_node[placeholder.node] = placeholder
 
     @property
     def graph(self) -> fx.Graph:
@@ -226,10 +231,7 @@ class GraphView:
         return list(self._placeholders)
 
     def placeholder(self, node: fx.Node) -> Placeholder | None:
-        for p in self._placeholders:
-            if p.node is node:
-                return p
-        return None
+        return self._by_node.get(node)
 
     def tensor(self, node: fx.Node) -> Any:
         """The real value bound to a placeholder node (parameter, buffer, input or extra input)."""
@@ -410,7 +412,7 @@ class GraphView:
             node.meta["val"] = fake
         index = len(self.example_inputs) + len(self.extra_inputs)
         self.extra_inputs.append(tensor)
-        self._placeholders.append(Placeholder(node, index, "extra", name, tensor, trainable))
+        self._add_placeholder(Placeholder(node, index, "extra", name, tensor, trainable))
         for source in derived_from:
             owner = self._fqn_of_tensor(source)
             self.derived_from.append((owner or name, source, source._version))
