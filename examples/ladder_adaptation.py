@@ -41,33 +41,18 @@ DEVICE = "cpu"
 
 
 def _fresh(pretrain_steps: int, layers: int) -> torch.nn.Module:
-    """The trained tiny Llama (trained once per process, on DEVICE; on CPU the shared disk cache is used)."""
+    """The trained tiny Llama on DEVICE (models.trained_tiny_llama: trained once, cached on disk)."""
     key = (pretrain_steps, layers)
     if key not in _PRETRAINED:
-        if DEVICE == "cpu":
-            model = models.trained_tiny_llama(steps=pretrain_steps, num_hidden_layers=layers)
-        else:  # same recipe as models.trained_tiny_llama, on the accelerator
-            model = models.tiny_model("llama", seed=0, num_hidden_layers=layers).to(DEVICE).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=pretrain_steps, pct_start=0.1)
-            for tokens in models.byte_batches(16, 128, "train", seed=0, count=pretrain_steps):
-                tokens = tokens.to(DEVICE)
-                loss = model(input_ids=tokens, labels=tokens).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
+        model = models.trained_tiny_llama(steps=pretrain_steps, num_hidden_layers=layers, device=DEVICE)
         _PRETRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model = models.tiny_model("llama", seed=0, num_hidden_layers=layers).to(DEVICE)
     model.load_state_dict(_PRETRAINED[key])
     return model.eval()
 
 
-@torch.no_grad()
 def _eval_loss(model, batches: int = 16) -> float:
-    losses = [model(input_ids=t.to(DEVICE), labels=t.to(DEVICE)).loss.item() for t in models.byte_batches(8, 128, "eval", seed=1, count=batches)]
-    return sum(losses) / len(losses)
+    return models.eval_loss(model, batches=batches, batch=8, seq_len=128, seed=1)
 
 
 def _finetune(model, compiled, params, steps: int, lr: float, seed: int) -> None:

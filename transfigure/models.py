@@ -119,12 +119,16 @@ def _cache_dir() -> Path:
     return Path(root) / "models"
 
 
-def trained_tiny_llama(steps: int = 300, seq_len: int = 128, batch: int = 16, lr: float = 3e-3, seed: int = 0, **overrides: Any):
-    """A tiny byte-level Llama trained in-process on the pydoc corpus (cached on disk by its settings)."""
+def trained_tiny_llama(steps: int = 300, seq_len: int = 128, batch: int = 16, lr: float = 3e-3, seed: int = 0,
+                       device: str | torch.device = "cpu", **overrides: Any):
+    """A tiny byte-level Llama trained in-process on the pydoc corpus (cached on disk by its settings).
+
+    ``device`` is where it trains and is returned; the cache holds one copy per recipe, whatever the device.
+    """
     settings = dict(steps=steps, seq_len=seq_len, batch=batch, lr=lr, seed=seed, **overrides)
     digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
     path = _cache_dir() / f"tiny_llama_{digest}.pt"
-    model = tiny_model("llama", seed=seed, **overrides)
+    model = tiny_model("llama", seed=seed, **overrides).to(device)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return model.eval()
@@ -132,6 +136,7 @@ def trained_tiny_llama(steps: int = 300, seq_len: int = 128, batch: int = 16, lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     for tokens in byte_batches(batch, seq_len, "train", seed=seed, count=steps):
+        tokens = tokens.to(device)
         loss = model(input_ids=tokens, labels=tokens).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,12 +144,14 @@ def trained_tiny_llama(steps: int = 300, seq_len: int = 128, batch: int = 16, lr
         optimizer.step()
         schedule.step()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
     return model.eval()
 
 
 @torch.no_grad()
 def eval_loss(model: torch.nn.Module, batches: int = 8, batch: int = 8, seq_len: int = 128, seed: int = 1) -> float:
-    """Mean next-byte cross-entropy on the held-out split."""
-    losses = [model(input_ids=t, labels=t).loss.item() for t in byte_batches(batch, seq_len, "eval", seed=seed, count=batches)]
+    """Mean next-byte cross-entropy on the held-out split (on the model's device)."""
+    device = next(model.parameters()).device
+    losses = [model(input_ids=t.to(device), labels=t.to(device)).loss.item()
+              for t in byte_batches(batch, seq_len, "eval", seed=seed, count=batches)]
     return sum(losses) / len(losses)
