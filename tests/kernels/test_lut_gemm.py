@@ -64,7 +64,7 @@ def test_triton_matches_reference(bits, p, group, hadamard, m, n, k, dtype, bias
     args = list(pk.op_args())
     args[4] = b
     expected = lut_linear_reference(x, *args)
-    candidates = configs_for(m, pk.padded_in_features, p)
+    candidates = configs_for(m, pk.padded_in_features, p, group, bits, dtype)
     config = candidates[which % len(candidates)]
     actual = lut_linear_triton(x, *args, config=config)
     assert actual.dtype == dtype and actual.shape == (m, n)

@@ -1,0 +1,158 @@
+"""Exploration: which way of decoding 4-bit LUT codes makes a decode GEMV (M = 1) fastest on the GPU.
+
+The packed format (``transfigure.kernels.lut_format``) stores a row's 4-bit codes little-end first, so viewed as
+bytes, byte ``j`` of a row holds the codes of columns ``2j`` (low nibble) and ``2j + 1`` (high nibble). The
+variants differ only in how a program turns those bytes into weights:
+
+* ``nibble``: one code per weight, looked up in the 16-entry fp32 table (one gather per weight).
+* ``int``: no lookup (``code - 8``), the cost floor of the same loop without a table (not a LUT kernel).
+* ``pair``: one lookup per BYTE in a 256-entry table whose entry packs the two bf16 weights of that byte
+  (one gather per two weights, unpacked with a shift and a mask).
+* ``slots`` / ``tile``: the two kernels of ``transfigure.kernels.lut_gemm`` (through the op's launcher).
+
+Each variant is checked against a float32 reference and timed under CUDA-graph replay with every config of
+a small grid (best reported).  ``python benchmarks/explore_lut_gemv.py --out DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+@triton.jit
+def _gemv_bytes_kernel(x_ptr, codes_ptr, scales_ptr, table_ptr, y_ptr, N, bytes_per_row, n_groups,
+                       groups_per_split, BLOCK_N: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    row_base = codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row
+    if MODE == 2:  # pair: one byte -> two weights
+        acc = tl.zeros([BLOCK_N, G // 2], dtype=tl.float32)
+        bs = tl.arange(0, G // 2)
+    else:
+        acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+        ks = tl.arange(0, G)
+    g0 = pid_k * groups_per_split
+    for g in range(g0, g0 + groups_per_split):
+        s = tl.load(scales_ptr + rows * n_groups + g, mask=row_mask, other=0.0).to(tl.float32)
+        if MODE == 2:
+            byte = tl.load(row_base + (g * (G // 2) + bs)[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+            e = tl.load(table_ptr + (byte & 255))
+            lo = (e << 16).to(tl.float32, bitcast=True)
+            hi = (e & -65536).to(tl.float32, bitcast=True)
+            xe = tl.load(x_ptr + g * G + 2 * bs).to(tl.float32)
+            xo = tl.load(x_ptr + g * G + 2 * bs + 1).to(tl.float32)
+            acc += (lo * xe[None, :] + hi * xo[None, :]) * s[:, None]
+        else:
+            byte = tl.load(row_base + (g * (G // 2) + ks // 2)[None, :], mask=row_mask[:, None], other=0)
+            code = (byte.to(tl.int32) >> ((ks % 2) * 4)[None, :]) & 15
+            if MODE == 0:
+                v = tl.load(table_ptr + code)
+            else:
+                v = code.to(tl.float32) - 8.0
+            xv = tl.load(x_ptr + g * G + ks).to(tl.float32)
+            acc += v * s[:, None] * xv[None, :]
+    out = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        tl.atomic_add(y_ptr + rows, out, mask=row_mask)
+
+
+def pair_table(table: torch.Tensor) -> torch.Tensor:
+    """256 int32 entries: entry b = bf16(T[b & 15]) in the low half, bf16(T[b >> 4]) in the high half."""
+    t16 = table.reshape(-1).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    b = torch.arange(256, device=table.device)
+    return (t16[b & 15] | (t16[b >> 4] << 16)).to(torch.int32).contiguous()
+
+
+def launch(mode, x, codes_u8, scales, table, n, bn, split, warps, stages):
+    n_groups = scales.shape[1]
+    g = (codes_u8.shape[1] * 2) // n_groups
+    y = torch.empty(n, dtype=x.dtype, device=x.device) if split == 1 else torch.zeros(n, dtype=torch.float32, device=x.device)
+    _gemv_bytes_kernel[(triton.cdiv(n, bn), split)](x, codes_u8, scales, table, y, n, codes_u8.shape[1], n_groups,
+                                                     n_groups // split, BLOCK_N=bn, G=g, MODE=mode, SPLIT_K=split,
+                                                     num_warps=warps, num_stages=stages)
+    return y if split == 1 else y.to(x.dtype)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/explore")
+    ap.add_argument("--budget", type=float, default=200)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    from triton.testing import do_bench_cudagraph
+
+    from transfigure.kernels.grids import get_grid
+    from transfigure.kernels.lut_format import dequantize, pack
+    from transfigure.kernels.lut_gemm import _lut_tuner, lut_linear_triton
+
+    dev = "cuda"
+    start = time.time()
+    rows_out = []
+    configs = [(bn, split, warps, stages) for bn in (8, 16, 32, 64) for split in (1, 2, 4) for warps in (4, 8)
+               for stages in (1, 3)]
+    for n, k in [(14336, 4096), (4096, 14336), (4096, 4096)]:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device=dev) * 0.02
+        table = get_grid("higgs", 4, 1).table
+        pk = pack(w, table, bits=4, p=1, group_size=128, hadamard_size=0, scale_mode="rms", grid="higgs")
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        wq = dequantize(pk, "rotated")
+        ref = (x.float() @ wq.T).reshape(-1)
+        codes_u8 = pk.codes.view(torch.uint8).reshape(n, -1)
+        cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, w.to(torch.bfloat16)), rep=30) * 1e3
+        wb = w.to(torch.bfloat16)
+        cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb), rep=30) * 1e3
+        row = {"N": n, "K": k, "cublas_us": cublas}
+        tables = {0: pk.table.reshape(-1).float().contiguous(), 1: pk.table.reshape(-1).float().contiguous(),
+                  2: pair_table(pk.table.float())}
+        for mode, name in [(0, "nibble"), (1, "int"), (2, "pair")]:
+            best = (float("inf"), None)
+            for bn, split, warps, stages in configs:
+                if time.time() - start > args.budget:
+                    break
+                try:
+                    fn = lambda: launch(mode, x.reshape(-1), codes_u8, pk.scales, tables[mode], n, bn, split, warps, stages)  # noqa: E731
+                    y = fn().float()
+                    if mode != 1:
+                        err = float((y - ref).norm() / ref.norm())
+                        if err > 2e-2:
+                            row.setdefault("errors", []).append(f"{name} {bn},{split},{warps},{stages}: rel err {err:.3g}")
+                            continue
+                    t = do_bench_cudagraph(fn, rep=20) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    row.setdefault("errors", []).append(f"{name} {bn},{split},{warps},{stages}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                if t < best[0]:
+                    best = (t, (bn, split, warps, stages))
+            row[f"{name}_us"], row[f"{name}_config"] = best
+            row[f"{name}_x_cublas"] = cublas / best[0] if best[1] else None
+        a = pk.op_args()
+        lut_linear_triton(x, *a)
+        row["op_us"] = do_bench_cudagraph(lambda: lut_linear_triton(x, *a), rep=30) * 1e3
+        row["op_families"] = {}
+        for desc, ms in _lut_tuner.last_timings.items():
+            fam = "slots" if "MODE=gemv" in desc else "tile"
+            row["op_families"][fam] = min(row["op_families"].get(fam, 1e9), ms * 1e3)
+        rows_out.append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(args.out, "explore_lut_gemv.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": rows_out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
