@@ -219,7 +219,8 @@ def write_markdown(results, out: Path) -> None:
     meta = results["meta"]
     lines = [f"# LUT quantization benchmark ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"{meta['date']})", "", "Times in us (CUDA-graph replay, do_bench_cudagraph median), bf16 activations, HIGGS grids g128, no rotation "
-             "unless noted. Speedup = cuBLAS bf16 / ours.", "",
+             "unless noted. Speedup = cuBLAS bf16 / ours. gemlite: 0.6.0, A16W4 asymmetric RTN g128 (its own kernels and "
+             "autotuning); torch int4: `_weight_int4pack_mm` (tinygemm).", ""] + ([meta["note"], ""] if meta.get("note") else []) + [
              "| N x K | M | cuBLAS bf16 | torch int4 | gemlite 4b | dequant+cuBLAS | LUT 4b | x | LUT 3b | x | LUT 2b | x | LUT 4b p2 | x |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
@@ -258,6 +259,9 @@ def write_markdown(results, out: Path) -> None:
             pts = [(r["M"], r["cublas_bf16_us"] / r["torch_int4_us"]) for r in rows if "torch_int4_us" in r]
             if pts:
                 ax.plot(*zip(*pts), marker="x", ls="--", label="torch int4")
+            pts = [(r["M"], r["cublas_bf16_us"] / r["gemlite_4b_us"]) for r in rows if "gemlite_4b_us" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="+", ls=":", label="gemlite 4b")
             ax.axhline(1.0, color="k", lw=0.5)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{n}x{k}")

@@ -12,6 +12,12 @@ variants differ only in how a program turns those bytes into weights:
 
 Each variant is checked against a float32 reference and timed under CUDA-graph replay with every config of
 a small grid (best reported).  ``python benchmarks/explore_lut_gemv.py --out DIR``
+
+Result on an H100 (2026-11-24, triton 3.6; cuBLAS bf16 41.8 / 44.5 / 10.9 us for 14336x4096 / 4096x14336 /
+4096x4096): nibble 84.9 / 77.5 / 23.0, int 75.8 / 75.3 / 25.3, pair 34.8 / 41.6 / 15.9, slots (a kernel that
+visited the 8 nibbles of each int32 word with strided activation loads) 70.7 / 72.2 / 23.8, tile 51.7 / 53.4 /
+16.4 us. Decoding without any table (``int``) was no faster than with one, so the per-weight load and unpack
+work, not the lookup, dominated; the pair layout halves it and became the decode kernel of ``lut_gemm``.
 """
 
 from __future__ import annotations

@@ -114,3 +114,26 @@ def test_op_under_torch_compile():
     x = torch.randn(4, 64)
     fn = torch.compile(lambda t: torch.ops.transfigure.lut_linear(t, *pk.op_args()) * 2, backend="inductor")
     torch.testing.assert_close(fn(x), lut_linear_reference(x, *pk.op_args()) * 2)
+
+
+@given(bits=st.sampled_from([2, 4]), p=st.sampled_from([1, 2]), half=st.sampled_from([torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_pair_table_packs_the_two_weights_of_every_pair_code(bits, p, half, seed):
+    from transfigure.kernels.lut_gemm import pair_table
+
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(2 ** (p * bits), p, generator=g)
+    pairs = pair_table(table, bits, p, half)
+    assert pairs.dtype == torch.int32 and pairs.shape == (2 ** (2 * bits),)
+    unpack = lambda bits16: bits16.to(torch.int16).view(half).to(torch.float32)  # noqa: E731
+    first, second = unpack(pairs & 0xFFFF), unpack((pairs >> 16) & 0xFFFF)
+    units = torch.arange(2 ** (2 * bits))
+    if p == 1:  # two scalar codes, the first weight's code in the low bits
+        want_first, want_second = table[units & (2**bits - 1), 0], table[units >> bits, 0]
+    else:  # one 2-dim code
+        want_first, want_second = table[units, 0], table[units, 1]
+    torch.testing.assert_close(first, want_first.to(half).float(), rtol=0, atol=0)
+    torch.testing.assert_close(second, want_second.to(half).float(), rtol=0, atol=0)
+    assert pair_table(table, bits, p, half) is pairs  # cached per table tensor
+    table.add_(1.0)  # an in-place change bumps the version: rebuilt
+    assert pair_table(table, bits, p, half) is not pairs

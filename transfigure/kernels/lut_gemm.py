@@ -67,15 +67,20 @@ def _backward(ctx, grad):
 # ---------------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# One kernel covers GEMV, small-M and large-M GEMM. A program owns BLOCK_N output features x BLOCK_M rows of x
-# and walks its share of K (split-K: SPLIT_K programs per output tile, fp32 atomics) in BLOCK_K steps. Each
-# step loads the packed words of the weight tile (one int32 load per 32/w codes of each bit-plane), unpacks
-# them with shifts and masks (the packed layout makes a tile's codes contiguous per row, so this is a
-# broadcast shift + reshape), looks the codes up in the table (a small global array that stays in L1:
-# ``tl.load(table + code)``; for p = 2 one code gives two weights), applies the group scales, and either
-# reduces ``x * w`` over K in registers (M <= 4, no tensor cores: a GEMV is bandwidth bound) or feeds the
-# dequantized tile to ``tl.dot`` (M > 4). For large M the autotuner also tries "dequantize to a dense
-# tile-by-tile buffer + cuBLAS", so the large-M path never loses to that baseline by more than noise.
+# Two kernels, chosen per shape by the autotuner:
+#
+# * the pair kernel (decode, M <= 4, 2- and 4-bit single-plane codes, 16-bit activations): reads a row's code
+#   bytes contiguously and looks up two weights at once in a 2**(2*bits)-entry table of packed 16-bit pairs
+#   (``pair_table``), so there is one gather per two weights and no reordering of codes in registers. On an
+#   H100 at M = 1 it is 1.2x (4-bit) / 1.5x (2-bit) faster than cuBLAS bf16 on the 8B shapes and 1.4x faster
+#   than the tile kernel (benchmarks/results/quant.md; variants compared in benchmarks/explore_lut_gemv.py).
+# * the tile kernel (every format): a program owns BLOCK_N output features x BLOCK_M rows of x and walks its
+#   share of K (split-K: SPLIT_K programs per output tile, fp32 atomics) in BLOCK_K steps. Each step loads
+#   the packed words of the weight tile (one int32 load per 32/w codes of each bit-plane), unpacks them with
+#   shifts and masks (a broadcast shift + reshape), looks the codes up in the fp32 table (a small global array
+#   that stays in L1; for p = 2 one code gives two weights), applies the group scales, and either reduces
+#   ``x * w`` over K in registers (M <= 4) or feeds the dequantized tile to ``tl.dot`` (M > 4). For large M
+#   the autotuner also tries "dequantize to a dense buffer + cuBLAS", so that path never loses to it.
 # ---------------------------------------------------------------------------------------------------------
 lut_linear_triton = None
 dequantize_triton = None
@@ -220,6 +225,47 @@ if triton_available():
         else:
             tl.atomic_add(out, out_acc, mask=mask)
 
+    @triton.jit
+    def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, N, bytes_per_row,
+                               n_groups, groups_per_split, BLOCK_N: tl.constexpr, G: tl.constexpr,
+                               BITS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
+                               HAS_BIAS: tl.constexpr):
+        """``_lut_pair_kernel`` for exactly one row of ``x``, with 2-D tiles (the 3-D [1, BLOCK_N, bytes]
+        tiles of the general kernel measured 1.4x slower at M = 1 on an H100)."""
+        U: tl.constexpr = 2 * BITS
+        UPB: tl.constexpr = 8 // U
+        NB: tl.constexpr = G * BITS // 8
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        bs = tl.arange(0, NB)
+        row_base = codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row
+        acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+        g_start = pid_k * groups_per_split
+        for grp in range(g_start, g_start + groups_per_split):
+            byte = tl.load(row_base + (grp * NB + bs)[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+            s = tl.load(scales_ptr + rows * n_groups + grp, mask=row_mask, other=0.0).to(tl.float32)
+            for u in tl.static_range(UPB):
+                e = tl.load(pairs_ptr + ((byte >> (u * U)) & ((1 << U) - 1)))
+                if HALF_IS_BF16:
+                    first = (e << 16).to(tl.float32, bitcast=True)
+                    second = (e & -65536).to(tl.float32, bitcast=True)
+                else:
+                    first = (e & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    second = (e >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                col = grp * G + (bs * UPB + u) * 2
+                x_first = tl.load(x_ptr + col).to(tl.float32)
+                x_second = tl.load(x_ptr + col + 1).to(tl.float32)
+                acc += (first * x_first[None, :] + second * x_second[None, :]) * s[:, None]
+        out_acc = tl.sum(acc, axis=1)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                out_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rows, out_acc.to(y_ptr.dtype.element_ty), mask=row_mask)
+        else:
+            tl.atomic_add(y_ptr + rows, out_acc, mask=row_mask)
+
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
         n, n_groups = scales.shape
@@ -278,12 +324,18 @@ if triton_available():
             y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         else:
             y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
-        _lut_pair_kernel[grid](
-            x2, code_bytes, scales, pairs, bias if bias is not None else scales, y, m, n, kp, code_bytes.shape[1],
-            n_groups, n_groups // split,
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, G=group_size, BITS=bits,
-            HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+        bias_arg = bias if bias is not None else scales
+        if m == 1:
+            _lut_pair_gemv1_kernel[grid](
+                x2, code_bytes, scales, pairs, bias_arg, y, n, code_bytes.shape[1], n_groups, n_groups // split,
+                BLOCK_N=bn, G=group_size, BITS=bits, HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split,
+                HAS_BIAS=bias is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+        else:
+            _lut_pair_kernel[grid](
+                x2, code_bytes, scales, pairs, bias_arg, y, m, n, kp, code_bytes.shape[1], n_groups, n_groups // split,
+                BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, G=group_size, BITS=bits,
+                HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
+                num_warps=config.num_warps, num_stages=config.num_stages)
         if split > 1:
             if bias is not None:
                 y += bias.to(torch.float32)
@@ -366,8 +418,9 @@ if triton_available():
                 continue
             if c.meta.get("MODE") == "pair":
                 single_plane = len(PLANES[bits * p]) == 1 and bits in (2, 4)
-                half = x2.dtype in (torch.float16, torch.bfloat16)
-                if single_plane and half and (kp // group_size) % c.meta["SPLIT_K"] == 0:
+                # the table holds 16-bit pairs: as exact as 16-bit activations need, not fp32
+                usable = x2.dtype in (torch.float16, torch.bfloat16)
+                if single_plane and usable and (kp // group_size) % c.meta["SPLIT_K"] == 0:
                     keep.append(c)
                 continue
             bk, split = c.meta["BLOCK_K"], c.meta["SPLIT_K"]
