@@ -287,18 +287,9 @@ if triton_available():
         return w
 
     _PAIR_TABLES: dict = {}
+    _SIDE_STREAMS: dict = {}
 
-    def pair_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
-        """``int32 [2**(2 * bits)]``: entry ``u`` packs the two weights that pair code ``u`` decodes to, as
-        ``half`` (bf16 or fp16) bit patterns, first weight in the low 16 bits. For p = 1 a pair is two scalar
-        codes (first = low ``bits`` bits); for p = 2 it is one code of a 2-dim table.
-
-        Cached per table tensor (and its version) outside CUDA-graph capture, so decode steps only gather.
-        """
-        key = (id(table), table._version, table.device, half, bits, p)
-        hit = _PAIR_TABLES.get(key)
-        if hit is not None and hit[0]() is table:
-            return hit[1]
+    def _build_pair_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
         units = torch.arange(1 << (2 * bits), device=table.device)
         if p == 1:
             flat = table.reshape(-1)
@@ -306,11 +297,37 @@ if triton_available():
         else:
             first, second = table[units, 0], table[units, 1]
         as16 = lambda t: t.to(half).view(torch.int16).to(torch.int32) & 0xFFFF  # noqa: E731
-        pairs = (as16(first) | (as16(second) << 16)).to(torch.int32).contiguous()
-        if not (table.is_cuda and torch.cuda.is_current_stream_capturing()):
-            import weakref
+        return (as16(first) | (as16(second) << 16)).to(torch.int32).contiguous()
 
-            _PAIR_TABLES[key] = (weakref.ref(table), pairs)
+    def pair_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
+        """``int32 [2**(2 * bits)]``: entry ``u`` packs the two weights that pair code ``u`` decodes to, as
+        ``half`` (bf16 or fp16) bit patterns, first weight in the low 16 bits. For p = 1 a pair is two scalar
+        codes (first = low ``bits`` bits); for p = 2 it is one code of a 2-dim table.
+
+        Cached per table storage and version (the entry holds the table, so its address cannot be reused
+        while cached), so decode steps only gather. On CUDA the cached copy is built on a side stream:
+        CUDA-graph trees route the current stream's allocations into their private pool during warm-up, and
+        a cached tensor living there would be an untracked live allocation.
+        """
+        key = (table.device, table.data_ptr(), table._version, tuple(table.shape), half, bits, p)
+        hit = _PAIR_TABLES.get(key)
+        if hit is not None:
+            return hit[1]
+        if not table.is_cuda:
+            pairs = _build_pair_table(table, bits, p, half)
+        elif torch.cuda.is_current_stream_capturing():
+            return _build_pair_table(table, bits, p, half)  # part of the captured graph, not cached
+        else:
+            current = torch.cuda.current_stream(table.device)
+            side = _SIDE_STREAMS.setdefault(table.device, torch.cuda.Stream(table.device))
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                pairs = _build_pair_table(table, bits, p, half)
+            current.wait_stream(side)
+            pairs.record_stream(current)
+        if len(_PAIR_TABLES) >= 64:  # a few tables per model; bound the cache if tables keep changing
+            _PAIR_TABLES.pop(next(iter(_PAIR_TABLES)))
+        _PAIR_TABLES[key] = (table, pairs)
         return pairs
 
     def _launch_pair(config, x2, codes, scales, bias, table, n, kp, n_groups, bits, p, group_size):
