@@ -287,7 +287,6 @@ if triton_available():
         return w
 
     _PAIR_TABLES: dict = {}
-    _SIDE_STREAMS: dict = {}
 
     def _build_pair_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
         units = torch.arange(1 << (2 * bits), device=table.device)
@@ -305,9 +304,10 @@ if triton_available():
         codes (first = low ``bits`` bits); for p = 2 it is one code of a 2-dim table.
 
         Cached per table storage and version (the entry holds the table, so its address cannot be reused
-        while cached), so decode steps only gather. On CUDA the cached copy is built on a side stream:
-        CUDA-graph trees route the current stream's allocations into their private pool during warm-up, and
-        a cached tensor living there would be an untracked live allocation.
+        while cached), so decode steps only gather. On CUDA the cached copy is built by a short-lived helper
+        thread: during warm-up, CUDA-graph trees route every allocation of the calling THREAD into their
+        private pool (``_cuda_beginAllocateCurrentThreadToPool``), and a cached tensor living there is an
+        untracked live allocation that the next replay may overwrite (Inductor refuses it).
         """
         key = (table.device, table.data_ptr(), table._version, tuple(table.shape), half, bits, p)
         hit = _PAIR_TABLES.get(key)
@@ -318,13 +318,22 @@ if triton_available():
         elif torch.cuda.is_current_stream_capturing():
             return _build_pair_table(table, bits, p, half)  # part of the captured graph, not cached
         else:
-            current = torch.cuda.current_stream(table.device)
-            side = _SIDE_STREAMS.setdefault(table.device, torch.cuda.Stream(table.device))
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                pairs = _build_pair_table(table, bits, p, half)
-            current.wait_stream(side)
-            pairs.record_stream(current)
+            import threading
+
+            torch.cuda.current_stream(table.device).synchronize()  # once per table: the helper reads it
+            built: list[torch.Tensor] = []
+
+            def build() -> None:
+                with torch.cuda.device(table.device):
+                    built.append(_build_pair_table(table, bits, p, half))
+                    torch.cuda.current_stream().synchronize()
+
+            helper = threading.Thread(target=build, name="transfigure-pair-table")
+            helper.start()
+            helper.join()
+            if not built:
+                raise RuntimeError("building the LUT pair table failed on its helper thread")
+            pairs = built[0]
         if len(_PAIR_TABLES) >= 64:  # a few tables per model; bound the cache if tables keep changing
             _PAIR_TABLES.pop(next(iter(_PAIR_TABLES)))
         _PAIR_TABLES[key] = (table, pairs)
