@@ -57,14 +57,20 @@ def family_best(timings: dict[str, float]) -> dict[str, float]:
     return best
 
 
+def _rtn4_groups(w: torch.Tensor, group: int):
+    """Asymmetric 4-bit round-to-nearest groups of ``group`` columns: (fp32 groups, group minimum, step)."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    return wg, lo, ((hi - lo) / 15).clamp(min=1e-6)
+
+
 def gemlite_4bit(w: torch.Tensor, group: int = 128):
     """gemlite's A16W4 Triton kernels (asymmetric RTN, g128), or raises when gemlite is missing."""
     from gemlite.helper import A16Wn
 
     n, k = w.shape
-    wg = w.float().view(n, k // group, group)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    wg, lo, scale = _rtn4_groups(w, group)
     zero = -lo / scale
     q = ((wg / scale) + zero).round().clamp(0, 15).to(torch.uint8).view(n, k)
     layer = A16Wn(device=str(w.device), dtype=torch.bfloat16).from_weights(
@@ -75,9 +81,7 @@ def gemlite_4bit(w: torch.Tensor, group: int = 128):
 def int4_tinygemm(w: torch.Tensor, group: int = 128):
     """torch's own int4 weight-only GEMM (asymmetric RTN, g128). Returns a callable or raises."""
     n, k = w.shape
-    wg = w.float().view(n, k // group, group)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    wg, lo, scale = _rtn4_groups(w, group)
     q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
     zero = lo + 8 * scale  # tinygemm dequant: (q - 8) * scale + zero
     scales_zeros = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)

@@ -92,6 +92,30 @@ if triton_available():
     from .autotune import Autotuner, Config
 
     @triton.jit
+    def _store_tile(y_ptr, bias_ptr, acc, ms, rows, m_mask, row_mask, N, SPLIT_K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+        """Write an fp32 [BLOCK_M, BLOCK_N] tile of ``y`` (plus bias), or add it atomically under split-K."""
+        out = y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :]
+        mask = m_mask[:, None] & row_mask[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(out, acc, mask=mask)
+
+    @triton.jit
+    def _unpack_pair(e, HALF_IS_BF16: tl.constexpr):
+        """int32 entry of ``pair_table`` -> its two weights as fp32 (low half first)."""
+        if HALF_IS_BF16:  # a bf16 is the top half of the fp32 with the same value
+            first = (e << 16).to(tl.float32, bitcast=True)
+            second = (e & -65536).to(tl.float32, bitcast=True)
+        else:
+            first = (e & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            second = (e >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return first, second
+
+    @triton.jit
     def _w_tile(codes_ptr, table_ptr, scales_ptr, rows, row_mask, k0, words_per_row, plane1_base, n_groups,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr, W0: tl.constexpr,
                 W1: tl.constexpr, G: tl.constexpr):
@@ -149,14 +173,7 @@ if triton_available():
                 acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
             else:
                 acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-        out = y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :]
-        mask = m_mask[:, None] & row_mask[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(out, acc, mask=mask)
+        _store_tile(y_ptr, bias_ptr, acc, ms, rows, m_mask, row_mask, N, SPLIT_K, HAS_BIAS)
 
     @triton.jit
     def _dequant_kernel(codes_ptr, scales_ptr, table_ptr, w_ptr, N, Kp, words_per_row, plane1_base, n_groups,
@@ -204,26 +221,13 @@ if triton_available():
             part = tl.zeros([BLOCK_M, BLOCK_N, NB], dtype=tl.float32)
             for u in tl.static_range(UPB):
                 e = tl.load(pairs_ptr + ((byte >> (u * U)) & ((1 << U) - 1)))
-                if HALF_IS_BF16:
-                    first = (e << 16).to(tl.float32, bitcast=True)
-                    second = (e & -65536).to(tl.float32, bitcast=True)
-                else:
-                    first = (e & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    second = (e >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                first, second = _unpack_pair(e, HALF_IS_BF16)
                 col = grp * G + (bs * UPB + u) * 2
                 x_first = tl.load(x_rows + col[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
                 x_second = tl.load(x_rows + (col + 1)[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
                 part += x_first[:, None, :] * first[None, :, :] + x_second[:, None, :] * second[None, :, :]
             acc += part * s[None, :, None]
-        out_acc = tl.sum(acc, axis=2)
-        out = y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :]
-        mask = m_mask[:, None] & row_mask[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                out_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, out_acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(out, out_acc, mask=mask)
+        _store_tile(y_ptr, bias_ptr, tl.sum(acc, axis=2), ms, rows, m_mask, row_mask, N, SPLIT_K, HAS_BIAS)
 
     @triton.jit
     def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, N, bytes_per_row,
@@ -248,12 +252,7 @@ if triton_available():
             s = tl.load(scales_ptr + rows * n_groups + grp, mask=row_mask, other=0.0).to(tl.float32)
             for u in tl.static_range(UPB):
                 e = tl.load(pairs_ptr + ((byte >> (u * U)) & ((1 << U) - 1)))
-                if HALF_IS_BF16:
-                    first = (e << 16).to(tl.float32, bitcast=True)
-                    second = (e & -65536).to(tl.float32, bitcast=True)
-                else:
-                    first = (e & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    second = (e >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                first, second = _unpack_pair(e, HALF_IS_BF16)
                 col = grp * G + (bs * UPB + u) * 2
                 x_first = tl.load(x_ptr + col).to(tl.float32)
                 x_second = tl.load(x_ptr + col + 1).to(tl.float32)
