@@ -164,8 +164,14 @@ def bench_command(args: argparse.Namespace) -> int:
         import torch._inductor.config as inductor_config
 
         inductor_config.use_static_cuda_launcher = False
+    if args.training:
+        result = bench.run_training(args.models, args.train_variants, args.train_batch, args.seq_len, args.steps,
+                                    args.device, args.out, lowering=args.lowering, lora_rank=args.lora_rank,
+                                    galore_rank=args.galore_rank)
+        print(bench.training_markdown(result))
+        return 0
     result = bench.run(args.models, args.batch, args.new_tokens, args.variants, args.prompt_len, args.device, args.out,
-                       warm_compile=not args.no_warm)
+                       warm_compile=not args.no_warm, lowering=args.lowering)
     print(bench.markdown(result))
     return 0
 
@@ -206,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p_quality.add_argument("--out", help="directory for quality.json and quality.md")
     p_quality.set_defaults(func=quality_command)
 
-    from transfigure.bench import DEFAULT_VARIANTS
+    from transfigure.bench import DEFAULT_VARIANTS, TRAINING_VARIANTS
 
-    p_bench = sub.add_parser("bench", help="end-to-end generate() decode benchmark (GPU): eager, inductor, transfigure + passes")
+    p_bench = sub.add_parser("bench", help="end-to-end benchmarks (GPU): generate() decode (eager, inductor, transfigure + passes), or --training")
     p_bench.add_argument("--models", nargs="*", default=["llama-1b"], help="llama-1b, llama-8b, or a tiny architecture")
     p_bench.add_argument("--batch", nargs="*", type=int, default=[1])
     p_bench.add_argument("--new-tokens", nargs="*", type=int, default=[256])
@@ -218,6 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--out", default="benchmarks/results")
     p_bench.add_argument("--no-warm", action="store_true", help="skip the warm (cached) recompile measurement")
     p_bench.add_argument("--no-static-launcher", action="store_true", help="Inductor's use_static_cuda_launcher = False")
+    p_bench.add_argument("--lowering", choices=("inductor", "eager"), default="inductor",
+                         help="what runs the rewritten graphs (eager: quick CPU smoke runs)")
+    p_bench.add_argument("--training", action="store_true",
+                         help="training-step benchmark instead of decode: full fine-tuning, LoRA, GaLore")
+    p_bench.add_argument("--train-variants", nargs="*", default=list(TRAINING_VARIANTS))
+    p_bench.add_argument("--train-batch", type=int, default=8)
+    p_bench.add_argument("--seq-len", type=int, default=512)
+    p_bench.add_argument("--steps", type=int, default=5, help="timed training steps after the compiling one")
+    p_bench.add_argument("--lora-rank", type=int, default=16)
+    p_bench.add_argument("--galore-rank", type=int, default=128)
     p_bench.set_defaults(func=bench_command)
 
     p_passes = sub.add_parser("passes", help="list built-in passes and their options")

@@ -94,7 +94,7 @@ def _variant_options(variant: str, model, device: str) -> dict[str, Any] | None:
 
 
 def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prompt_len: int, device: str,
-                dtype: torch.dtype, warm_compile: bool = True) -> Row:
+                dtype: torch.dtype, warm_compile: bool = True, lowering: str = "inductor") -> Row:
     row = Row(model_name, variant, batch, new_tokens)
     torch._dynamo.reset()
     model = build_model(model_name, device, dtype)
@@ -112,7 +112,7 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
         if options is None:
             row.error = "pass not installed"
             return row
-        backend = transfigure.backend(**options)
+        backend = transfigure.backend(lowering=lowering, **options)
         compile_config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead")
     if compile_config is not None:
         compile_config._compile_all_devices = device != "cuda"  # lets the CPU smoke test compile too
@@ -146,7 +146,8 @@ DEFAULT_VARIANTS = ("eager", "inductor", "transfigure", "transfigure+lut-4bit", 
 
 def run(models: Sequence[str] = ("llama-1b",), batches: Sequence[int] = (1,), new_tokens: Sequence[int] = (256,),
         variants: Sequence[str] = DEFAULT_VARIANTS, prompt_len: int = 128, device: str | None = None,
-        out_dir: str | Path | None = None, progress: bool = True, warm_compile: bool = True) -> dict[str, Any]:
+        out_dir: str | Path | None = None, progress: bool = True, warm_compile: bool = True,
+        lowering: str = "inductor") -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,9 +156,9 @@ def run(models: Sequence[str] = ("llama-1b",), batches: Sequence[int] = (1,), ne
     rows = []
     for model_name, variant, batch, n in tqdm(jobs, desc="bench", disable=not progress):
         try:
-            rows.append(run_variant(model_name, variant, batch, n, prompt_len, device, dtype, warm_compile))
+            rows.append(run_variant(model_name, variant, batch, n, prompt_len, device, dtype, warm_compile, lowering))
         except Exception as error:  # keep the other variants' numbers
-            rows.append(Row(model_name, variant, batch, n, error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"))
+            rows.append(Row(model_name, variant, batch, n, error=_error_text(error)))
         print(rows[-1], flush=True)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "date": time.strftime("%Y-%m-%d"),
@@ -165,6 +166,17 @@ def run(models: Sequence[str] = ("llama-1b",), batches: Sequence[int] = (1,), ne
     if out_dir:
         save(result, out_dir)
     return result
+
+
+def _error_text(error: BaseException) -> str:
+    """One line for a failed row: the innermost cause (Dynamo wraps backend errors), type and first line."""
+    while True:
+        inner = error.__cause__ or getattr(error, "inner_exception", None)
+        if inner is None or inner is error:
+            break
+        error = inner
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _triton_version() -> str:
@@ -223,6 +235,189 @@ def save(result: dict[str, Any], out_dir: str | Path, stem: str = "e2e_decode") 
         axis.barh([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows], color="#4c72b0")
         axis.set_xlabel("tokens/s (higher is better)")
         axis.set_title(f"{group[0]}, batch {group[1]}, {group[2]} new tokens")
+    figure.suptitle(f"{result['device']} — torch {result['torch']}")
+    figure.tight_layout()
+    figure.savefig(out / f"{stem}.png", dpi=100)
+    plt.close(figure)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: one optimizer step of full fine-tuning, LoRA and GaLore
+# ---------------------------------------------------------------------------------------------------------
+TRAINING_VARIANTS = ("inductor-full", "transfigure-full", "transfigure-lora", "transfigure-galore")
+
+
+@dataclasses.dataclass
+class TrainingRow:
+    model: str
+    variant: str
+    batch: int
+    seq_len: int
+    tokens_per_s: float | None = None
+    step_ms: float | None = None
+    peak_gib: float | None = None
+    optimizer_state_gib: float | None = None
+    trainable_params: int | None = None
+    first_step_s: float | None = None
+    loss: float | None = None
+    error: str | None = None
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of the tensors an optimizer keeps per parameter (moments, projectors; not the step counters)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    total = 0
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _training_setup(variant: str, model, lowering: str, lora_rank: int, galore_rank: int):
+    """(compiled model, optimizer factory called after the first backward, extra state bytes factory)."""
+    from transfigure.passes import galore as galore_pass
+
+    if variant == "inductor-full":
+        model.requires_grad_(True)
+        compiled = torch.compile(model, backend="inductor" if lowering == "inductor" else "eager")
+        return compiled, lambda: torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: 0
+    if variant == "transfigure-full":
+        model.requires_grad_(True)
+        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering))
+        return compiled, lambda: torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: 0
+    model.requires_grad_(False)
+    if variant == "transfigure-lora":
+        options = {"lora": {"r": lora_rank, "alpha": float(2 * lora_rank), "target_modules": "all-linear"}}
+        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering, **options))
+        return compiled, lambda: torch.optim.AdamW(transfigure.trainable_parameters(model), lr=1e-4), lambda: 0
+    if variant == "transfigure-galore":
+        options = {"galore": {"rank": galore_rank, "update_proj_gap": 200, "scale": 0.25}}
+        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering, **options))
+
+        def projector_bytes() -> int:
+            return sum(s.P.numel() * s.P.element_size() for s in galore_pass.galore_states(model).values())
+
+        return (compiled, lambda: galore_pass.GaLoreOptimizer(torch.optim.AdamW(galore_pass.galore_parameters(model), lr=1e-5)),
+                projector_bytes)
+    raise ValueError(f"unknown training variant {variant!r}; choose from {', '.join(TRAINING_VARIANTS)}")
+
+
+def run_training_variant(model_name: str, variant: str, batch: int, seq_len: int, steps: int, device: str,
+                         dtype: torch.dtype, lowering: str = "inductor", lora_rank: int = 16,
+                         galore_rank: int = 128) -> TrainingRow:
+    """Time ``steps`` optimizer steps (forward, backward, ``optimizer.step()``) after a first, compiling one."""
+    row = TrainingRow(model_name, variant, batch, seq_len)
+    torch._dynamo.reset()
+    model = build_model(model_name, device, dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device, generator=generator)
+    compiled, make_optimizer, extra_state = _training_setup(variant, model, lowering, lora_rank, galore_rank)
+    optimizer = None
+
+    def step() -> float:
+        nonlocal optimizer
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is None:  # adapters exist only once the first graph compiled
+            optimizer = make_optimizer()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    start = time.perf_counter()
+    loss = step()
+    _sync(device)
+    row.first_step_s = time.perf_counter() - start
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / max(steps, 1)
+    row.step_ms = seconds * 1e3
+    row.tokens_per_s = batch * seq_len / seconds
+    row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    row.optimizer_state_gib = (optimizer_state_bytes(optimizer) + extra_state()) / 2**30
+    inner = getattr(optimizer, "optimizer", optimizer)
+    row.trainable_params = sum(p.numel() for group in inner.param_groups for p in group["params"])
+    row.loss = float(loss)
+    del model, compiled, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_training(models: Sequence[str] = ("llama-1b",), variants: Sequence[str] = TRAINING_VARIANTS, batch: int = 8,
+                 seq_len: int = 512, steps: int = 5, device: str | None = None, out_dir: str | Path | None = None,
+                 lowering: str = "inductor", progress: bool = True, lora_rank: int = 16,
+                 galore_rank: int = 128) -> dict[str, Any]:
+    """Training-step benchmark: tokens/s, peak memory and optimizer state of each variant, one row each."""
+    from tqdm.auto import tqdm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for model_name, variant in tqdm([(m, v) for m in models for v in variants], desc="train bench", disable=not progress):
+        try:
+            rows.append(run_training_variant(model_name, variant, batch, seq_len, steps, device, dtype, lowering,
+                                             lora_rank, galore_rank))
+        except Exception as error:  # keep the other variants' numbers (an OOM loses one row)
+            rows.append(TrainingRow(model_name, variant, batch, seq_len, error=_error_text(error)))
+        print(rows[-1], flush=True)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "triton": _triton_version(), "date": time.strftime("%Y-%m-%d"),
+              "lowering": lowering, "steps": steps, "lora_rank": lora_rank, "galore_rank": galore_rank, "rows": [dataclasses.asdict(r) for r in rows]}
+    if out_dir:
+        save_training(result, out_dir)
+    return result
+
+
+def training_markdown(result: dict[str, Any]) -> str:
+    lines = [f"Training step (forward + backward + optimizer.step), {result['steps']} timed steps after a compiling one — "
+             f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}", "",
+             "| model | batch x seq | variant | tokens/s | vs inductor-full | step ms | peak GiB | optimizer state GiB | trainable params | first step s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = {(r["model"], r["batch"], r["seq_len"]): r["tokens_per_s"] for r in result["rows"] if r["variant"] == "inductor-full"}
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in result["rows"]:
+        shape = f"{r['batch']} x {r['seq_len']}"
+        if r["error"]:
+            lines.append(f"| {r['model']} | {shape} | {r['variant']} | error: {r['error']} | | | | | | |")
+            continue
+        ref = base.get((r["model"], r["batch"], r["seq_len"]))
+        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
+        lines.append(f"| {r['model']} | {shape} | {r['variant']} | {r['tokens_per_s']:.0f} | {ratio} | {r['step_ms']:.1f} | "
+                     f"{fmt(r['peak_gib'], '.2f')} | {r['optimizer_state_gib']:.3f} | {r['trainable_params']:,} | {r['first_step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def save_training(result: dict[str, Any], out_dir: str | Path, stem: str = "training") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(training_markdown(result) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return out
+    ok = [r for r in result["rows"] if not r["error"]]
+    if not ok:
+        return out
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 3.5))
+    labels = [f"{r['model']} {r['variant']}" for r in ok]
+    speed.barh(labels, [r["tokens_per_s"] for r in ok], color="#4c72b0")
+    speed.set_xlabel("training tokens/s (higher is better)")
+    memory.barh(labels, [r["peak_gib"] or 0.0 for r in ok], color="#c44e52", label="peak")
+    memory.barh(labels, [r["optimizer_state_gib"] for r in ok], color="#55a868", label="optimizer state")
+    memory.set_xlabel("GiB")
+    memory.legend()
     figure.suptitle(f"{result['device']} — torch {result['torch']}")
     figure.tight_layout()
     figure.savefig(out / f"{stem}.png", dpi=100)
