@@ -116,7 +116,7 @@ def test_op_under_torch_compile():
     torch.testing.assert_close(fn(x), lut_linear_reference(x, *pk.op_args()) * 2)
 
 
-@given(bits=st.sampled_from([2, 4]), p=st.sampled_from([1, 2]), half=st.sampled_from([torch.float16, torch.bfloat16]),
+@given(bits=st.sampled_from([1, 2, 3, 4]), p=st.sampled_from([1, 2]), half=st.sampled_from([torch.float16, torch.bfloat16]),
        seed=st.integers(0, 2**16))
 def test_pair_table_packs_the_two_weights_of_every_pair_code(bits, p, half, seed):
     from transfigure.kernels.lut_gemm import pair_table
@@ -127,10 +127,14 @@ def test_pair_table_packs_the_two_weights_of_every_pair_code(bits, p, half, seed
     assert pairs.dtype == torch.int32 and pairs.shape == (2 ** (2 * bits),)
     unpack = lambda bits16: bits16.to(torch.int16).view(half).to(torch.float32)  # noqa: E731
     first, second = unpack(pairs & 0xFFFF), unpack((pairs >> 16) & 0xFFFF)
+    planes = PLANES[p * bits]
     units = torch.arange(2 ** (2 * bits))
-    if p == 1:  # two scalar codes, the first weight's code in the low bits
-        want_first, want_second = table[units & (2**bits - 1), 0], table[units >> bits, 0]
-    else:  # one 2-dim code
+    if p == 1:  # two scalar codes; a pair code is its plane-0 bits (2 * w0), then its plane-1 bits (2 * w1)
+        w0, w1 = planes[0], planes[1] if len(planes) > 1 else 0
+        lo, hi = units % 2 ** (2 * w0), units // 2 ** (2 * w0)
+        code = [(lo // 2 ** (t * w0)) % 2**w0 + ((hi // 2 ** (t * w1)) % 2**w1) * 2**w0 for t in (0, 1)]
+        want_first, want_second = table[code[0], 0], table[code[1], 0]
+    else:  # one 2-dim code whose bits are the pair's bits
         want_first, want_second = table[units, 0], table[units, 1]
     torch.testing.assert_close(first, want_first.to(half).float(), rtol=0, atol=0)
     torch.testing.assert_close(second, want_second.to(half).float(), rtol=0, atol=0)

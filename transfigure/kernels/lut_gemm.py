@@ -69,11 +69,12 @@ def _backward(ctx, grad):
 #
 # Two kernels, chosen per shape by the autotuner:
 #
-# * the pair kernel (decode, M <= 4, 2- and 4-bit single-plane codes, 16-bit activations): reads a row's code
-#   bytes contiguously and looks up two weights at once in a 2**(2*bits)-entry table of packed 16-bit pairs
-#   (``pair_table``), so there is one gather per two weights and no reordering of codes in registers. On an
-#   H100 at M = 1 it is 1.2x (4-bit) / 1.5x (2-bit) faster than cuBLAS bf16 on the 8B shapes and 1.4x faster
-#   than the tile kernel (benchmarks/results/quant.md; variants compared in benchmarks/explore_lut_gemv.py).
+# * the pair kernel (decode, M <= 4, every code format, 16-bit activations): reads a row's code bytes
+#   contiguously and looks up two weights at once in a table of packed 16-bit pairs (``pair_table``), so there
+#   is one gather per two weights and no reordering of codes in registers (3-bit codes add one byte load from
+#   their 1-bit plane). On an H100 at M = 1 it is 1.2x (4-bit) / 1.5x (2-bit) faster than cuBLAS bf16 on the
+#   8B shapes and 1.4x faster than the tile kernel (benchmarks/results/quant.md, measured before the 3-bit
+#   extension, which is not measured on a GPU yet; variants compared in benchmarks/explore_lut_gemv.py).
 # * the tile kernel (every format): a program owns BLOCK_N output features x BLOCK_M rows of x and walks its
 #   share of K (split-K: SPLIT_K programs per output tile, fp32 atomics) in BLOCK_K steps. Each step loads
 #   the packed words of the weight tile (one int32 load per 32/w codes of each bit-plane), unpacks them with
@@ -189,21 +190,37 @@ if triton_available():
                  mask=row_mask[:, None])
 
     @triton.jit
-    def _lut_pair_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, M, N, Kp, bytes_per_row,
-                         n_groups, groups_per_split,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-                         HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Decode GEMV (M <= 4) for single-plane 2- and 4-bit codes: one lookup per PAIR of weights.
+    def _pair_unit(row_base, row_mask, plane1_bytes, byte, bs, grp, u, LO: tl.constexpr, HI: tl.constexpr,
+                   G: tl.constexpr):
+        """Pair code ``u`` of each loaded plane-0 byte: its LO plane-0 bits, plus HI bits from plane 1."""
+        UPB: tl.constexpr = 8 // LO
+        unit = (byte >> (u * LO)) & ((1 << LO) - 1)
+        if HI > 0:
+            PPB1: tl.constexpr = 8 // HI       # pairs per plane-1 byte
+            NB1: tl.constexpr = G * HI // 16   # plane-1 bytes per group
+            pair = bs * UPB + u
+            hi = tl.load(row_base + plane1_bytes + (grp * NB1 + pair // PPB1)[None, :], mask=row_mask[:, None],
+                         other=0).to(tl.int32)
+            unit = unit | (((hi >> ((pair % PPB1) * HI)[None, :]) & ((1 << HI) - 1)) << LO)
+        return unit
 
-        Viewed as bytes, a row's code stream holds ``8 // BITS`` weights per byte, low bits first. Two
-        consecutive weights (``2 * BITS`` bits: two scalar codes, or one p = 2 code) index ``pairs``, a table
-        of ``2**(2 * BITS)`` int32 entries packing both dequantized values as 16-bit floats (low half = first
-        weight). One gather then yields two weights, unpacked with a shift or a mask; the bytes are loaded
-        contiguously (no shuffle of codes in registers), and the group scale multiplies the pair sum.
+    @triton.jit
+    def _lut_pair_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, M, N, Kp, bytes_per_row,
+                         plane1_bytes, n_groups, groups_per_split,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, LO: tl.constexpr,
+                         HI: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
+        """Decode GEMV (M <= 4): one lookup per PAIR of weights, for every code format.
+
+        Two consecutive weights (two scalar codes, or one p = 2 code) take LO bits of bit-plane 0 and HI
+        bits of bit-plane 1 (HI = 0 for the single-plane 1/2/4-bit formats; 3-bit codes are a 2-bit plane
+        plus a 1-bit plane, so LO = 4, HI = 2). Those bits index ``pairs``, a table of ``2**(LO + HI)`` int32
+        entries packing both dequantized values as 16-bit floats (low half = first weight): one gather yields
+        two weights, unpacked with a shift or a mask. Plane-0 bytes are loaded contiguously (no shuffle of
+        codes in registers) and the group scale multiplies the pair sum.
         """
-        U: tl.constexpr = 2 * BITS          # bits per pair
-        UPB: tl.constexpr = 8 // U          # pairs per byte
-        NB: tl.constexpr = G * BITS // 8    # bytes per group and row
+        UPB: tl.constexpr = 8 // LO         # pairs per plane-0 byte
+        NB: tl.constexpr = G * LO // 16     # plane-0 bytes per group and row
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -220,7 +237,7 @@ if triton_available():
             s = tl.load(scales_ptr + rows * n_groups + grp, mask=row_mask, other=0.0).to(tl.float32)
             part = tl.zeros([BLOCK_M, BLOCK_N, NB], dtype=tl.float32)
             for u in tl.static_range(UPB):
-                e = tl.load(pairs_ptr + ((byte >> (u * U)) & ((1 << U) - 1)))
+                e = tl.load(pairs_ptr + _pair_unit(row_base, row_mask, plane1_bytes, byte, bs, grp, u, LO, HI, G))
                 first, second = _unpack_pair(e, HALF_IS_BF16)
                 col = grp * G + (bs * UPB + u) * 2
                 x_first = tl.load(x_rows + col[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
@@ -231,14 +248,13 @@ if triton_available():
 
     @triton.jit
     def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, N, bytes_per_row,
-                               n_groups, groups_per_split, BLOCK_N: tl.constexpr, G: tl.constexpr,
-                               BITS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
-                               HAS_BIAS: tl.constexpr):
+                               plane1_bytes, n_groups, groups_per_split, BLOCK_N: tl.constexpr, G: tl.constexpr,
+                               LO: tl.constexpr, HI: tl.constexpr, HALF_IS_BF16: tl.constexpr,
+                               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
         """``_lut_pair_kernel`` for exactly one row of ``x``, with 2-D tiles (the 3-D [1, BLOCK_N, bytes]
         tiles of the general kernel measured 1.4x slower at M = 1 on an H100)."""
-        U: tl.constexpr = 2 * BITS
-        UPB: tl.constexpr = 8 // U
-        NB: tl.constexpr = G * BITS // 8
+        UPB: tl.constexpr = 8 // LO
+        NB: tl.constexpr = G * LO // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,7 +267,7 @@ if triton_available():
             byte = tl.load(row_base + (grp * NB + bs)[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
             s = tl.load(scales_ptr + rows * n_groups + grp, mask=row_mask, other=0.0).to(tl.float32)
             for u in tl.static_range(UPB):
-                e = tl.load(pairs_ptr + ((byte >> (u * U)) & ((1 << U) - 1)))
+                e = tl.load(pairs_ptr + _pair_unit(row_base, row_mask, plane1_bytes, byte, bs, grp, u, LO, HI, G))
                 first, second = _unpack_pair(e, HALF_IS_BF16)
                 col = grp * G + (bs * UPB + u) * 2
                 x_first = tl.load(x_ptr + col).to(tl.float32)
@@ -287,12 +303,22 @@ if triton_available():
 
     _PAIR_TABLES: dict = {}
 
+    def _pair_bits(bits: int, p: int) -> tuple[int, int]:
+        """(LO, HI): bits of a weight pair in bit-plane 0 and bit-plane 1."""
+        planes = PLANES[bits * p]
+        return 2 * planes[0] // p, (2 * planes[1] // p if len(planes) > 1 else 0)
+
     def _build_pair_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
-        units = torch.arange(1 << (2 * bits), device=table.device)
-        if p == 1:
+        lo_bits, hi_bits = _pair_bits(bits, p)
+        units = torch.arange(1 << (lo_bits + hi_bits), device=table.device)
+        if p == 1:  # two scalar codes: code t = its plane-0 bits | its plane-1 bits << w0
+            planes = PLANES[bits]
+            w0, w1 = planes[0], (planes[1] if len(planes) > 1 else 0)
+            lo, hi = units & ((1 << lo_bits) - 1), units >> lo_bits
+            code = [((lo >> (t * w0)) & ((1 << w0) - 1)) | (((hi >> (t * w1)) & ((1 << w1) - 1)) << w0) for t in (0, 1)]
             flat = table.reshape(-1)
-            first, second = flat[units & ((1 << bits) - 1)], flat[units >> bits]
-        else:
+            first, second = flat[code[0]], flat[code[1]]
+        else:  # one 2-dim code, whose bits are the pair's bits in the same order
             first, second = table[units, 0], table[units, 1]
         as16 = lambda t: t.to(half).view(torch.int16).to(torch.int32) & 0xFFFF  # noqa: E731
         return (as16(first) | (as16(second) << 16)).to(torch.int32).contiguous()
@@ -300,7 +326,8 @@ if triton_available():
     def pair_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
         """``int32 [2**(2 * bits)]``: entry ``u`` packs the two weights that pair code ``u`` decodes to, as
         ``half`` (bf16 or fp16) bit patterns, first weight in the low 16 bits. For p = 1 a pair is two scalar
-        codes (first = low ``bits`` bits); for p = 2 it is one code of a 2-dim table.
+        codes; for p = 2 it is one code of a 2-dim table. ``u`` = the pair's bit-plane-0 bits, then its
+        bit-plane-1 bits (3-bit codes: 4 + 2 bits).
 
         Cached per table storage and version (the entry holds the table, so its address cannot be reused
         while cached), so decode steps only gather. On CUDA the cached copy is built by a short-lived helper
@@ -350,16 +377,19 @@ if triton_available():
         else:
             y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
         bias_arg = bias if bias is not None else scales
+        lo_bits, hi_bits = _pair_bits(bits, p)
+        plane1_bytes = 4 * ((kp // p) * PLANES[bits * p][0] // 32)
         if m == 1:
             _lut_pair_gemv1_kernel[grid](
-                x2, code_bytes, scales, pairs, bias_arg, y, n, code_bytes.shape[1], n_groups, n_groups // split,
-                BLOCK_N=bn, G=group_size, BITS=bits, HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split,
-                HAS_BIAS=bias is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+                x2, code_bytes, scales, pairs, bias_arg, y, n, code_bytes.shape[1], plane1_bytes, n_groups,
+                n_groups // split, BLOCK_N=bn, G=group_size, LO=lo_bits, HI=hi_bits,
+                HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
+                num_warps=config.num_warps, num_stages=config.num_stages)
         else:
             _lut_pair_kernel[grid](
-                x2, code_bytes, scales, pairs, bias_arg, y, m, n, kp, code_bytes.shape[1], n_groups, n_groups // split,
-                BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, G=group_size, BITS=bits,
-                HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
+                x2, code_bytes, scales, pairs, bias_arg, y, m, n, kp, code_bytes.shape[1], plane1_bytes, n_groups,
+                n_groups // split, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, G=group_size, LO=lo_bits,
+                HI=hi_bits, HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
                 num_warps=config.num_warps, num_stages=config.num_stages)
         if split > 1:
             if bias is not None:
@@ -404,8 +434,8 @@ if triton_available():
         return Config({"MODE": "pair", "BLOCK_N": bn, "SPLIT_K": split}, warps, stages)
 
     # configs[0] of each regime is what interpreter mode (CI) uses. The pair kernel (first 12) is 1.1-1.5x
-    # faster than the tile kernel on an H100 at M = 1 (benchmarks/explore_lut_gemv.py); it covers 2- and 4-bit
-    # codes with 16-bit activations, the tile kernel everything else.
+    # faster than the tile kernel on an H100 at M = 1 (benchmarks/explore_lut_gemv.py); it covers every format
+    # with 16-bit activations, the tile kernel fp32 activations and larger M.
     _GEMV_CONFIGS = [
         _pair(16, 4, 4, 3), _pair(64, 4, 4, 1), _pair(16, 1, 4, 1), _pair(32, 1, 4, 1), _pair(32, 2, 4, 1),
         _pair(16, 2, 4, 3), _pair(64, 2, 4, 1), _pair(32, 4, 4, 3), _pair(16, 8, 4, 1), _pair(64, 8, 4, 1),
@@ -442,10 +472,9 @@ if triton_available():
                 keep.append(c)
                 continue
             if c.meta.get("MODE") == "pair":
-                single_plane = len(PLANES[bits * p]) == 1 and bits in (2, 4)
                 # the table holds 16-bit pairs: as exact as 16-bit activations need, not fp32
                 usable = x2.dtype in (torch.float16, torch.bfloat16)
-                if single_plane and usable and (kp // group_size) % c.meta["SPLIT_K"] == 0:
+                if usable and (kp // group_size) % c.meta["SPLIT_K"] == 0:
                     keep.append(c)
                 continue
             bk, split = c.meta["BLOCK_K"], c.meta["SPLIT_K"]
