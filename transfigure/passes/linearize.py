@@ -46,6 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from transfigure.compiler import GraphView, Pass, PassResult, option, register_pass
+from transfigure.kernels import window_attention as _window_attention  # noqa: F401  (registers transfigure::window_attention)
 from transfigure.kernels.linear_attention import linear_attention, linear_attention_bidirectional, linear_attention_decode_step
 
 EPS = 1e-6
@@ -79,45 +80,6 @@ def _phi(x: torch.Tensor, kind: str, weight: torch.Tensor | None) -> torch.Tenso
         return torch.softmax(x, dim=-1)
     y = torch.einsum("bhtd,hde->bhte", x, weight.float())
     return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
-
-
-def _window_part(q, k, v, valid, window: str, window_size: int, scale: float, window_factor, T: int):
-    """Softmax over the window, blockwise in O(T * window): returns (numerator, denominator) unnormalized for
-    lolcats (with the running max subtracted) and the normalized softmax output for liger."""
-    B, H, _, d = q.shape
-    Hk = k.shape[1]
-    G = H // Hk
-    W = window_size
-    N = -(-T // W)
-    pad = N * W - T
-    qf = F.pad(q.float(), (0, 0, 0, pad)).reshape(B, Hk, G, N, W, d)
-    kf = F.pad(k.float(), (0, 0, W, pad))  # one block of zeros in front: block n sees blocks n-1, n
-    vf = F.pad(v.float(), (0, 0, W, pad))
-    validf = F.pad(valid, (W, pad))
-    kw = torch.cat([kf[:, :, : N * W].reshape(B, Hk, N, W, d), kf[:, :, W:].reshape(B, Hk, N, W, d)], 3)
-    vw = torch.cat([vf[:, :, : N * W].reshape(B, Hk, N, W, -1), vf[:, :, W:].reshape(B, Hk, N, W, -1)], 3)
-    okw = torch.cat([validf[:, : N * W].reshape(B, N, W), validf[:, W:].reshape(B, N, W)], 2)  # [B, N, 2W]
-    qi = torch.arange(W, device=q.device)[:, None] + W  # position inside the 2W span
-    kj = torch.arange(2 * W, device=q.device)[None, :]
-    allowed = kj <= qi
-    if window == "liger":
-        allowed = allowed & (qi - kj < W)
-    block = torch.arange(N, device=q.device)
-    allowed = allowed[None] & ~((block[:, None, None] == 0) & (kj[None] < W))  # no block before the first
-    allowed = allowed[None, None, None] & okw[:, None, None, :, None, :]  # [B, 1, 1, N, W, 2W]
-    s = scale * torch.einsum("bhgnid,bhnjd->bhgnij", qf, kw)
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    a = (s - m).exp()
-    if window == "liger":
-        out = torch.einsum("bhgnij,bhnjv->bhgniv", a, vw) / (a.sum(-1, keepdim=True) + 1e-30)
-        return out.reshape(B, H, N * W, -1)[:, :, :T], None
-    f = torch.sigmoid(window_factor.float()).reshape(1, Hk, G, 1, 1, 1)
-    a = f * a
-    num = torch.einsum("bhgnij,bhnjv->bhgniv", a, vw).reshape(B, H, N * W, -1)[:, :, :T]
-    den = a.sum(-1).reshape(B, H, N * W)[:, :, :T, None]
-    return num, den
 
 
 def _lolcats_linear_part(fq, fk, v, T: int, W: int):
@@ -172,13 +134,13 @@ def linearized_attention(
         out = linear_attention_bidirectional(fq.to(compute), fk.to(compute), v.to(compute), normalize=True, eps=EPS)
         return out.to(q.dtype)
     if window == "lolcats":
-        num_w, den_w = _window_part(q, k, v, valid, window, window_size, scale, window_factor, T)
+        num_w, den_w = torch.ops.transfigure.window_attention(q, k, v, valid, window_factor, window_size, scale, window)
         num_l, den_l = _lolcats_linear_part(fq, fk, v, T, window_size)
         return ((num_w + num_l) / (den_w + den_l + EPS)).to(q.dtype)
     lin = linear_attention(fq.to(compute), fk.to(compute), v.to(compute), None if g is None else g.to(compute),
                            chunk_size=chunk_size, normalize=True, eps=EPS).float()
     if window == "liger":
-        swa, _ = _window_part(q, k, v, valid, window, window_size, scale, None, T)
+        swa, _ = torch.ops.transfigure.window_attention(q, k, v, valid, None, window_size, scale, window)
         return (0.5 * swa + 0.5 * lin).to(q.dtype)
     return lin.to(q.dtype)
 
