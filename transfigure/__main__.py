@@ -127,6 +127,10 @@ def demo(args: argparse.Namespace) -> int:
         eager_ms = _time(lambda: model(**inputs), args.repeats)
         compiled_ms = _time(lambda: compiled(**inputs), args.repeats)
     print(f"\nmax relative error vs the original model: {error:.2e}")
+    lossy = [name for name in (args.passes or []) if name in ("lut_quant", "sparsity", "linearize", "ladder")]
+    if lossy:
+        print(f"  ({', '.join(lossy)} change the function by design, and random weights amplify it; "
+              "`python -m transfigure quality` measures the cost on a trained model)")
     print(f"compile time (first call): {compile_seconds:.1f} s")
     print(f"eager: {eager_ms:.2f} ms/call   transfigure: {compiled_ms:.2f} ms/call   speedup {eager_ms / compiled_ms:.2f}x")
     return 0
