@@ -152,7 +152,7 @@ def main() -> None:
         row["op_us"] = do_bench_cudagraph(lambda: lut_linear_triton(x, *a), rep=30) * 1e3
         row["op_families"] = {}
         for desc, ms in _lut_tuner.last_timings.items():
-            fam = "slots" if "MODE=gemv" in desc else "tile"
+            fam = next((part.split("=", 1)[1] for part in desc.split(", ") if part.startswith("MODE=")), "tile")
             row["op_families"][fam] = min(row["op_families"].get(fam, 1e9), ms * 1e3)
         rows_out.append(row)
         print(json.dumps(row), flush=True)
