@@ -194,6 +194,24 @@ def nearest(values: torch.Tensor, table: torch.Tensor, chunk: int = 1 << 16) -> 
     return out
 
 
+def _search_scales(groups: torch.Tensor, base: torch.Tensor, table: torch.Tensor, p: int, candidates: int) -> torch.Tensor:
+    """Per group, the multiple of ``base`` (``[N, G]``) whose quantization of ``groups`` (``[N, G, g]``) has the
+    least squared error."""
+    n, n_groups, g = groups.shape
+    table = table.to(groups.device, torch.float32)
+    factors = torch.unique(torch.cat([torch.linspace(0.6, 1.4, candidates), torch.ones(1)])).tolist()
+    best_err = torch.full_like(base, float("inf"))
+    best = base.clone()
+    for factor in factors:
+        s = (base * factor).clamp(min=1e-8)
+        idx = nearest((groups / s[..., None]).reshape(-1, p), table).view(n, n_groups, g // p)
+        err = (table[idx].reshape(n, n_groups, g) * s[..., None] - groups).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
 def pack(
     weight: torch.Tensor,
     table: torch.Tensor,
@@ -205,9 +223,15 @@ def pack(
     signs_seed: int | None = 0,
     scale_mode: str = "rms",
     grid: str = "custom",
+    scale_search: int = 0,
 ) -> PackedWeight:
     """Quantize ``weight [N, K]`` onto ``table`` (``[2**(p*bits), p]``, normalized: scale 1 <-> RMS 1 or
-    abs-max 1 per ``scale_mode``) and pack it. ``signs_seed=None`` rotates without random signs."""
+    abs-max 1 per ``scale_mode``) and pack it. ``signs_seed=None`` rotates without random signs.
+
+    ``scale_search = n > 1``: each group's scale is the one of ``n`` multiples (0.6x to 1.4x, and exactly 1x)
+    of its RMS / abs-max whose quantized group has the least squared error. The grid is MSE-optimal for a
+    Gaussian of known variance; a group of ``g`` weights only estimates its variance, and the best scale for
+    the weights at hand differs (4-bit, g128, Gaussian weights: relative MSE 0.0094 -> 0.0079)."""
     if bits not in SUPPORTED_BITS or p not in SUPPORTED_P or p * bits not in PLANES:
         raise ValueError(f"unsupported bits={bits}, p={p}")
     table = torch.as_tensor(table, dtype=torch.float32).reshape(-1, p)
@@ -231,6 +255,8 @@ def pack(
         scale = groups.pow(2).mean(-1).sqrt()
     else:
         scale = groups.abs().amax(-1)
+    if scale_search > 1:
+        scale = _search_scales(groups, scale, table, p, scale_search)
     scale = scale.clamp(min=1e-8, max=6.0e4).to(torch.float16)
     normalized = groups / scale.to(torch.float32)[..., None]
     idx = nearest(normalized.reshape(-1, p), table).view(n, kp // p)

@@ -72,6 +72,8 @@ class LUTQuantOptions:
                                            "'uniform' (abs-max scales), or a codebook of 2**(p*bits) values")
     group_size: int = option(128, "weights per fp16 scale (clamped to the padded in-features)",
                              choices=(64, 128, 256))
+    scale_search: int = option(17, "MSE-optimal group scales: try this many multiples (0.6x-1.4x) of each group's "
+                               "RMS / abs-max and keep the least-error one (0 or 1: plain RMS / abs-max)", low=0, high=256)
     hadamard_size: int = option(512, "Hadamard block (power of two <= 32768; 0 = no rotation); reduced to "
                                 "the largest power of two dividing in-features when that is >= 64")
     random_signs: bool = option(True, "random +-1 signs before the Hadamard transform")
@@ -114,7 +116,7 @@ def effective_sizes(in_features: int, group_size: int, hadamard_size: int, p: in
 
 def _key_string(opts: LUTQuantOptions, bits: int, g: int, h: int) -> str:
     grid = opts.grid if isinstance(opts.grid, str) else ",".join(f"{v:.6g}" for v in opts.grid)
-    return f"v1|{grid}|b{bits}|p{opts.p}|g{g}|h{h}|s{int(opts.random_signs)}|seed{opts.seed}"
+    return f"v1|{grid}|b{bits}|p{opts.p}|g{g}|h{h}|s{int(opts.random_signs)}|seed{opts.seed}|ss{opts.scale_search}"
 
 
 def _disk_path(key: str) -> Path:
@@ -173,7 +175,8 @@ def _pack_weight(weight: torch.Tensor, opts: LUTQuantOptions, bits: int, g: int,
 
                 logging.getLogger(__name__).warning("lut_quant: ignoring cache entry %s: %s", path, error)
     packed = pack(weight, grid.table, bits=bits, p=opts.p, group_size=g, hadamard_size=h,
-                  signs_seed=opts.seed if opts.random_signs else None, scale_mode=grid.scale_mode, grid=grid.name)
+                  signs_seed=opts.seed if opts.random_signs else None, scale_mode=grid.scale_mode, grid=grid.name,
+                  scale_search=opts.scale_search)
     if disk_key is not None:
         path = _disk_path(disk_key)
         try:
