@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import transfigure
 import transfigure.passes.linearize  # noqa: F401  (registers the pass)
@@ -122,3 +124,21 @@ def test_decoder_steps_equal_full_prefix_reference(arch, feature_map, window):
     restore_reference(model)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
     assert torch.equal(out, seq)
+
+
+@given(T=st.integers(1, 90), W=st.sampled_from([16, 32]), chunk=st.sampled_from([16, 64]), G=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_lolcats_linear_part_is_linear_attention_over_blocks_at_least_one_back(T, W, chunk, G, seed):
+    from transfigure.passes.linearize import _lolcats_linear_part
+
+    gen = torch.Generator().manual_seed(seed)
+    fq, fk = torch.rand(1, 2 * G, T, 8, generator=gen), torch.rand(1, 2, T, 8, generator=gen)
+    v = torch.randn(1, 2, T, 4, generator=gen)
+    num, den = _lolcats_linear_part(fq, fk, v, T, W, chunk)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    older = (j < (i // W - 1) * W).float()  # keys of blocks n-2 and before, for a query in block n
+    scores = (fq @ fk.repeat_interleave(G, 1).transpose(-1, -2)) * older
+    # the chunked form subtracts a block's worth of terms from a longer sum: fp32 cancellation, so the absolute
+    # tolerance scales with the size of the terms (sums of up to 90 products of features in [0, 1])
+    torch.testing.assert_close(num, scores @ v.repeat_interleave(G, 1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(den, scores.sum(-1, keepdim=True), rtol=1e-5, atol=1e-4)

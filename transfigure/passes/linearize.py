@@ -82,20 +82,30 @@ def _phi(x: torch.Tensor, kind: str, weight: torch.Tensor | None) -> torch.Tenso
     return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
 
 
-def _lolcats_linear_part(fq, fk, v, T: int, W: int):
-    """Linear attention over keys at least one full block back: sum_{j < W (i//W - 1)} phi(q_i).phi(k_j) [v_j, 1]."""
+def _lolcats_linear_part(fq, fk, v, T: int, W: int, chunk_size: int):
+    """Linear attention over keys at least one full block back: sum_{j < W (i//W - 1)} phi(q_i).phi(k_j) [v_j, 1].
+
+    Computed as causal linear attention (the chunked kernels) over keys and values delayed by ``W`` positions,
+    which sums keys ``j <= i - W``, minus the part of block ``i//W - 1`` that the delay still lets in (keys
+    ``(i//W - 1) W <= j <= i - W``: a blockwise ``[W, W]`` term). Memory O(T (W + d)) instead of a state per block.
+    Returns (numerator, denominator)."""
     B, H, _, dk = fq.shape
     Hk = fk.shape[1]
     G = H // Hk
     N = -(-T // W)
     pad = N * W - T
+    fq, fk = fq.float(), fk.float()
     vf = torch.cat([v.float(), v.new_ones(*v.shape[:3], 1, dtype=torch.float32)], -1)
-    kc = F.pad(fk, (0, 0, 0, pad)).reshape(B, Hk, N, W, dk)
-    vc = F.pad(vf, (0, 0, 0, pad)).reshape(B, Hk, N, W, -1)
-    kv = torch.einsum("bhnjk,bhnjv->bhnkv", kc, vc).cumsum(2)  # through block n
-    states = F.pad(kv, (0, 0, 0, 0, 2, 0))[:, :, :N]  # through block n-2
+    delayed_k = F.pad(fk, (0, 0, W, 0))[:, :, :T]
+    delayed_v = F.pad(vf, (0, 0, W, 0))[:, :, :T]
+    lagged = torch.ops.transfigure.linear_attn(fq.contiguous(), delayed_k.contiguous(), delayed_v.contiguous(), None,
+                                               1.0, int(chunk_size))
     qc = F.pad(fq, (0, 0, 0, pad)).reshape(B, Hk, G, N, W, dk)
-    out = torch.einsum("bhgnik,bhnkv->bhgniv", qc, states).reshape(B, H, N * W, -1)[:, :, :T]
+    kp = F.pad(fk, (0, 0, W, pad))[:, :, : N * W].reshape(B, Hk, N, W, dk)  # block n-1's keys for query block n
+    vp = F.pad(vf, (0, 0, W, pad))[:, :, : N * W].reshape(B, Hk, N, W, -1)
+    s = torch.einsum("bhgnid,bhnjd->bhgnij", qc, kp).tril()  # keys j_local <= i_local of the previous block
+    extra = torch.einsum("bhgnij,bhnjv->bhgniv", s, vp).reshape(B, H, N * W, -1)[:, :, :T]
+    out = lagged.float() - extra
     return out[..., :-1], out[..., -1:]
 
 
@@ -135,7 +145,7 @@ def linearized_attention(
         return out.to(q.dtype)
     if window == "lolcats":
         num_w, den_w = torch.ops.transfigure.window_attention(q, k, v, valid, window_factor, window_size, scale, window)
-        num_l, den_l = _lolcats_linear_part(fq, fk, v, T, window_size)
+        num_l, den_l = _lolcats_linear_part(fq, fk, v, T, window_size, chunk_size)
         return ((num_w + num_l) / (den_w + den_l + EPS)).to(q.dtype)
     lin = linear_attention(fq.to(compute), fk.to(compute), v.to(compute), None if g is None else g.to(compute),
                            chunk_size=chunk_size, normalize=True, eps=EPS).float()
