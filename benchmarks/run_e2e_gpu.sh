@@ -7,12 +7,16 @@ PARTS=${PARTS:-/tmp/e2e_parts}
 mkdir -p "$OUT" "$PARTS"
 export PYTHONUNBUFFERED=1
 VARIANTS=${VARIANTS:-"eager inductor transfigure transfigure+lut-4bit transfigure+sparsity-50 transfigure+lut-4bit+sparsity-50"}
+# REPEATS=n runs the variant list n times, interleaved (A B A B ...); the report shows medians and ranges.
+for rep in $(seq 1 ${REPEATS:-1}); do
 for v in $VARIANTS; do
-  extra=""; [ "$v" = "transfigure" ] || extra="--no-warm"
-  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} $extra --out "$PARTS/part_$v" > "$PARTS/log_$v.txt" 2>&1 \
-    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} --no-warm --no-static-launcher --out "$PARTS/part_$v" >> "$PARTS/log_$v.txt" 2>&1; } \
-    || echo "variant $v failed twice" >> "$PARTS/failures.txt"
-  tail -n 3 "$PARTS/log_$v.txt"
+  extra=""; { [ "$v" = "transfigure" ] && [ "$rep" = 1 ]; } || extra="--no-warm"
+  part="$PARTS/part_${v}_r$rep"; log="$PARTS/log_${v}_r$rep.txt"
+  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} $extra --out "$part" > "$log" 2>&1 \
+    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --variants "$v" --new-tokens ${NEW_TOKENS:-256} --no-warm --no-static-launcher --out "$part" >> "$log" 2>&1; } \
+    || echo "variant $v (repeat $rep) failed" >> "$PARTS/failures.txt"
+  tail -n 3 "$log"
+done
 done
 cat "$PARTS"/log_*.txt > "$OUT/e2e_decode_log.txt" 2>/dev/null
 cp "$PARTS/failures.txt" "$OUT/" 2>/dev/null

@@ -45,3 +45,20 @@ def test_cli_training_bench(tmp_path, capsys):
                  "--out", str(tmp_path)])
     assert code == 0
     assert "transfigure-lora" in capsys.readouterr().out
+
+
+def test_repeated_runs_are_summarized_by_their_median_and_range(tmp_path):
+    def row(variant, speed, error=None):
+        return dict(model="llama-1b", variant=variant, batch=1, new_tokens=128, tokens_per_s=speed, decode_tokens_per_s=speed,
+                    ttft_ms=20.0, peak_gib=2.0, compile_cold_s=10.0, compile_warm_s=None, error=error)
+
+    result = {"device": "test", "torch": "x", "triton": "y", "date": "d", "prompt_len": 128,
+              "rows": [row("inductor", 300.0), row("transfigure", 330.0), row("inductor", 360.0), row("transfigure", 310.0),
+                       row("inductor", 340.0), row("transfigure", None, error="RuntimeError: boom")]}
+    summary = {r["variant"]: r for r in bench.summarize(result["rows"])}
+    assert summary["inductor"]["tokens_per_s"] == 340.0 and summary["inductor"]["runs"] == 3
+    assert summary["transfigure"]["tokens_per_s"] == 320.0 and summary["transfigure"]["failed"] == 1
+    text = bench.markdown(result)
+    assert "| transfigure | 320.0 [310.0-330.0, 3 runs, 1 failed] | 0.94x |" in text
+    bench.save(result, tmp_path)
+    assert (tmp_path / "e2e_decode.png").stat().st_size > 0

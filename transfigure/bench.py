@@ -188,20 +188,51 @@ def _triton_version() -> str:
         return "-"
 
 
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, batch, new tokens, variant): the median of repeated runs, with their spread.
+
+    Single ``generate()`` runs of one variant vary by up to 25% on a GPU host (the loop is host-bound), so the
+    benchmark script can interleave repeats (A B A B ...); ratios are then taken between medians."""
+    import statistics
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["batch"], row["new_tokens"], row["variant"]), []).append(row)
+    out = []
+    for key, runs in groups.items():
+        ok = [r for r in runs if not r["error"]]
+        if not ok:
+            out.append({**runs[0], "runs": len(runs), "failed": len(runs)})
+            continue
+        merged = dict(ok[0])
+        for field in ("tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_gib", "compile_cold_s", "compile_warm_s"):
+            values = [r[field] for r in ok if r[field] is not None]
+            merged[field] = statistics.median(values) if values else None
+        speeds = [r["tokens_per_s"] for r in ok]
+        merged.update(runs=len(runs), failed=len(runs) - len(ok), tokens_per_s_min=min(speeds), tokens_per_s_max=max(speeds))
+        out.append(merged)
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
+    rows = summarize(result["rows"])
+    repeated = any(r["runs"] > 1 for r in rows)
     lines = [f"Decode through generate(), prompt {result['prompt_len']} tokens — {result['device']}, torch {result['torch']}, "
-             f"triton {result['triton']}, {result['date']}", "",
-             "| model | batch | new | variant | tok/s | vs inductor | decode tok/s | TTFT ms | peak GiB | compile cold s | warm s |",
+             f"triton {result['triton']}, {result['date']}" + ("; medians of interleaved repeats, range in brackets" if repeated else ""),
+             "", "| model | batch | new | variant | tok/s | vs inductor | decode tok/s | TTFT ms | peak GiB | compile cold s | warm s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = {(r["model"], r["batch"], r["new_tokens"]): r["tokens_per_s"] for r in result["rows"] if r["variant"] == "inductor"}
+    base = {(r["model"], r["batch"], r["new_tokens"]): r["tokens_per_s"] for r in rows if r["variant"] == "inductor" and not r["error"]}
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in result["rows"]:
-        if r["error"]:
+    for r in rows:
+        if r["error"] and r.get("failed", 0) == r["runs"]:
             lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['variant']} | error: {r['error']} | | | | | | |")
             continue
         ref = base.get((r["model"], r["batch"], r["new_tokens"]))
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['variant']} | {r['tokens_per_s']:.1f} | {ratio} | "
+        speed = f"{r['tokens_per_s']:.1f}"
+        if r["runs"] > 1:
+            speed += f" [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}, {r['runs']} runs" + (f", {r['failed']} failed" if r["failed"] else "") + "]"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['variant']} | {speed} | {ratio} | "
                      f"{fmt(r['decode_tokens_per_s'], '.1f')} | {fmt(r['ttft_ms'], '.1f')} | {fmt(r['peak_gib'], '.2f')} | "
                      f"{fmt(r['compile_cold_s'], '.1f')} | {fmt(r['compile_warm_s'], '.1f')} |")
     return "\n".join(lines)
@@ -227,12 +258,13 @@ def save(result: dict[str, Any], out_dir: str | Path, stem: str = "e2e_decode") 
         import matplotlib.pyplot as plt
     except ImportError:
         return out
-    ok = [r for r in result["rows"] if not r["error"]]
+    ok = [r for r in summarize(result["rows"]) if r["failed"] < r["runs"]]
     groups = sorted({(r["model"], r["batch"], r["new_tokens"]) for r in ok})
     figure, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4), squeeze=False)
     for axis, group in zip(axes[0], groups):
         rows = [r for r in ok if (r["model"], r["batch"], r["new_tokens"]) == group]
-        axis.barh([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows], color="#4c72b0")
+        spread = [[r["tokens_per_s"] - r["tokens_per_s_min"] for r in rows], [r["tokens_per_s_max"] - r["tokens_per_s"] for r in rows]]
+        axis.barh([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows], xerr=spread, color="#4c72b0", capsize=3)
         axis.set_xlabel("tokens/s (higher is better)")
         axis.set_title(f"{group[0]}, batch {group[1]}, {group[2]} new tokens")
     figure.suptitle(f"{result['device']} — torch {result['torch']}")
