@@ -98,6 +98,15 @@ def linear_attention_recurrent(
     return o.to(q.dtype), S
 
 
+def _to_chunks(x: torch.Tensor, dtype: torch.dtype, n_chunks: int, chunk: int) -> torch.Tensor:
+    """``[B, heads, T, D]`` -> ``[B, heads, N, C, D]`` in ``dtype``, zero-padded to ``N * C`` positions."""
+    x = x.to(dtype)
+    pad = n_chunks * chunk - x.shape[2]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.reshape(x.shape[0], x.shape[1], n_chunks, chunk, x.shape[-1])
+
+
 def linear_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,16 +122,8 @@ def linear_attention_reference(
     C = int(chunk_size)
     dt = _compute_dtype(q.dtype)
     N = max(1, -(-T // C))
-    pad = N * C - T
-
-    def prep(x, heads):
-        x = x.to(dt)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(B, heads, N, C, x.shape[-1])
-
-    qc = prep(q, H).reshape(B, Hk, G, N, C, K)
-    kc, vc = prep(k, Hk), prep(v, Hk)
+    qc = _to_chunks(q, dt, N, C).reshape(B, Hk, G, N, C, K)
+    kc, vc = _to_chunks(k, dt, N, C), _to_chunks(v, dt, N, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if g is None:
         A = torch.einsum("bhgnik,bhnjk->bhgnij", qc, kc).masked_fill(~causal, 0)
@@ -131,7 +132,7 @@ def linear_attention_reference(
         states = kv.cumsum(2) - kv  # exclusive prefix: state before chunk n
         inter = torch.einsum("bhgnik,bhnkv->bhgniv", qc, states)
     else:
-        gc = prep(g, Hk)
+        gc = _to_chunks(g, dt, N, C)
         b = gc.cumsum(3)  # [B, Hk, N, C, K]
         b_last = b[:, :, :, -1:, :]
         diff = (b[:, :, :, :, None, :] - b[:, :, :, None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
@@ -629,17 +630,9 @@ def _linear_attn_bwd_reference(
     C = int(chunk_size)
     dt = _compute_dtype(q.dtype)
     N = max(1, -(-T // C))
-    pad = N * C - T
-
-    def prep(x, heads):
-        x = x.to(dt)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(B, heads, N, C, x.shape[-1])
-
-    qc = prep(q, H).reshape(B, Hk, G, N, C, K)
-    doc = prep(do, H).reshape(B, Hk, G, N, C, V)
-    kc, vc = prep(k, Hk), prep(v, Hk)
+    qc = _to_chunks(q, dt, N, C).reshape(B, Hk, G, N, C, K)
+    doc = _to_chunks(do, dt, N, C).reshape(B, Hk, G, N, C, V)
+    kc, vc = _to_chunks(k, dt, N, C), _to_chunks(v, dt, N, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     dA = scale * torch.einsum("bhgniv,bhnjv->bhgnij", doc, vc).masked_fill(~causal, 0)
     if g is None:
@@ -652,7 +645,7 @@ def _linear_attn_bwd_reference(
         dk = torch.einsum("bhgnij,bhgnik->bhnjk", dA, qc) + torch.einsum("bhnjv,bhnkv->bhnjk", vc, dh)
         dv = torch.einsum("bhgnij,bhgniv->bhnjv", A, doc) + torch.einsum("bhnjk,bhnkv->bhnjv", kc, dh)
     else:
-        b = prep(g, Hk).cumsum(3)  # [B, Hk, N, C, K]
+        b = _to_chunks(g, dt, N, C).cumsum(3)  # [B, Hk, N, C, K]
         b_last = b[:, :, :, -1:, :]
         E = (b[:, :, :, :, None, :] - b[:, :, :, None, :, :]).masked_fill(~causal[:, :, None], float("-inf")).exp()
         A = scale * torch.einsum("bhgnik,bhnjk,bhnijk->bhgnij", qc, kc, E)
