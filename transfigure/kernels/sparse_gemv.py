@@ -69,6 +69,29 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _thresholded_tile(x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, threshold):
+        """The ``[BLOCK_M, BLOCK_K]`` input tile with ``|x| <= t`` zeroed, and which of its K rows any token keeps."""
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        keep = tl.abs(x.to(tl.float32)) > threshold
+        return tl.where(keep, x, tl.zeros_like(x)), tl.max(keep.to(tl.int32), axis=0) > 0
+
+    @triton.jit
+    def _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS: tl.constexpr,
+                   ATOMIC: tl.constexpr):
+        """Add the bias (once: from K split / segment 0) and store the tile, or add it atomically under split-K."""
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if pid_k == 0:
+                acc += bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(y_ptrs, acc, mask=out_mask)
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
     def _sparse_gemv_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr,
         M, N, K, stride_xm, stride_wk, stride_ym, threshold, k_per_split,
@@ -86,11 +109,7 @@ if triton_available():
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            keep = tl.abs(x.to(tl.float32)) > threshold
-            x = tl.where(keep, x, tl.zeros_like(x))
-            row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+            x, row_keep = _thresholded_tile(x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, threshold)
             w_mask = row_keep[:, None] & n_mask[None, :]
             w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :]
             if EVICT:
@@ -101,16 +120,7 @@ if triton_available():
                 acc += tl.dot(x.to(w.dtype), w)
             else:
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if pid_k == 0:
-                acc += bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(y_ptrs, acc, mask=out_mask)
-        else:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, ATOMIC)
 
     def _launch(config: Config, x2: torch.Tensor, weight_t: torch.Tensor, bias, threshold: float) -> torch.Tensor:
         M, K = x2.shape
@@ -281,16 +291,7 @@ if triton_available():
                 acc += tl.dot(x.to(w.dtype), w)
             else:
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if seg == 0:
-                acc += bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(y_ptrs, acc, mask=out_mask)
-        else:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, seg, HAS_BIAS, ATOMIC)
 
     def _launch_compact(config: Config, x2, weight_t, bias, threshold):
         M, K = x2.shape

@@ -83,6 +83,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from .sparse_gemv import _thresholded_tile, _write_out
+
     @triton.jit
     def _sparse_lut_gemv_kernel(
         x_ptr, c_ptr, s_ptr, t_ptr, b_ptr, y_ptr,
@@ -105,11 +107,7 @@ if triton_available():
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            keep = tl.abs(x.to(tl.float32)) > threshold
-            x = tl.where(keep, x, tl.zeros_like(x))
-            row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+            x, row_keep = _thresholded_tile(x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, threshold)
             c_ptrs = c_ptr + offs_k[:, None] * stride_c + word[None, :]
             c_mask = row_keep[:, None] & n_mask[None, :]
             if EVICT:
@@ -125,16 +123,7 @@ if triton_available():
             group_row = tl.minimum(k0, K - 1) // GROUP  # a block past K (last split) reads a valid row; part is 0
             scale = tl.load(s_ptr + group_row * stride_s + offs_n, mask=n_mask, other=0.0)
             acc += part * scale.to(tl.float32)[None, :]
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if pid_k == 0:
-                acc += bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(y_ptrs, acc, mask=out_mask)
-        else:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, ATOMIC)
 
     def _launch(config: Config, x2, codes_t, scales_t, table, bias, bits, group_size, threshold):
         M, K = x2.shape
