@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,14 +177,18 @@ class Autotuner:
                 return candidates[0]  # no benchmarking inside someone else's CUDA-graph capture
             bench = _bench_cpu if interpreter_mode() else _bench_gpu
             timings: dict[str, float] = {}
+            failures: dict[str, str] = {}
             for config in candidates:
                 try:
                     timings[config.describe()] = bench(lambda c=config: self.launch(c, *args))
-                except Exception as error:  # a config may exceed shared memory or registers
-                    if "out of resource" not in str(error).lower() and "OutOfResources" not in type(error).__name__:
-                        raise
+                except Exception as error:  # noqa: BLE001  (out of shared memory / registers, or a compile error)
+                    failures[config.describe()] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}"
             if not timings:
-                raise RuntimeError(f"autotuner {self.name!r}: no config could run for key {key}")
+                raise RuntimeError(f"autotuner {self.name!r}: no config could run for key {key}; failures: {failures}")
+            resourceless = [d for d, e in failures.items() if "out of resource" not in e.lower() and "OutOfResources" not in e]
+            if resourceless:  # a config that fails for another reason is a kernel bug: say so, but keep the model running
+                warnings.warn(f"autotuner {self.name!r}: {len(resourceless)} config(s) failed for key {key} and were "
+                              f"skipped, e.g. {resourceless[0]}: {failures[resourceless[0]]}", RuntimeWarning, stacklevel=2)
             best_name = min(timings, key=timings.__getitem__)
             # Config holds a dict (unhashable): match by description
             best = next(c for c in candidates if c.describe() == best_name)
