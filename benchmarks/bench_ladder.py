@@ -15,10 +15,8 @@ Correctness: the decoded sequence is re-run without a cache through the plain-Py
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -26,16 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-
-def env() -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+from transfigure.bench import environment  # noqa: E402
 
 
 def _sync():
@@ -43,7 +32,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def run_variant(model, name, options, prompt, new_tokens, max_len, do_bench, lowering="inductor", cudagraphs=True):
+def run_variant(model, name, options, prompt, new_tokens, max_len, lowering="inductor", cudagraphs=True):
     import transformers
 
     import transfigure
@@ -170,7 +159,6 @@ def main() -> None:
             inductor_config.use_static_cuda_launcher = False
     os.makedirs(args.out, exist_ok=True)
     import transformers
-    from triton.testing import do_bench
 
     from transfigure.models import llama_1b_config
 
@@ -192,7 +180,7 @@ def main() -> None:
             print(f"skipping {name}: time budget spent", flush=True)
             continue
         try:
-            res = run_variant(model, name, options, prompt, args.new, args.prompt + args.new + 8, do_bench,
+            res = run_variant(model, name, options, prompt, args.new, args.prompt + args.new + 8,
                               cudagraphs=not args.no_cudagraphs)
             res.update(check(model, res, layers, args.prompt))
         except Exception as error:
@@ -211,7 +199,7 @@ def main() -> None:
     base = results[0]["tokens_per_s"]
     for res in results:
         res["ratio_vs_standard"] = res["tokens_per_s"] / base
-    info = {**env(), "model": f"Llama-3.2-1B-shaped ({args.layers} layers), bf16, random weights, batch 1",
+    info = {**environment(), "model": f"Llama-3.2-1B-shaped ({args.layers} layers), bf16, random weights, batch 1",
             "prompt": args.prompt, "new_tokens": args.new, "results": results}
     with open(os.path.join(args.out, "bench_ladder.json"), "w") as handle:
         json.dump(info, handle, indent=1)

@@ -9,10 +9,8 @@ CPU:  python benchmarks/bench_linear_attention.py --quality --out benchmarks/res
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -20,16 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-
-def env() -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+from transfigure.bench import environment  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -338,7 +327,7 @@ def gpu(out_dir: str, budget_s: float) -> dict:
     deadline = time.time() + budget_s
     events = os.path.join(out_dir, "linear_attention_events.jsonl")
     open(events, "w").close()
-    results = {"env": env()}
+    results = {"env": environment()}
     try:
         import fla
 
@@ -479,7 +468,7 @@ def quality(out_dir: str, steps: int, lr: float) -> dict:
     from transfigure.reference.linear_attention import linearize_reference, restore_reference
 
     model = trained_tiny_llama()
-    results = {"env": env(), "model": "trained_tiny_llama() (byte-level, hidden 64, 2 layers, 300 steps on pydoc_data.topics)",
+    results = {"env": environment(), "model": "trained_tiny_llama() (byte-level, hidden 64, 2 layers, 300 steps on pydoc_data.topics)",
                "eval": "transfigure.models.eval_loss (8 batches x 8 x 128 bytes, eval split)", "steps": steps, "lr": lr,
                "original": eval_loss(model), "runs": []}
     print("original", results["original"], flush=True)

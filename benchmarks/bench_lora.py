@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -33,17 +32,6 @@ import transfigure.passes.lora as lora  # noqa: E402
 from transfigure.kernels.lora import lora_linear_fused, lora_linear_reference  # noqa: E402
 
 START = time.time()
-
-
-def stub_bitsandbytes():
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("bitsandbytes.optim.optimizer")
-        stub.Optimizer2State = object
-        sys.modules.setdefault("bitsandbytes", types.ModuleType("bitsandbytes"))
-        sys.modules.setdefault("bitsandbytes.optim", types.ModuleType("bitsandbytes.optim"))
-        sys.modules.setdefault("bitsandbytes.optim.optimizer", stub)
 
 
 def sync():
@@ -215,7 +203,6 @@ def state_bytes(opt):
 
 
 def galore_section(args, device, dtype, base, ids):
-    stub_bitsandbytes()
     out = {}
     rank = args.galore_rank
 
@@ -251,7 +238,7 @@ def galore_section(args, device, dtype, base, ids):
     run("full AdamW (inductor)", torch.compile(full), torch.optim.AdamW(weights, lr=1e-5))
     del full, weights
     # galore-torch
-    import galore_torch
+    galore_torch = galore.import_galore_torch()
 
     gt_model = copy.deepcopy(base)
     weights = linear_weights(gt_model)

@@ -77,13 +77,6 @@ def _gemv_bytes_kernel(x_ptr, codes_ptr, scales_ptr, table_ptr, y_ptr, N, bytes_
         tl.atomic_add(y_ptr + rows, out, mask=row_mask)
 
 
-def pair_table(table: torch.Tensor) -> torch.Tensor:
-    """256 int32 entries: entry b = bf16(T[b & 15]) in the low half, bf16(T[b >> 4]) in the high half."""
-    t16 = table.reshape(-1).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-    b = torch.arange(256, device=table.device)
-    return (t16[b & 15] | (t16[b >> 4] << 16)).to(torch.int32).contiguous()
-
-
 def launch(mode, x, codes_u8, scales, table, n, bn, split, warps, stages):
     n_groups = scales.shape[1]
     g = (codes_u8.shape[1] * 2) // n_groups
@@ -104,7 +97,7 @@ def main() -> None:
 
     from transfigure.kernels.grids import get_grid
     from transfigure.kernels.lut_format import dequantize, pack
-    from transfigure.kernels.lut_gemm import _lut_tuner, lut_linear_triton
+    from transfigure.kernels.lut_gemm import _lut_tuner, lut_linear_triton, pair_table
 
     dev = "cuda"
     start = time.time()
@@ -120,12 +113,11 @@ def main() -> None:
         wq = dequantize(pk, "rotated")
         ref = (x.float() @ wq.T).reshape(-1)
         codes_u8 = pk.codes.view(torch.uint8).reshape(n, -1)
-        cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, w.to(torch.bfloat16)), rep=30) * 1e3
         wb = w.to(torch.bfloat16)
         cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb), rep=30) * 1e3
         row = {"N": n, "K": k, "cublas_us": cublas}
         tables = {0: pk.table.reshape(-1).float().contiguous(), 1: pk.table.reshape(-1).float().contiguous(),
-                  2: pair_table(pk.table.float())}
+                  2: pair_table(pk.table.float(), 4, 1, torch.bfloat16)}
         for mode, name in [(0, "nibble"), (1, "int"), (2, "pair")]:
             best = (float("inf"), None)
             for bn, split, warps, stages in configs:

@@ -12,6 +12,7 @@ harness's job), except activation sparsity, whose thresholds are calibrated on t
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import platform
 import time
@@ -160,9 +161,7 @@ def run(models: Sequence[str] = ("llama-1b",), batches: Sequence[int] = (1,), ne
         except Exception as error:  # keep the other variants' numbers
             rows.append(Row(model_name, variant, batch, n, error=_error_text(error)))
         print(rows[-1], flush=True)
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "triton": _triton_version(), "date": time.strftime("%Y-%m-%d"),
-              "prompt_len": prompt_len, "rows": [dataclasses.asdict(r) for r in rows]}
+    result = {**environment(device), "prompt_len": prompt_len, "rows": [dataclasses.asdict(r) for r in rows]}
     if out_dir:
         save(result, out_dir)
     return result
@@ -179,13 +178,18 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _triton_version() -> str:
+def environment(device: str | None = None) -> dict[str, str]:
+    """Where a benchmark ran: device name, torch and triton versions, UTC time (every results file carries it)."""
     try:
         import triton
 
-        return triton.__version__
+        triton_version = triton.__version__
     except ImportError:
-        return "-"
+        triton_version = "-"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -400,9 +404,8 @@ def run_training(models: Sequence[str] = ("llama-1b",), variants: Sequence[str] 
         except Exception as error:  # keep the other variants' numbers (an OOM loses one row)
             rows.append(TrainingRow(model_name, variant, batch, seq_len, error=_error_text(error)))
         print(rows[-1], flush=True)
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "triton": _triton_version(), "date": time.strftime("%Y-%m-%d"),
-              "lowering": lowering, "steps": steps, "lora_rank": lora_rank, "galore_rank": galore_rank, "rows": [dataclasses.asdict(r) for r in rows]}
+    result = {**environment(device), "lowering": lowering, "steps": steps, "lora_rank": lora_rank,
+              "galore_rank": galore_rank, "rows": [dataclasses.asdict(r) for r in rows]}
     if out_dir:
         save_training(result, out_dir)
     return result

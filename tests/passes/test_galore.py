@@ -1,8 +1,6 @@
 """GaLore pass: one-sided adapters + GaLoreOptimizer equal galore-torch's algorithm for any optimizer."""
 
 import copy
-import sys
-import types
 
 import pytest
 import torch
@@ -14,16 +12,10 @@ from transfigure.models import tiny_model
 
 
 def _galore_torch():
-    """galore-torch imports bitsandbytes at package import (only for its 8-bit AdamW): stub it if absent."""
     try:
-        import bitsandbytes  # noqa: F401
+        return galore.import_galore_torch()
     except ImportError:
-        stub = types.ModuleType("bitsandbytes.optim.optimizer")
-        stub.Optimizer2State = object
-        sys.modules.setdefault("bitsandbytes", types.ModuleType("bitsandbytes"))
-        sys.modules.setdefault("bitsandbytes.optim", types.ModuleType("bitsandbytes.optim"))
-        sys.modules.setdefault("bitsandbytes.optim.optimizer", stub)
-    return pytest.importorskip("galore_torch")
+        pytest.skip("galore-torch is not installed")
 
 
 RANK, GAP, SCALE = 4, 3, 0.25

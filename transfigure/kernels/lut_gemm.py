@@ -365,7 +365,7 @@ if triton_available():
         _PAIR_TABLES[key] = (table, pairs)
         return pairs
 
-    def _launch_pair(config, x2, codes, scales, bias, table, n, kp, n_groups, bits, p, group_size):
+    def _launch_pair(config, x2, codes, scales, bias, table, n, kp, n_groups, plane1_base, bits, p, group_size):
         meta = config.meta
         m = x2.shape[0]
         bn, split = meta["BLOCK_N"], meta["SPLIT_K"]
@@ -378,7 +378,7 @@ if triton_available():
             y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
         bias_arg = bias if bias is not None else scales
         lo_bits, hi_bits = _pair_bits(bits, p)
-        plane1_bytes = 4 * ((kp // p) * PLANES[bits * p][0] // 32)
+        plane1_bytes = 4 * plane1_base  # words -> bytes
         if m == 1:
             _lut_pair_gemv1_kernel[grid](
                 x2, code_bytes, scales, pairs, bias_arg, y, n, code_bytes.shape[1], plane1_bytes, n_groups,
@@ -406,7 +406,8 @@ if triton_available():
             w = dequantize_triton(codes, scales, table, bits, p, group_size, dtype=x2.dtype)
             return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
         if meta.get("MODE") == "pair":
-            return _launch_pair(config, x2, codes, scales, bias, table, n, kp, n_groups, bits, p, group_size)
+            return _launch_pair(config, x2, codes, scales, bias, table, n, kp, n_groups, plane1_base, bits, p,
+                                group_size)
         bm, bn, bk, split = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["SPLIT_K"]
         use_dot = bm >= 16
         if not use_dot:

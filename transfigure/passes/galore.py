@@ -195,6 +195,28 @@ def merge_galore(model: torch.nn.Module) -> int:
     return len(states)
 
 
+def import_galore_torch():
+    """Import galore-torch (the comparison oracle of the tests and benchmarks; not a dependency).
+
+    galore-torch imports bitsandbytes at package import, only for its 8-bit AdamW; where bitsandbytes is absent a
+    stub module stands in, so its projector and GaLoreAdamW import. Raises ImportError when galore-torch is missing.
+    """
+    import sys
+    import types
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("bitsandbytes.optim.optimizer")
+        stub.Optimizer2State = object
+        sys.modules.setdefault("bitsandbytes", types.ModuleType("bitsandbytes"))
+        sys.modules.setdefault("bitsandbytes.optim", types.ModuleType("bitsandbytes.optim"))
+        sys.modules.setdefault("bitsandbytes.optim.optimizer", stub)
+    import galore_torch
+
+    return galore_torch
+
+
 class GaLoreOptimizer:
     """Wrap any ``torch.optim.Optimizer`` whose parameters include GaLore's Z tensors.
 
