@@ -121,6 +121,10 @@ def run_variant(model, name, options, prompt, new_tokens, max_len, lowering="ind
         "compile_and_first_pass_s": first_pass_s,
         "tokens": tokens,
         "logits": torch.stack(logits_seen),
+        # for profiling the same compiled step afterwards (profile_decode.py); not JSON
+        "step": lambda token, position: step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True),
+        "inputs": inputs,
+        "reset_length": lambda: reset_length(start_pos),
     }
 
 
@@ -191,8 +195,8 @@ def main() -> None:
             continue
         print(f"{name}: {res['tokens_per_s']:.1f} tok/s (step {res['step_ms_median']:.3f} ms), loop {res['loop_tokens_per_s']:.1f} tok/s, "
               f"rel err {res['rel_error']:.2e}, argmax agree {res['argmax_agreement']:.3f}, first pass {res['compile_and_first_pass_s']:.0f} s", flush=True)
-        res.pop("logits")
-        res.pop("tokens")
+        for key in ("logits", "tokens", "step", "inputs", "reset_length"):
+            res.pop(key)
         results.append(res)
         with open(os.path.join(args.out, "bench_ladder_partial.json"), "w") as handle:
             json.dump(results, handle, indent=1)

@@ -26,6 +26,7 @@ from transfigure.kernels.lut_format import pack
 from transfigure.kernels.lut_gemm import _lut_tuner, dequantize_triton, lut_linear_reference, lut_linear_triton
 
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]  # (out N, in K), Llama-3-8B
+SHAPES_1B = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]  # Llama-3.2-1B: q/o, k/v, gate/up, down
 MS = [1, 4, 16, 64, 256]
 
 
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gemm-only", action="store_true", help="skip the memory and FWHT bandwidth parts")
+    ap.add_argument("--shapes", choices=("8b", "1b", "all"), default="8b")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     variants = [(4, 1)] + [(3, 1), (2, 1), (4, 2)]
-    for n, k in SHAPES:
+    shapes = {"8b": SHAPES, "1b": SHAPES_1B, "all": SHAPES + SHAPES_1B}[args.shapes]
+    for n, k in shapes:
         w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
         int4 = None
         try:
@@ -252,8 +255,10 @@ def write_markdown(results, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(SHAPES), figsize=(4 * len(SHAPES), 3.5), sharey=True)
-        for ax, (n, k) in zip(axes, SHAPES):
+        measured = list(dict.fromkeys((r["N"], r["K"]) for r in results["gemm"]))
+        fig, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 3.5), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, (n, k) in zip(axes, measured):
             rows = [r for r in results["gemm"] if r["N"] == n and r["K"] == k]
             for key, label in [("lut4b_p1_speedup_vs_cublas", "LUT 4b"), ("lut3b_p1_speedup_vs_cublas", "LUT 3b"),
                                ("lut2b_p1_speedup_vs_cublas", "LUT 2b")]:
