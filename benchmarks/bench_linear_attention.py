@@ -46,6 +46,10 @@ def sync():
         torch.cuda.synchronize()
 VARIANTS = ["ours_fwd", "fla_fwd", "sdpa_fwd", "ours_fwdbwd", "fla_fwdbwd", "ours_gla_fwd", "fla_gla_fwd",
             "ours_gla_fwdbwd", "fla_gla_fwdbwd", "ours_liger_fwd", "ours_hybrid_fwd", "rel_vs_fla"]
+# focused runs: BENCH_VARIANTS=ours_liger_fwd,ours_hybrid_fwd BENCH_STAGES=check,time0
+if os.environ.get("BENCH_VARIANTS"):
+    VARIANTS = [v for v in VARIANTS if v in os.environ["BENCH_VARIANTS"].split(",")]
+STAGES = os.environ.get("BENCH_STAGES", "configs,check,decode,time0,time1").split(",")
 
 
 def stage_tasks(stage: str) -> list[str]:
@@ -55,7 +59,8 @@ def stage_tasks(stage: str) -> list[str]:
         return [f"{kind}:{i}:{gated}" for kind, n in (("fwd", len(la._all_fwd_configs)), ("bwd", len(la._all_bwd_configs)))
                 for i in range(n) for gated in (0, 1)]
     if stage == "check":
-        return [f"{dt}:{gated}" for dt in ("float32", "bfloat16") for gated in (0, 1)] + ["normalized:bfloat16", "decode:bfloat16", "decode:float32"]
+        return [f"{dt}:{gated}" for dt in ("float32", "bfloat16") for gated in (0, 1)] + ["normalized:bfloat16", "decode:bfloat16", "decode:float32",
+                                                                                  "window:lolcats", "window:liger"]
     if stage == "decode":
         return [f"{name}:{ctx}" for ctx in CONTEXTS for name in ("ours_decode", "ours_gla_decode", "sdpa_decode")]
     if stage.startswith("time"):
@@ -148,6 +153,17 @@ class Worker:
             ref = la.linear_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), g.float().cpu(), chunk_size=64, normalize=True)
             out = la.linear_attention(q.to(LOW), k.to(LOW), v.to(LOW), g.to(LOW), chunk_size=64, normalize=True)
             return {"o": rel(out.cpu(), ref), "ok": rel(out.cpu(), ref) < 3e-2}
+        if what == "window":  # the hybrid's softmax window: Triton kernel vs its blockwise reference, bf16
+            from transfigure.kernels import window_attention as wa
+
+            q, k, v, g, do = self.qkvg(*CHECK, torch.float32, seed=6)
+            B_, H_, Hk_, T_, D_ = CHECK
+            valid = torch.ones(B_, T_, dtype=torch.bool, device=DEV)
+            factor = torch.rand(H_, device=DEV) if dt == "lolcats" else None
+            ref = wa.window_attention_reference(q, k, v, valid, factor, 64, D_**-0.5, dt)
+            out = torch.ops.transfigure.window_attention(q.to(LOW), k.to(LOW), v.to(LOW), valid, factor, 64, D_**-0.5, dt)
+            errs = [rel(a.float(), b) for a, b in zip(out, ref)]
+            return {"num": errs[0], "den": errs[1], "ok": max(errs) < 3e-2}
         if what == "decode":
             dtype = LOW if dt == "bfloat16" else torch.float32
             B_, H_, Hk_, T_, D_ = CHECK
@@ -335,7 +351,8 @@ def gpu(out_dir: str, budget_s: float) -> dict:
     except Exception as error:  # noqa: BLE001
         results["env"]["fla"] = repr(error)
     try:
-        run_stage("configs", events, deadline, {"CUDA_LAUNCH_BLOCKING": "1"})
+        if "configs" in STAGES:
+            run_stage("configs", events, deadline, {"CUDA_LAUNCH_BLOCKING": "1"})
         rows = [json.loads(line) for line in open(events) if line.strip()]
         bad = {"fwd": set(), "bwd": set()}
         for r in rows:
@@ -346,7 +363,7 @@ def gpu(out_dir: str, budget_s: float) -> dict:
         results["excluded_configs"] = exclude
         print("excluded configs:", exclude or "none", flush=True)
         extra = {"TRANSFIGURE_LINEAR_ATTN_EXCLUDE": exclude}
-        for stage in ("check", "decode", "time0", "time1"):
+        for stage in [s for s in ("check", "decode", "time0", "time1") if s in STAGES]:
             try:
                 run_stage(stage, events, deadline, extra)
             except Exception as error:  # noqa: BLE001  (keep the other stages)

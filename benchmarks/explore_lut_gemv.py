@@ -77,6 +77,70 @@ def _gemv_bytes_kernel(x_ptr, codes_ptr, scales_ptr, table_ptr, y_ptr, N, bytes_
         tl.atomic_add(y_ptr + rows, out, mask=row_mask)
 
 
+@triton.jit
+def _pair_v2_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, y_ptr, N, bytes_per_row, n_groups, groups_per_split,
+                    BLOCK_N: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, XSPLIT: tl.constexpr,
+                    REDUCE: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr):
+    """4-bit pair decode with BLOCK_G groups per loop step (more bytes in flight per iteration), optionally
+    one contiguous activation load split into even/odd columns (XSPLIT) and a per-step reduction to [BLOCK_N]
+    (REDUCE: fewer live registers) instead of a [BLOCK_N, BLOCK_G, NB] accumulator."""
+    NB: tl.constexpr = G // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    gs = tl.arange(0, BLOCK_G)
+    bs = tl.arange(0, NB)
+    row_base = codes_ptr + rows[:, None, None].to(tl.int64) * bytes_per_row
+    offs = gs[None, :, None] * NB + bs[None, None, :]
+    if REDUCE:
+        acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_N, BLOCK_G, NB], dtype=tl.float32)
+    g_start = pid_k * groups_per_split
+    for grp in range(g_start, g_start + groups_per_split, BLOCK_G):
+        byte = tl.load(row_base + grp * NB + offs, mask=row_mask[:, None, None], other=0).to(tl.int32)
+        s = tl.load(scales_ptr + rows[:, None] * n_groups + grp + gs[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+        e = tl.load(pairs_ptr + byte)
+        if HALF_IS_BF16:
+            first = (e << 16).to(tl.float32, bitcast=True)
+            second = (e & -65536).to(tl.float32, bitcast=True)
+        else:
+            first = (e & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            second = (e >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        col = grp * G + (gs[:, None] * NB + bs[None, :]) * 2
+        if XSPLIT:
+            xx = tl.load(x_ptr + grp * G + tl.arange(0, BLOCK_G * G)).to(tl.float32)
+            xe, xo = tl.split(tl.reshape(xx, [BLOCK_G, NB, 2]))
+        else:
+            xe = tl.load(x_ptr + col).to(tl.float32)
+            xo = tl.load(x_ptr + col + 1).to(tl.float32)
+        t = first * xe[None, :, :] + second * xo[None, :, :]
+        if REDUCE:
+            acc1 += tl.sum(tl.sum(t, axis=2) * s, axis=1)
+        else:
+            acc3 += t * s[:, :, None]
+    if REDUCE:
+        out = acc1
+    else:
+        out = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        tl.atomic_add(y_ptr + rows, out, mask=row_mask)
+
+
+def launch_v2(x, codes_u8, scales, pairs, n, bn, split, warps, stages, block_g, xsplit, reduce):
+    n_groups = scales.shape[1]
+    g = (codes_u8.shape[1] * 2) // n_groups
+    y = torch.empty(n, dtype=x.dtype, device=x.device) if split == 1 else torch.zeros(n, dtype=torch.float32, device=x.device)
+    _pair_v2_kernel[(triton.cdiv(n, bn), split)](x, codes_u8, scales, pairs, y, n, codes_u8.shape[1], n_groups,
+                                                 n_groups // split, BLOCK_N=bn, G=g, BLOCK_G=block_g, XSPLIT=xsplit,
+                                                 REDUCE=reduce, HALF_IS_BF16=x.dtype == torch.bfloat16,
+                                                 SPLIT_K=split, num_warps=warps, num_stages=stages)
+    return y if split == 1 else y.to(x.dtype)
+
+
 def launch(mode, x, codes_u8, scales, table, n, bn, split, warps, stages):
     n_groups = scales.shape[1]
     g = (codes_u8.shape[1] * 2) // n_groups
@@ -91,6 +155,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/explore")
     ap.add_argument("--budget", type=float, default=200)
+    ap.add_argument("--variants", default="pair,v2", help="comma list of nibble, int, pair, v2 (12 flag combinations)")
+    ap.add_argument("--shapes", choices=("8b", "1b"), default="1b")
+    ap.add_argument("--configs", choices=("short", "wide"), default="short")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from triton.testing import do_bench_cudagraph
@@ -102,9 +169,22 @@ def main() -> None:
     dev = "cuda"
     start = time.time()
     rows_out = []
-    configs = [(bn, split, warps, stages) for bn in (8, 16, 32, 64) for split in (1, 2, 4) for warps in (4, 8)
-               for stages in (1, 3)]
-    for n, k in [(14336, 4096), (4096, 14336), (4096, 4096)]:
+    if args.configs == "wide":
+        configs = [(bn, split, warps, stages) for bn in (8, 16, 32, 64) for split in (1, 2, 4) for warps in (4, 8)
+                   for stages in (1, 3)]
+    else:
+        configs = [(16, 4, 4, 1), (32, 4, 4, 1), (64, 4, 4, 1), (128, 4, 8, 1), (64, 2, 4, 1), (32, 8, 4, 1),
+                   (64, 8, 8, 1), (32, 2, 4, 2), (16, 8, 4, 1), (128, 2, 8, 1)]
+    shapes = {"8b": [(14336, 4096), (4096, 14336), (4096, 4096)],
+              "1b": [(8192, 2048), (2048, 8192), (2048, 2048), (3072, 2048), (16384, 2048)]}[args.shapes]
+    variants = []
+    for name in args.variants.split(","):
+        if name in ("nibble", "int", "pair"):
+            variants.append((name, {"nibble": 0, "int": 1, "pair": 2}[name], None))
+        elif name == "v2":
+            variants += [(f"v2_g{bg}_x{xs}_r{red}", None, (bg, xs, red)) for bg in (1, 2, 4) for xs in (0, 1)
+                         for red in (0, 1)]
+    for n, k in shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k, device=dev) * 0.02
         table = get_grid("higgs", 4, 1).table
@@ -118,13 +198,18 @@ def main() -> None:
         row = {"N": n, "K": k, "cublas_us": cublas}
         tables = {0: pk.table.reshape(-1).float().contiguous(), 1: pk.table.reshape(-1).float().contiguous(),
                   2: pair_table(pk.table.float(), 4, 1, torch.bfloat16)}
-        for mode, name in [(0, "nibble"), (1, "int"), (2, "pair")]:
+        for name, mode, flags in variants:
             best = (float("inf"), None)
             for bn, split, warps, stages in configs:
                 if time.time() - start > args.budget:
                     break
+                if flags is not None and (k // 128) // split < flags[0]:
+                    continue
                 try:
-                    fn = lambda: launch(mode, x.reshape(-1), codes_u8, pk.scales, tables[mode], n, bn, split, warps, stages)  # noqa: E731
+                    if flags is None:
+                        fn = lambda: launch(mode, x.reshape(-1), codes_u8, pk.scales, tables[mode], n, bn, split, warps, stages)  # noqa: E731
+                    else:
+                        fn = lambda: launch_v2(x.reshape(-1), codes_u8, pk.scales, tables[2], n, bn, split, warps, stages, *flags)  # noqa: E731
                     y = fn().float()
                     if mode != 1:
                         err = float((y - ref).norm() / ref.norm())

@@ -124,7 +124,7 @@ def main() -> None:
         for row in res["kernels"][:18]:
             print(f"   {row['us_per_step']:8.1f} us  x{row['per_step']:5.1f}  {row['kernel']}", flush=True)
         with open(os.path.join(args.out, "profile_decode.json"), "w") as handle:
-            json.dump(results, handle, indent=1)
+            json.dump(results, handle, indent=1, default=str)
         del step
         torch.cuda.empty_cache()
 
