@@ -111,6 +111,11 @@ class Pass:
     def run(self, graph) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def implied_passes(self) -> list[Pass]:
+        """Passes this one needs later in the pipeline (added when not already enabled; ``disable`` still
+        removes them by name)."""
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
 

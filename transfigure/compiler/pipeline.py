@@ -67,6 +67,11 @@ def parse_compile_options(
     for user_pass in user_passes:
         if not isinstance(user_pass, Pass):
             raise OptionError("passes", f"got {user_pass!r}; expected instances of transfigure.Pass")
+    explicit = {p.name for p in list(enabled) + list(user_passes)}
+    for implied in [q for p in enabled for q in p.implied_passes()]:
+        if implied.name not in explicit:
+            explicit.add(implied.name)
+            enabled.append(implied)
     passes = sorted(list(enabled) + list(user_passes), key=lambda p: p.order)
     names = [p.name for p in passes]
     duplicates = {n for n in names if names.count(n) > 1}

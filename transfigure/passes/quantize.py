@@ -83,6 +83,9 @@ class LUTQuantOptions:
                                       "fnmatch patterns of FQNs never quantized (output layer, embeddings)")
     release_dense: bool = option(False, "free the dense weights' storage after packing (GPU memory drops)")
     cache: bool = option(True, "cache packed weights on disk, keyed by weight bytes + options")
+    fuse_siblings: bool = option(True, "linears reading the same input (q/k/v, gate/up) keep codes and scales in "
+                                 "one buffer and run as ONE lut_linear with one input rotation (pass lut_fuse, "
+                                 "after sparsity and LoRA; disable=['lut_fuse'] keeps them apart)")
 
     def __post_init__(self):
         h = self.hadamard_size
@@ -210,6 +213,13 @@ class LUTQuantPass(Pass):
     order = 40
     description = "Hadamard-rotated lookup-table weight quantization (HIGGS grids / NF4 / uniform, 2-4 bits)"
 
+    def implied_passes(self) -> list[Pass]:
+        if not self.options.fuse_siblings:
+            return []
+        from .fuse_lut import LUTFusePass
+
+        return [LUTFusePass()]
+
     def run(self, graph: GraphView) -> PassResult:
         opts: LUTQuantOptions = self.options
         result = PassResult(self.name)
@@ -252,7 +262,7 @@ class LUTQuantPass(Pass):
             bits_of = dict(zip([s.node.name for s, *_ in sites], choice))
             result.note(f"avg_bits={opts.avg_bits}: bits per layer {choice}")
 
-        tables: dict[str, fx.Node] = {}
+        packed_sites = []
         for site, weight, dense, g, h in sites:
             bits = bits_of.get(site.node.name, opts.bits)
             try:
@@ -263,6 +273,12 @@ class LUTQuantPass(Pass):
             except WeightsReleasedError as error:
                 result.skip(site, str(error))
                 continue
+            packed_sites.append((site, weight, bits, g, h, packed, source))
+        if opts.fuse_siblings:
+            packed_sites = _share_sibling_buffers(packed_sites, opts)
+
+        tables: dict[str, fx.Node] = {}
+        for site, weight, bits, g, h, packed, source in packed_sites:
             name = site.weight_fqn or site.fqn
             codes = graph.add_input(f"{name}.lut_codes", packed.codes, derived_from=[weight])
             scales = graph.add_input(f"{name}.lut_scales", packed.scales)
@@ -289,6 +305,52 @@ class LUTQuantPass(Pass):
                     detail += "; dense weight released"
             result.rewrote(site, detail)
         return result
+
+
+def _share_sibling_buffers(packed_sites: list, opts: LUTQuantOptions) -> list:
+    """Linears that read the same input node with the same format get their codes and scales moved into one
+    buffer each (row blocks, in graph order), so ``lut_fuse`` can run them as one GEMV over a view of it
+    without copying. Each linear keeps its own ``lut_linear`` node (over its row-block view) until then, so
+    sparsity and LoRA still see q, k, v, gate and up one by one. The per-parameter cache is updated to the
+    views, so a recompile finds them adjacent already (no second copy)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (site, weight, bits, g, h, packed, source) in enumerate(packed_sites):
+        if packed.codes.device.type == "meta":
+            continue
+        key = (site.input, bits, g, h, packed.p, packed.in_features, packed.padded_in_features, packed.grid,
+               packed.codes.device, packed.codes.shape[1])
+        groups.setdefault(key, []).append(i)
+    out = list(packed_sites)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        parts = [packed_sites[i][5] for i in members]
+        if all(_adjacent(a.codes, b.codes) and _adjacent(a.scales, b.scales) for a, b in zip(parts, parts[1:])):
+            continue  # already one buffer (a recompile)
+        if any(p.signs is not None and not torch.equal(p.signs, parts[0].signs) for p in parts) or \
+                any((p.signs is None) != (parts[0].signs is None) for p in parts):
+            continue
+        codes = torch.cat([p.codes for p in parts])
+        scales = torch.cat([p.scales for p in parts])
+        row = 0
+        for i, p in zip(members, parts):
+            site, weight, bits, g, h, _, source = packed_sites[i]
+            n = p.codes.shape[0]
+            shared = dataclasses.replace(p, codes=codes[row : row + n], scales=scales[row : row + n])
+            row += n
+            per_weight = _PACKED.setdefault(weight, {})
+            for key, cached in list(per_weight.items()):
+                if cached is p:
+                    per_weight[key] = shared
+            out[i] = (site, weight, bits, g, h, shared, source)
+    return out
+
+
+def _adjacent(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """``second`` starts right where ``first`` (contiguous) ends, in the same storage."""
+    return (first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr() and first.is_contiguous()
+            and second.is_contiguous() and first.stride() == second.stride()
+            and second.storage_offset() == first.storage_offset() + first.numel())
 
 
 _TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()

@@ -121,6 +121,7 @@ class SparsityPass(Pass):
         thresholds = calibration.thresholds(opts.target, opts.allocation)
         levels = calibration.sparsities(opts.target, opts.allocation)
         site_of = calibration.site_of()
+        self._thresholded: dict[tuple, fx.Node] = {}  # one threshold op per (input, t): q/k/v and gate/up share it
         sharing: dict[fx.Node, list[str]] = {}
         for s in sites:
             sharing.setdefault(s.input, []).append(s.fqn.rsplit(".", 1)[-1])
@@ -159,9 +160,12 @@ class SparsityPass(Pass):
                 return "sparse LUT GEMV"
         # anything else (rotated LUT, other rewrites): threshold its input, same math, no sparse kernel
         op = torch.ops.transfigure.sparsify.default if prefill else torch.ops.transfigure.sparsify_decode.default
-        with graph.graph.inserting_before(node):
-            xs = graph.graph.call_function(op, (site.input, t))
-        _copy_meta(xs, site.input)
+        xs = self._thresholded.get((site.input, t, op))
+        if xs is None:
+            with graph.graph.inserting_before(node):  # sites come in graph order: before every sibling
+                xs = graph.graph.call_function(op, (site.input, t))
+            _copy_meta(xs, site.input)
+            self._thresholded[(site.input, t, op)] = xs
         node.replace_input_with(site.input, xs)
         if "transfigure_linear" in node.meta:
             node.meta["transfigure_linear"] = dataclasses.replace(node.meta["transfigure_linear"], input=xs)
