@@ -141,3 +141,21 @@ def test_pair_table_packs_the_two_weights_of_every_pair_code(bits, p, half, seed
     assert pair_table(table, bits, p, half) is pairs  # cached per table tensor
     table.add_(1.0)  # an in-place change bumps the version: rebuilt
     assert pair_table(table, bits, p, half) is not pairs
+
+
+@pytest.mark.parametrize("bits,p,group,k", [(4, 1, 64, 1024), (4, 2, 128, 1024), (4, 1, 128, 700)])
+def test_every_gemv_config_of_one_byte_pairs_matches_reference(bits, p, group, k):
+    """The M = 1 refinements (several groups per step, one split activation load) on every config that keeps
+    them, with a bias, fp16 (the interpreter's half type)."""
+    _, pk = _packed(11 + bits + p, 37, k, bits, p, group, 0)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5)).half()
+    args = list(pk.op_args())
+    args[4] = torch.randn(37, generator=torch.Generator().manual_seed(6)).half()
+    expected = lut_linear_reference(x, *args).float()
+    refined = [c for c in configs_for(1, pk.padded_in_features, p, group, bits, torch.float16) if "BLOCK_G" in c.meta]
+    assert refined and not [c for c in configs_for(2, pk.padded_in_features, p, group, bits, torch.float16)
+                            if "BLOCK_G" in c.meta]
+    for config in refined:
+        actual = lut_linear_triton(x, *args, config=config).float()
+        err = ((actual - expected).norm() / expected.norm()).item()
+        assert err < 3e-3, (config.describe(), err)

@@ -250,9 +250,15 @@ if triton_available():
     def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, N, bytes_per_row,
                                plane1_bytes, n_groups, groups_per_split, BLOCK_N: tl.constexpr, G: tl.constexpr,
                                LO: tl.constexpr, HI: tl.constexpr, HALF_IS_BF16: tl.constexpr,
-                               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
+                               XSPLIT: tl.constexpr):
         """``_lut_pair_kernel`` for exactly one row of ``x``, with 2-D tiles (the 3-D [1, BLOCK_N, bytes]
-        tiles of the general kernel measured 1.4x slower at M = 1 on an H100)."""
+        tiles of the general kernel measured 1.4x slower at M = 1 on an H100).
+
+        For one-byte pairs (LO = 8: 4-bit scalar and 4-bit p = 2 codes) two refinements measured faster on
+        an H100 (``benchmarks/explore_lut_gemv.py``, 1B shapes): BLOCK_G groups per loop step (more code bytes
+        in flight) and XSPLIT, one contiguous activation load split into even / odd columns instead of two
+        strided loads (1.2x on 16384 x 2048)."""
         UPB: tl.constexpr = 8 // LO
         NB: tl.constexpr = G * LO // 16
         pid_n = tl.program_id(0)
@@ -260,20 +266,40 @@ if triton_available():
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         bs = tl.arange(0, NB)
-        row_base = codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row
-        acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
         g_start = pid_k * groups_per_split
-        for grp in range(g_start, g_start + groups_per_split):
-            byte = tl.load(row_base + (grp * NB + bs)[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
-            s = tl.load(scales_ptr + rows * n_groups + grp, mask=row_mask, other=0.0).to(tl.float32)
-            for u in tl.static_range(UPB):
-                e = tl.load(pairs_ptr + _pair_unit(row_base, row_mask, plane1_bytes, byte, bs, grp, u, LO, HI, G))
-                first, second = _unpack_pair(e, HALF_IS_BF16)
-                col = grp * G + (bs * UPB + u) * 2
-                x_first = tl.load(x_ptr + col).to(tl.float32)
-                x_second = tl.load(x_ptr + col + 1).to(tl.float32)
-                acc += (first * x_first[None, :] + second * x_second[None, :]) * s[:, None]
-        out_acc = tl.sum(acc, axis=1)
+        if BLOCK_G == 1 and XSPLIT == 0:
+            row_base = codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row
+            acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+            for grp in range(g_start, g_start + groups_per_split):
+                byte = tl.load(row_base + (grp * NB + bs)[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+                s = tl.load(scales_ptr + rows * n_groups + grp, mask=row_mask, other=0.0).to(tl.float32)
+                for u in tl.static_range(UPB):
+                    e = tl.load(pairs_ptr + _pair_unit(row_base, row_mask, plane1_bytes, byte, bs, grp, u, LO, HI, G))
+                    first, second = _unpack_pair(e, HALF_IS_BF16)
+                    col = grp * G + (bs * UPB + u) * 2
+                    x_first = tl.load(x_ptr + col).to(tl.float32)
+                    x_second = tl.load(x_ptr + col + 1).to(tl.float32)
+                    acc += (first * x_first[None, :] + second * x_second[None, :]) * s[:, None]
+            out_acc = tl.sum(acc, axis=1)
+        else:  # one-byte pairs only (LO = 8, HI = 0; the launcher checks)
+            gs = tl.arange(0, BLOCK_G)
+            row_base3 = codes_ptr + rows[:, None, None].to(tl.int64) * bytes_per_row
+            offs = gs[None, :, None] * NB + bs[None, None, :]
+            acc3 = tl.zeros([BLOCK_N, BLOCK_G, NB], dtype=tl.float32)
+            for grp in range(g_start, g_start + groups_per_split, BLOCK_G):
+                byte = tl.load(row_base3 + grp * NB + offs, mask=row_mask[:, None, None], other=0).to(tl.int32)
+                s = tl.load(scales_ptr + rows[:, None] * n_groups + grp + gs[None, :], mask=row_mask[:, None],
+                            other=0.0).to(tl.float32)
+                first, second = _unpack_pair(tl.load(pairs_ptr + byte), HALF_IS_BF16)
+                if XSPLIT:
+                    xx = tl.load(x_ptr + grp * G + tl.arange(0, BLOCK_G * G)).to(tl.float32)
+                    x_first, x_second = tl.split(tl.reshape(xx, [BLOCK_G, NB, 2]))
+                else:
+                    col = grp * G + (gs[:, None] * NB + bs[None, :]) * 2
+                    x_first = tl.load(x_ptr + col).to(tl.float32)
+                    x_second = tl.load(x_ptr + col + 1).to(tl.float32)
+                acc3 += (first * x_first[None, :, :] + second * x_second[None, :, :]) * s[:, :, None]
+            out_acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 out_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -384,6 +410,7 @@ if triton_available():
                 x2, code_bytes, scales, pairs, bias_arg, y, n, code_bytes.shape[1], plane1_bytes, n_groups,
                 n_groups // split, BLOCK_N=bn, G=group_size, LO=lo_bits, HI=hi_bits,
                 HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
+                BLOCK_G=meta.get("BLOCK_G", 1), XSPLIT=meta.get("XSPLIT", 0),
                 num_warps=config.num_warps, num_stages=config.num_stages)
         else:
             _lut_pair_kernel[grid](
@@ -431,8 +458,11 @@ if triton_available():
     def _c(bm, bn, bk, split, warps, stages):
         return Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, warps, stages)
 
-    def _pair(bn, split, warps, stages):
-        return Config({"MODE": "pair", "BLOCK_N": bn, "SPLIT_K": split}, warps, stages)
+    def _pair(bn, split, warps, stages, block_g=1, xsplit=0):
+        meta = {"MODE": "pair", "BLOCK_N": bn, "SPLIT_K": split}
+        if block_g > 1 or xsplit:  # M = 1, one-byte pairs (4-bit codes) only: see _lut_pair_gemv1_kernel
+            meta.update(BLOCK_G=block_g, XSPLIT=xsplit)
+        return Config(meta, warps, stages)
 
     # configs[0] of each regime is what interpreter mode (CI) uses. The pair kernel (first 12) is 1.1-1.5x
     # faster than the tile kernel on an H100 at M = 1 (benchmarks/explore_lut_gemv.py); it covers every format
@@ -441,6 +471,9 @@ if triton_available():
         _pair(16, 4, 4, 3), _pair(64, 4, 4, 1), _pair(16, 1, 4, 1), _pair(32, 1, 4, 1), _pair(32, 2, 4, 1),
         _pair(16, 2, 4, 3), _pair(64, 2, 4, 1), _pair(32, 4, 4, 3), _pair(16, 8, 4, 1), _pair(64, 8, 4, 1),
         _pair(128, 4, 8, 1), _pair(8, 4, 4, 1),
+        # best per 1B shape in the exploration (H100): 8192x2048, 2048x8192, 3072x2048, 16384x2048
+        _pair(16, 4, 4, 1, 2, 1), _pair(32, 4, 4, 1, 4, 0), _pair(32, 8, 4, 1, 2, 1), _pair(64, 2, 4, 1, 1, 1),
+        _pair(64, 4, 4, 1, 1, 1), _pair(32, 8, 4, 1, 1, 1),
         _c(4, 16, 128, 1, 4, 2), _c(4, 16, 256, 1, 4, 2), _c(4, 32, 256, 1, 4, 2), _c(4, 16, 512, 1, 4, 2),
         _c(4, 32, 128, 1, 4, 3), _c(4, 8, 512, 1, 2, 2), _c(4, 16, 256, 2, 4, 2), _c(4, 32, 256, 2, 4, 2),
         _c(4, 16, 256, 4, 4, 2), _c(4, 64, 128, 1, 8, 2), _c(4, 32, 512, 1, 8, 2), _c(4, 16, 64, 1, 4, 2),
@@ -475,6 +508,10 @@ if triton_available():
             if c.meta.get("MODE") == "pair":
                 # the table holds 16-bit pairs: as exact as 16-bit activations need, not fp32
                 usable = x2.dtype in (torch.float16, torch.bfloat16)
+                per_split = (kp // group_size) // c.meta["SPLIT_K"]
+                if "BLOCK_G" in c.meta:  # the one-byte-pair refinements: M = 1 and LO = 8, HI = 0
+                    usable = usable and m == 1 and _pair_bits(bits, p) == (8, 0)
+                    usable = usable and per_split % c.meta["BLOCK_G"] == 0
                 if usable and (kp // group_size) % c.meta["SPLIT_K"] == 0:
                     keep.append(c)
                 continue
