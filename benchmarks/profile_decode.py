@@ -69,7 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--variants", default="standard,lut-4bit,lut-4bit+sparsity-50")
-    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--model", choices=("1b", "8b"), default="1b")
+    parser.add_argument("--layers", type=int, default=None, help="default: all of the model's layers")
+    parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--budget-s", type=float, default=400.0)
@@ -77,7 +79,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     import transformers
 
-    from transfigure.models import llama_1b_config
+    from transfigure.models import llama_1b_config, llama_8b_config
 
     recorder = _SkipRecorder()
     torch._logging.set_logs(perf_hints=True)
@@ -86,13 +88,14 @@ def main() -> None:
 
     t0 = time.time()
     torch.manual_seed(0)
-    config = llama_1b_config(num_hidden_layers=args.layers)
+    make_config = llama_1b_config if args.model == "1b" else llama_8b_config
+    config = make_config(**({"num_hidden_layers": args.layers} if args.layers else {}))
     config._attn_implementation = "sdpa"
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
     model.requires_grad_(False)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = {**environment("cuda"), "layers": args.layers, "variants": []}
+    results = {**environment("cuda"), "model": f"llama-{args.model}", "layers": config.num_hidden_layers, "variants": []}
     for variant in args.variants.split(","):
         if time.time() - t0 > args.budget_s:
             print(f"skipping {variant}: time budget spent", flush=True)
@@ -115,7 +118,7 @@ def main() -> None:
         res["cudagraph_skips"] = sorted(set(recorder.messages))
         res["cudagraph_skip_count"] = int(sum(counters["inductor"].get(k, 0) for k in counters["inductor"] if "cudagraph_skip" in k))
         try:
-            res["kernels"], res["launches_per_step"] = kernel_table(step, res.pop("inputs"), steps=8)
+            res["kernels"], res["launches_per_step"] = kernel_table(step, res.pop("inputs"), steps=args.profile_steps)
         except Exception as error:
             res["kernels"], res["profile_error"] = [], f"{type(error).__name__}: {error}"[:400]
         results["variants"].append(res)
