@@ -159,3 +159,8 @@ def test_every_gemv_config_of_one_byte_pairs_matches_reference(bits, p, group, k
         actual = lut_linear_triton(x, *args, config=config).float()
         err = ((actual - expected).norm() / expected.norm()).item()
         assert err < 3e-3, (config.describe(), err)
+    # split-K at M = 1: the last program of each tile reduced the partials and reset its arrival counter
+    from transfigure.kernels.lut_gemm import _COUNTERS
+
+    assert any(c.meta["SPLIT_K"] > 1 for c in refined)
+    assert int(_COUNTERS[x.device].abs().sum()) == 0

@@ -247,8 +247,9 @@ if triton_available():
         _store_tile(y_ptr, bias_ptr, tl.sum(acc, axis=2), ms, rows, m_mask, row_mask, N, SPLIT_K, HAS_BIAS)
 
     @triton.jit
-    def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, N, bytes_per_row,
-                               plane1_bytes, n_groups, groups_per_split, BLOCK_N: tl.constexpr, G: tl.constexpr,
+    def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, N,
+                               bytes_per_row, plane1_bytes, n_groups, groups_per_split, BLOCK_N: tl.constexpr,
+                               G: tl.constexpr,
                                LO: tl.constexpr, HI: tl.constexpr, HALF_IS_BF16: tl.constexpr,
                                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
                                XSPLIT: tl.constexpr):
@@ -305,7 +306,20 @@ if triton_available():
                 out_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + rows, out_acc.to(y_ptr.dtype.element_ty), mask=row_mask)
         else:
-            tl.atomic_add(y_ptr + rows, out_acc, mask=row_mask)
+            # Split-K without a zeroed fp32 output and a cast kernel (two extra launches per linear, 4-5% of an
+            # 8B decode step): each program stores its partial sums, and the LAST program of the row tile to
+            # arrive (a per-tile counter, reset by that program) adds them up, adds the bias, writes y.
+            tl.store(work_ptr + pid_k * N + rows, out_acc, mask=row_mask)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for part in tl.static_range(SPLIT_K):
+                    total += tl.load(work_ptr + part * N + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
 
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
@@ -356,40 +370,57 @@ if triton_available():
         bit-plane-1 bits (3-bit codes: 4 + 2 bits).
 
         Cached per table storage and version (the entry holds the table, so its address cannot be reused
-        while cached), so decode steps only gather. On CUDA the cached copy is built by a short-lived helper
-        thread: during warm-up, CUDA-graph trees route every allocation of the calling THREAD into their
-        private pool (``_cuda_beginAllocateCurrentThreadToPool``), and a cached tensor living there is an
-        untracked live allocation that the next replay may overwrite (Inductor refuses it).
+        while cached), so decode steps only gather; built outside CUDA-graph pools (``_outside_graph_pools``).
         """
         key = (table.device, table.data_ptr(), table._version, tuple(table.shape), half, bits, p)
         hit = _PAIR_TABLES.get(key)
         if hit is not None:
             return hit[1]
-        if not table.is_cuda:
-            pairs = _build_pair_table(table, bits, p, half)
-        elif torch.cuda.is_current_stream_capturing():
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
             return _build_pair_table(table, bits, p, half)  # part of the captured graph, not cached
-        else:
-            import threading
-
-            torch.cuda.current_stream(table.device).synchronize()  # once per table: the helper reads it
-            built: list[torch.Tensor] = []
-
-            def build() -> None:
-                with torch.cuda.device(table.device):
-                    built.append(_build_pair_table(table, bits, p, half))
-                    torch.cuda.current_stream().synchronize()
-
-            helper = threading.Thread(target=build, name="transfigure-pair-table")
-            helper.start()
-            helper.join()
-            if not built:
-                raise RuntimeError("building the LUT pair table failed on its helper thread")
-            pairs = built[0]
+        pairs = _outside_graph_pools(table.device, lambda: _build_pair_table(table, bits, p, half))
         if len(_PAIR_TABLES) >= 64:  # a few tables per model; bound the cache if tables keep changing
             _PAIR_TABLES.pop(next(iter(_PAIR_TABLES)))
         _PAIR_TABLES[key] = (table, pairs)
         return pairs
+
+    def _outside_graph_pools(device: torch.device, build):
+        """``build()`` for a tensor that outlives this call (a cache entry). On CUDA it runs on a short-lived
+        helper thread: during warm-up, CUDA-graph trees route every allocation of the calling THREAD into
+        their private pool (``_cuda_beginAllocateCurrentThreadToPool``), and a cached tensor living there is an
+        untracked live allocation that the next replay may overwrite (Inductor refuses it)."""
+        if device.type != "cuda":
+            return build()
+        import threading
+
+        torch.cuda.current_stream(device).synchronize()  # the helper may read what this stream wrote
+        built: list[torch.Tensor] = []
+
+        def run() -> None:
+            with torch.cuda.device(device):
+                built.append(build())
+                torch.cuda.current_stream().synchronize()
+
+        helper = threading.Thread(target=run, name="transfigure-cache-alloc")
+        helper.start()
+        helper.join()
+        if not built:
+            raise RuntimeError("building a cached tensor failed on its helper thread")
+        return built[0]
+
+    _COUNTERS: dict = {}
+
+    def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+        """Zeroed int32 arrival counters of split-K tiles, one per output tile, shared by every launch on
+        ``device`` (launches on one stream run one after another; each kernel leaves its counters at zero)."""
+        counters = _COUNTERS.get(device)
+        if counters is None or counters.numel() < tiles:
+            size = max(tiles, 1 << 16)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("LUT split-K counters must exist before CUDA-graph capture (run once eagerly)")
+            counters = _COUNTERS[device] = _outside_graph_pools(
+                device, lambda: torch.zeros(size, dtype=torch.int32, device=device))
+        return counters
 
     def _launch_pair(config, x2, codes, scales, bias, table, n, kp, n_groups, plane1_base, bits, p, group_size):
         meta = config.meta
@@ -398,26 +429,29 @@ if triton_available():
         pairs = pair_table(table, bits, p, x2.dtype)
         code_bytes = codes.view(torch.uint8)
         grid = (triton.cdiv(n, bn), split)
-        if split == 1:
-            y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        else:
-            y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
         bias_arg = bias if bias is not None else scales
         lo_bits, hi_bits = _pair_bits(bits, p)
         plane1_bytes = 4 * plane1_base  # words -> bytes
         if m == 1:
+            y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+            work = torch.empty(split, n, dtype=torch.float32, device=x2.device) if split > 1 else y
+            counts = _tile_counters(x2.device, grid[0]) if split > 1 else y
             _lut_pair_gemv1_kernel[grid](
-                x2, code_bytes, scales, pairs, bias_arg, y, n, code_bytes.shape[1], plane1_bytes, n_groups,
+                x2, code_bytes, scales, pairs, bias_arg, y, work, counts, n, code_bytes.shape[1], plane1_bytes, n_groups,
                 n_groups // split, BLOCK_N=bn, G=group_size, LO=lo_bits, HI=hi_bits,
                 HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
                 BLOCK_G=meta.get("BLOCK_G", 1), XSPLIT=meta.get("XSPLIT", 0),
                 num_warps=config.num_warps, num_stages=config.num_stages)
+            return y
+        if split == 1:
+            y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         else:
-            _lut_pair_kernel[grid](
-                x2, code_bytes, scales, pairs, bias_arg, y, m, n, kp, code_bytes.shape[1], plane1_bytes, n_groups,
-                n_groups // split, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, G=group_size, LO=lo_bits,
-                HI=hi_bits, HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+            y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+        _lut_pair_kernel[grid](
+            x2, code_bytes, scales, pairs, bias_arg, y, m, n, kp, code_bytes.shape[1], plane1_bytes, n_groups,
+            n_groups // split, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, G=group_size, LO=lo_bits,
+            HI=hi_bits, HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
+            num_warps=config.num_warps, num_stages=config.num_stages)
         if split > 1:
             if bias is not None:
                 y += bias.to(torch.float32)
