@@ -39,7 +39,8 @@ def run_variant(model, name, options, prompt, new_tokens, max_len, lowering="ind
     import transfigure.passes.ladder  # noqa: F401
 
     torch._dynamo.reset()
-    backend = transfigure.backend(lowering=lowering, **options)
+    # options None: Inductor itself (backend="inductor"), the baseline transfigure must not lose to
+    backend = "inductor" if options is None else transfigure.backend(lowering=lowering, **options)
     # mode="reduce-overhead" exactly as transformers' CompileConfig passes it (the path the e2e benchmark runs);
     # forcing triton.cudagraphs through inductor_config instead crashed in Inductor's launcher on torch 2.11
     mode = "reduce-overhead" if (cudagraphs and lowering == "inductor") else None
