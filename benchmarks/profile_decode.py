@@ -150,6 +150,12 @@ def main() -> None:
         res.pop("reset_length")()
         res.pop("logits"), res.pop("tokens")
         res["cudagraph_skips"] = sorted(set(recorder.messages))
+        try:  # the LUT GEMV config the autotuner chose per shape (M, N, K_pad, bits, ...)
+            from transfigure.kernels import lut_gemm
+
+            res["lut_configs"] = {str(key[0]): config.describe() for key, config in lut_gemm._CHOSEN.items()}
+        except Exception:  # noqa: BLE001
+            pass
         res["cudagraph_skip_count"] = int(sum(counters["inductor"].get(k, 0) for k in counters["inductor"] if "cudagraph_skip" in k))
         try:
             res["kernels"], res["launches_per_step"] = kernel_table(step, res.pop("inputs"), steps=args.profile_steps)
@@ -158,6 +164,8 @@ def main() -> None:
         results["variants"].append(res)
         print(f"{variant}: step {res['step_ms_median']:.3f} ms ({res['tokens_per_s']:.0f} tok/s), launches/step "
               f"{res.get('launches_per_step')}, cudagraph skips {res['cudagraph_skips'] or 'none'}", flush=True)
+        for shape, config in res.get("lut_configs", {}).items():
+            print(f"   LUT {shape}: {config}", flush=True)
         for row in res["kernels"][:18]:
             print(f"   {row['us_per_step']:8.1f} us  x{row['per_step']:5.1f}  {row['kernel']}", flush=True)
         with open(os.path.join(args.out, "profile_decode.json"), "w") as handle:

@@ -163,4 +163,5 @@ def test_every_gemv_config_of_one_byte_pairs_matches_reference(bits, p, group, k
     from transfigure.kernels.lut_gemm import _COUNTERS
 
     assert any(c.meta["SPLIT_K"] > 1 for c in refined)
+    assert any(c.meta.get("NIBBLE") for c in refined) == ((bits, p) == (4, 1))
     assert int(_COUNTERS[x.device].abs().sum()) == 0

@@ -252,14 +252,17 @@ if triton_available():
                                G: tl.constexpr,
                                LO: tl.constexpr, HI: tl.constexpr, HALF_IS_BF16: tl.constexpr,
                                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
-                               XSPLIT: tl.constexpr):
+                               XSPLIT: tl.constexpr, NIBBLE: tl.constexpr):
         """``_lut_pair_kernel`` for exactly one row of ``x``, with 2-D tiles (the 3-D [1, BLOCK_N, bytes]
         tiles of the general kernel measured 1.4x slower at M = 1 on an H100).
 
         For one-byte pairs (LO = 8: 4-bit scalar and 4-bit p = 2 codes) two refinements measured faster on
         an H100 (``benchmarks/explore_lut_gemv.py``, 1B shapes): BLOCK_G groups per loop step (more code bytes
         in flight) and XSPLIT, one contiguous activation load split into even / odd columns instead of two
-        strided loads (1.2x on 16384 x 2048)."""
+        strided loads (1.2x on 16384 x 2048). NIBBLE (4-bit scalar codes only): two lookups per byte in the
+        16-entry fp32 grid (``pairs_ptr`` is then the grid) instead of one in the 256-entry pair table: twice
+        the gathers, but each warp's gather touches one 64-byte line instead of up to eight 128-byte lines of
+        a 1 KB table, which is what an L1 gather pays for."""
         UPB: tl.constexpr = 8 // LO
         NB: tl.constexpr = G * LO // 16
         pid_n = tl.program_id(0)
@@ -268,7 +271,7 @@ if triton_available():
         row_mask = rows < N
         bs = tl.arange(0, NB)
         g_start = pid_k * groups_per_split
-        if BLOCK_G == 1 and XSPLIT == 0:
+        if BLOCK_G == 1 and XSPLIT == 0 and NIBBLE == 0:
             row_base = codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row
             acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
             for grp in range(g_start, g_start + groups_per_split):
@@ -291,7 +294,11 @@ if triton_available():
                 byte = tl.load(row_base3 + grp * NB + offs, mask=row_mask[:, None, None], other=0).to(tl.int32)
                 s = tl.load(scales_ptr + rows[:, None] * n_groups + grp + gs[None, :], mask=row_mask[:, None],
                             other=0.0).to(tl.float32)
-                first, second = _unpack_pair(tl.load(pairs_ptr + byte), HALF_IS_BF16)
+                if NIBBLE:
+                    first = tl.load(pairs_ptr + (byte & 15))
+                    second = tl.load(pairs_ptr + (byte >> 4))
+                else:
+                    first, second = _unpack_pair(tl.load(pairs_ptr + byte), HALF_IS_BF16)
                 if XSPLIT:
                     xx = tl.load(x_ptr + grp * G + tl.arange(0, BLOCK_G * G)).to(tl.float32)
                     x_first, x_second = tl.split(tl.reshape(xx, [BLOCK_G, NB, 2]))
@@ -426,7 +433,8 @@ if triton_available():
         meta = config.meta
         m = x2.shape[0]
         bn, split = meta["BLOCK_N"], meta["SPLIT_K"]
-        pairs = pair_table(table, bits, p, x2.dtype)
+        nibble = meta.get("NIBBLE", 0)
+        pairs = table.reshape(-1) if nibble else pair_table(table, bits, p, x2.dtype)  # fp32 grid for NIBBLE
         code_bytes = codes.view(torch.uint8)
         grid = (triton.cdiv(n, bn), split)
         bias_arg = bias if bias is not None else scales
@@ -440,7 +448,7 @@ if triton_available():
                 x2, code_bytes, scales, pairs, bias_arg, y, work, counts, n, code_bytes.shape[1], plane1_bytes, n_groups,
                 n_groups // split, BLOCK_N=bn, G=group_size, LO=lo_bits, HI=hi_bits,
                 HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
-                BLOCK_G=meta.get("BLOCK_G", 1), XSPLIT=meta.get("XSPLIT", 0),
+                BLOCK_G=meta.get("BLOCK_G", 1), XSPLIT=meta.get("XSPLIT", 0), NIBBLE=nibble,
                 num_warps=config.num_warps, num_stages=config.num_stages)
             return y
         if split == 1:
@@ -492,10 +500,12 @@ if triton_available():
     def _c(bm, bn, bk, split, warps, stages):
         return Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, warps, stages)
 
-    def _pair(bn, split, warps, stages, block_g=1, xsplit=0):
+    def _pair(bn, split, warps, stages, block_g=1, xsplit=0, nibble=0):
         meta = {"MODE": "pair", "BLOCK_N": bn, "SPLIT_K": split}
-        if block_g > 1 or xsplit:  # M = 1, one-byte pairs (4-bit codes) only: see _lut_pair_gemv1_kernel
+        if block_g > 1 or xsplit or nibble:  # M = 1, one-byte pairs (4-bit codes) only: _lut_pair_gemv1_kernel
             meta.update(BLOCK_G=block_g, XSPLIT=xsplit)
+        if nibble:  # 4-bit scalar codes only
+            meta["NIBBLE"] = 1
         return Config(meta, warps, stages)
 
     # configs[0] of each regime is what interpreter mode (CI) uses. The pair kernel (first 12) is 1.1-1.5x
@@ -508,6 +518,9 @@ if triton_available():
         # best per 1B shape in the exploration (H100): 8192x2048, 2048x8192, 3072x2048, 16384x2048
         _pair(16, 4, 4, 1, 2, 1), _pair(32, 4, 4, 1, 4, 0), _pair(32, 8, 4, 1, 2, 1), _pair(64, 2, 4, 1, 1, 1),
         _pair(64, 4, 4, 1, 1, 1), _pair(32, 8, 4, 1, 1, 1),
+        _pair(16, 4, 4, 1, 2, 1, 1), _pair(32, 4, 4, 1, 4, 0, 1), _pair(32, 8, 4, 1, 2, 1, 1),
+        _pair(64, 2, 4, 1, 1, 1, 1), _pair(64, 4, 4, 1, 1, 1, 1), _pair(32, 8, 4, 1, 1, 1, 1),
+        _pair(128, 4, 8, 1, 1, 1, 1), _pair(64, 8, 8, 1, 2, 1, 1),
         _c(4, 16, 128, 1, 4, 2), _c(4, 16, 256, 1, 4, 2), _c(4, 32, 256, 1, 4, 2), _c(4, 16, 512, 1, 4, 2),
         _c(4, 32, 128, 1, 4, 3), _c(4, 8, 512, 1, 2, 2), _c(4, 16, 256, 2, 4, 2), _c(4, 32, 256, 2, 4, 2),
         _c(4, 16, 256, 4, 4, 2), _c(4, 64, 128, 1, 8, 2), _c(4, 32, 512, 1, 8, 2), _c(4, 16, 64, 1, 4, 2),
@@ -545,6 +558,7 @@ if triton_available():
                 per_split = (kp // group_size) // c.meta["SPLIT_K"]
                 if "BLOCK_G" in c.meta:  # the one-byte-pair refinements: M = 1 and LO = 8, HI = 0
                     usable = usable and m == 1 and _pair_bits(bits, p) == (8, 0)
+                    usable = usable and (not c.meta.get("NIBBLE") or (bits, p) == (4, 1))
                     usable = usable and per_split % c.meta["BLOCK_G"] == 0
                 if usable and (kp // group_size) % c.meta["SPLIT_K"] == 0:
                     keep.append(c)
