@@ -203,3 +203,17 @@ def test_backward_autotune_prunes_the_configs_that_crashed_in_bf16():
         kept = la._prune_bwd(la._bwd_configs, args)
         assert (len(kept) == len(la._bwd_configs)) == want_all
         assert want_all or all(c.meta["BV_DQKV"] >= 64 for c in kept) and kept
+
+
+@settings(max_examples=6)
+@given(**shapes)
+def test_every_forward_config_matches_reference(B, Hk, G, T, K, V, chunk, gated, seed):
+    """Segment-parallel state passes (SEG > 1: segments from a zero state plus the prefix of their totals) and
+    the sequential one agree with the definition; gated inputs run SEG configs with one segment."""
+    from transfigure.kernels.linear_attention import _all_fwd_configs, _fwd_launch
+
+    q, k, v, g = make(seed, B, Hk, G, T + 3 * chunk, K, V, gated)
+    expected = linear_attention_reference(q.double(), k.double(), v.double(), None if g is None else g.double(), 0.5, chunk)
+    assert any(c.meta.get("SEG", 1) > 1 for c in _all_fwd_configs)
+    for config in _all_fwd_configs:
+        assert rel(_fwd_launch(config, q, k, v, g, 0.5, chunk), expected) < 1e-4, config.describe()

@@ -189,12 +189,18 @@ if triton_available():
 
     @triton.jit
     def _chunk_state_fwd(
-        k_ptr, v_ptr, g_ptr, h_ptr, T, NT, K, V,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+        k_ptr, v_ptr, g_ptr, h_ptr, tot_ptr, T, NT, K, V, CPS,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, NSEG: tl.constexpr,
     ):
+        """State before each chunk, ``h[n] = sum_{t < n*BT} k_t v_t^T`` (gated: decayed), one program per
+        (K block, V block, head, segment). With NSEG > 1 (ungated) the chunks are cut into NSEG segments of CPS
+        chunks that run in parallel from a zero state; each also stores its segment's total (``tot``), and the
+        output kernel adds the exclusive prefix of those totals. At B1 H16 a single sequential chain over 512
+        chunks (T = 32K) left most of the GPU idle."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
-        i_bh = tl.program_id(2)
+        i_bh = tl.program_id(2) // NSEG
+        seg = tl.program_id(2) % NSEG
         offs_k = i_k * BK + tl.arange(0, BK)
         offs_v = i_v * BV + tl.arange(0, BV)
         offs_t = tl.arange(0, BT)
@@ -205,7 +211,9 @@ if triton_available():
         g_base = g_ptr + i_bh.to(tl.int64) * T * K
         h_base = h_ptr + i_bh.to(tl.int64) * NT * K * V
         acc = tl.zeros([BK, BV], dtype=tl.float32)
-        for n in range(NT):
+        first = seg * CPS
+        last = tl.minimum(first + CPS, NT)
+        for n in range(first, last):
             tl.store(
                 h_base + n * K * V + offs_k[:, None] * V + offs_v[None, :],
                 acc.to(h_ptr.dtype.element_ty),
@@ -222,11 +230,14 @@ if triton_available():
                 acc = acc * tl.exp(b_last)[:, None]
                 kt = (kt.to(tl.float32) * tl.exp(b_last[:, None] - b)).to(vt.dtype)
             acc += tl.dot(kt.to(vt.dtype), vt)
+        if NSEG > 1:
+            tl.store(tot_ptr + (i_bh.to(tl.int64) * NSEG + seg) * K * V + offs_k[:, None] * V + offs_v[None, :], acc,
+                     mask=mk[:, None] & mv[None, :])
 
     @triton.jit
     def _chunk_output_fwd(
-        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, scale, T, NT, H, G, K, V,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, p_ptr, o_ptr, scale, T, NT, H, G, K, V, CPS,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, NSEG: tl.constexpr,
     ):
         i_v = tl.program_id(0)
         n = tl.program_id(1)
@@ -246,6 +257,10 @@ if triton_available():
             h_ptr + (i_kvh.to(tl.int64) * NT + n) * K * V + offs_k[:, None] * V + offs_v[None, :],
             mask=mk[:, None] & mv[None, :], other=0.0,
         )
+        if NSEG > 1:  # the state of the earlier segments (exclusive prefix of their totals, fp32)
+            prefix = tl.load(p_ptr + (i_kvh.to(tl.int64) * NSEG + n // CPS) * K * V + offs_k[:, None] * V + offs_v[None, :],
+                             mask=mk[:, None] & mv[None, :], other=0.0)
+            h = (h.to(tl.float32) + prefix).to(h_ptr.dtype.element_ty)
         if USE_G:
             gg = tl.load(g_ptr + i_kvh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
             b = tl.cumsum(gg, axis=0)
@@ -405,14 +420,20 @@ if triton_available():
         g_arg = g if gated else k
         BKs = _split_block(K, config.meta["BK_STATE"])
         BVs = _split_block(V, config.meta["BV_STATE"])
-        _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk)](
-            k, v, g_arg, h, T, NT, K, V, BT=BT, BK=BKs, BV=BVs, USE_G=gated,
+        # segments run the state pass in parallel (ungated only: a gated prefix would need the decays between)
+        nseg = 1 if gated else max(1, min(config.meta.get("SEG", 1), NT))
+        cps = triton.cdiv(NT, nseg)
+        nseg = triton.cdiv(NT, cps)
+        tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32) if nseg > 1 else h
+        _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)](
+            k, v, g_arg, h, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
+        prefix = (torch.cumsum(tot, 1) - tot).contiguous() if nseg > 1 else h
         BVo = _split_block(V, config.meta["BV_OUT"])
         _chunk_output_fwd[(triton.cdiv(V, BVo), NT, B * H)](
-            q, k, v, g_arg, h, o, float(scale), T, NT, H, H // Hk, K, V, BT=BT, BK=_pow2(K), BV=BVo, USE_G=gated,
-            num_warps=config.meta["OUT_WARPS"], num_stages=config.meta["OUT_STAGES"],
+            q, k, v, g_arg, h, prefix, o, float(scale), T, NT, H, H // Hk, K, V, cps, BT=BT, BK=_pow2(K), BV=BVo,
+            USE_G=gated, NSEG=nseg, num_warps=config.meta["OUT_WARPS"], num_stages=config.meta["OUT_STAGES"],
         )
         return o
 
@@ -422,6 +443,11 @@ if triton_available():
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2}, num_warps=4, num_stages=3),
         Config({"BK_STATE": 32, "BV_STATE": 32, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 3}, num_warps=2, num_stages=3),
         Config({"BK_STATE": 128, "BV_STATE": 64, "BV_OUT": 32, "OUT_WARPS": 4, "OUT_STAGES": 2}, num_warps=8, num_stages=2),
+        # segment-parallel state pass (ungated; gated inputs run these with one segment)
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 8}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 128, "OUT_WARPS": 8, "OUT_STAGES": 2, "SEG": 16}, num_warps=4, num_stages=3),
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 32}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 4}, num_warps=4, num_stages=3),
     ]
 
     def _key(q, k, v, g, scale, chunk_size, *rest):
@@ -446,7 +472,7 @@ if triton_available():
         BVs = _split_block(V, config.meta["BV_STATE"])
         grid = (triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk)
         _chunk_state_fwd[grid](
-            k, v, g_arg, h, T, NT, K, V, BT=BT, BK=BKs, BV=BVs, USE_G=gated,
+            k, v, g_arg, h, h, T, NT, K, V, NT, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=1,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         _chunk_state_bwd[grid](
