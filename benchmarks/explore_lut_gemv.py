@@ -18,6 +18,12 @@ Result on an H100 (2026-11-24, triton 3.6; cuBLAS bf16 41.8 / 44.5 / 10.9 us for
 visited the 8 nibbles of each int32 word with strided activation loads) 70.7 / 72.2 / 23.8, tile 51.7 / 53.4 /
 16.4 us. Decoding without any table (``int``) was no faster than with one, so the per-weight load and unpack
 work, not the lookup, dominated; the pair layout halves it and became the decode kernel of ``lut_gemm``.
+
+Second run (2026-11-24, ``--variants pair,v2 --shapes 1b``, ``explore_lut_gemv_1b.json``): the v2 flags of
+``_pair_v2_kernel`` — BLOCK_G groups per loop step, XSPLIT (one contiguous activation load split into even/odd
+columns), REDUCE (per-step row sums). Best vs plain pair, us: 8192x2048 13.2 -> 11.7, 2048x8192 16.9 -> 11.7,
+16384x2048 21.9 -> 18.0 (cuBLAS 25.2), 3072x2048 8.3 -> 7.5 (the tile kernel 7.4), 2048x2048 7.6 -> 6.9 (tile 6.3).
+XSPLIT mattered most; the winners became configs of ``_lut_pair_gemv1_kernel``.
 """
 
 from __future__ import annotations
