@@ -85,6 +85,15 @@ def parse_compile_options(
     return compiler, passes
 
 
+def _storage_ptr(value: Any) -> int | None:
+    if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+        return None
+    try:
+        return value.untyped_storage().data_ptr() or None
+    except Exception:  # fake / functional tensors have no real storage
+        return None
+
+
 def _flat_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -186,11 +195,14 @@ def run_pipeline(view: GraphView, passes: Sequence[Pass], compiler: CompilerOpti
         result.pass_name = result.pass_name or graph_pass.name
         view.recompile()
         seconds = time.perf_counter() - start
+        # a new input that views storage the graph already had (lut_fuse's span over sibling codes) adds no memory
+        known_storage = {_storage_ptr(p.value) for p in view.placeholders[: len(view.example_inputs) + extra_before]}
         for placeholder in view.placeholders[len(view.example_inputs) + extra_before :]:
             tensor = placeholder.value
+            shared = _storage_ptr(tensor) in known_storage - {None}
             result.tensors_added.append(
                 TensorRecord(placeholder.fqn or placeholder.node.name, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""),
-                             placeholder.trainable, tensor.numel() * tensor.element_size())
+                             placeholder.trainable, 0 if shared else tensor.numel() * tensor.element_size())
             )
         after_code = view.gm.code
         verify_error = None
