@@ -85,8 +85,16 @@ class LUTFusePass(Pass):
 
     @staticmethod
     def _fqn(graph: GraphView, node: fx.Node) -> str:
+        """The linear's FQN: from its site (LoRA moves that to its add node), else from its codes input."""
         site = node.meta.get("transfigure_linear")
-        return getattr(site, "fqn", None) or node.name
+        if getattr(site, "fqn", None):
+            return site.fqn
+        holder = graph.placeholder(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+        name = getattr(holder, "fqn", None) or ""
+        for suffix in (".weight.lut_codes", ".lut_codes"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return node.name
 
     def _fuse(self, graph: GraphView, members: list[fx.Node], no_bias: bool) -> str:
         # row blocks in storage order
@@ -98,6 +106,8 @@ class LUTFusePass(Pass):
         signs = [graph.tensor(m.args[4]) if isinstance(m.args[4], fx.Node) else None for m in members]
         if any((s is None) != (signs[0] is None) or (s is not None and not torch.equal(s, signs[0])) for s in signs):
             return "different Hadamard signs"
+        # the weights the fused codes derive from (for the stale-weight check). After LoRA a member has no site
+        # meta any more; its own codes input already registered its weight with the check, so nothing is lost.
         weights = []
         for m in members:
             site = m.meta.get("transfigure_linear")
