@@ -39,6 +39,15 @@ def test_decode_bench_on_cpu_through_generate(tmp_path):
     assert (tmp_path / "e2e_decode.md").exists() and (tmp_path / "e2e_decode.png").exists()
 
 
+def test_decode_bench_step_loop_on_cpu(tmp_path):
+    result = bench.run(models=["llama"], new_tokens=[4], variants=["inductor", "transfigure+lut-4bit"], prompt_len=8,
+                       device="cpu", out_dir=tmp_path, progress=False, warm_compile=False, lowering="eager", loop="step")
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in rows.values()), rows
+    assert result["loop"] == "step" and (tmp_path / "e2e_decode_step_loop.md").exists()
+    assert "transfigure.generate" in (tmp_path / "e2e_decode_step_loop.md").read_text()
+
+
 def test_cli_training_bench(tmp_path, capsys):
     code = main(["bench", "--training", "--models", "llama", "--train-variants", "transfigure-lora", "--train-batch", "1",
                  "--seq-len", "8", "--steps", "1", "--device", "cpu", "--lowering", "eager", "--lora-rank", "2",

@@ -175,7 +175,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print(bench.training_markdown(result))
         return 0
     result = bench.run(args.models, args.batch, args.new_tokens, args.variants, args.prompt_len, args.device, args.out,
-                       warm_compile=not args.no_warm, lowering=args.lowering)
+                       warm_compile=not args.no_warm, lowering=args.lowering, loop=args.loop)
     print(bench.markdown(result))
     return 0
 
@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--no-static-launcher", action="store_true", help="Inductor's use_static_cuda_launcher = False")
     p_bench.add_argument("--lowering", choices=("inductor", "eager"), default="inductor",
                          help="what runs the rewritten graphs (eager: quick CPU smoke runs)")
+    p_bench.add_argument("--loop", choices=("generate", "step"), default="generate",
+                         help="generate: transformers' generate() (the issue's harness); step: transfigure.generate, a "
+                              "compiled one-token step without a host sync per token, for Inductor and transfigure alike")
     p_bench.add_argument("--training", action="store_true",
                          help="training-step benchmark instead of decode: full fine-tuning, LoRA, GaLore")
     p_bench.add_argument("--train-variants", nargs="*", default=list(TRAINING_VARIANTS))
