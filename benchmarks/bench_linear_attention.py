@@ -478,7 +478,35 @@ def plot(out_dir: str, results: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def quality(out_dir: str, steps: int, lr: float) -> dict:
+def _stage2(model, kw: dict, state, steps: int, lr: float, seed: int = 11) -> float:
+    """LoLCATs stage 2: LoRA (r=8 on q/k/v/o) trained with the LM loss on the linearized model, feature maps frozen.
+    Returns the eval loss after ``steps`` AdamW steps. Runs through the compiler (linearize + lora passes)."""
+    import transfigure
+    from transfigure.models import byte_batches, eval_loss
+    from transfigure.passes import lora
+
+    torch._dynamo.reset()
+    model.requires_grad_(False)
+    backend = transfigure.backend(lowering="eager", linearize={**kw, "state": state} if state else kw,
+                                  lora={"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    compiled = torch.compile(model, backend=backend)
+    batches = byte_batches(8, 128, "train", seed=seed)
+    tokens = next(batches)
+    loss = compiled(input_ids=tokens, labels=tokens).loss
+    optimizer = torch.optim.AdamW(lora.lora_parameters(model), lr=lr)
+    for _ in range(steps):
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = next(batches)
+        loss = compiled(input_ids=tokens, labels=tokens).loss
+    result = eval_loss(compiled)
+    lora.remove_lora(model)
+    torch._dynamo.reset()
+    return result
+
+
+def quality(out_dir: str, steps: int, lr: float, stage2_steps: int = 200, stage2_lr: float = 2e-3) -> dict:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     from transfigure.models import byte_batches, eval_loss, trained_tiny_llama
     from transfigure.passes.attention_transfer import attention_transfer_loss, distill_attention
@@ -487,6 +515,7 @@ def quality(out_dir: str, steps: int, lr: float) -> dict:
     model = trained_tiny_llama()
     results = {"env": environment(), "model": "trained_tiny_llama() (byte-level, hidden 64, 2 layers, 300 steps on pydoc_data.topics)",
                "eval": "transfigure.models.eval_loss (8 batches x 8 x 128 bytes, eval split)", "steps": steps, "lr": lr,
+               "stage2": f"LoRA r=8 alpha 16 on q/k/v/o, {stage2_steps} AdamW steps at lr {stage2_lr}, 8 x 128 bytes, feature maps frozen",
                "original": eval_loss(model), "runs": []}
     print("original", results["original"], flush=True)
     train = list(byte_batches(8, 128, "train", seed=5, count=steps))
@@ -501,13 +530,17 @@ def quality(out_dir: str, steps: int, lr: float) -> dict:
         t = time.time()
         state = distill_attention(model, train, steps=steps, lr=lr, progress=False, **kw)
         run["distill_seconds"] = time.time() - t
+        gap = before - results["original"]
         if state:
             linearize_reference(model, fm, win, window_size=ws, state=state)
             run["after_transfer"] = eval_loss(model)
             restore_reference(model)
             run["transfer_mse_after"] = attention_transfer_loss(model, probe, state, **kw)
-            gap = before - results["original"]
             run["gap_closed"] = (before - run["after_transfer"]) / gap if gap > 0 else None
+        if stage2_steps:
+            run["after_stage2"] = _stage2(model, kw, state, stage2_steps, stage2_lr)
+            run["stage2_without_transfer"] = _stage2(model, kw, None, stage2_steps, stage2_lr)
+            run["gap_closed_stage2"] = (before - run["after_stage2"]) / gap if gap > 0 else None
         results["runs"].append(run)
         print(run, flush=True)
     os.makedirs(out_dir, exist_ok=True)
@@ -522,6 +555,7 @@ if __name__ == "__main__":
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--stage2-steps", type=int, default=200, help="LoRA steps of LoLCATs stage 2 (0: skip)")
     parser.add_argument("--budget", type=float, default=330.0)
     parser.add_argument("--worker")
     parser.add_argument("--first", type=int, default=0)
@@ -535,6 +569,6 @@ if __name__ == "__main__":
         saved = json.load(open(os.path.join(args.replot, "linear_attention.json")))
         collect(args.replot, {"env": saved["env"], "excluded_configs": saved.get("excluded_configs")})
     elif args.quality:
-        quality(args.out, args.steps, args.lr)
+        quality(args.out, args.steps, args.lr, args.stage2_steps)
     else:
         gpu(args.out, args.budget)

@@ -68,3 +68,14 @@ def test_op_gradients_equal_the_reference_autograd():
     (rnum.square().sum() + rden.sum()).backward()
     for got, want in zip(leaves, refs):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_gradient_to_values_only():
+    """Only v wants a gradient (frozen q/k/window factor): den depends on none of the inputs that need one."""
+    q, k, v, valid, factor = make(4, 1, 2, 2, 40, 16, 8)
+    v_leaf, v_ref = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    num, den = torch.ops.transfigure.window_attention(q, k, v_leaf, valid, factor, 16, 0.25, "lolcats")
+    (num.square().sum() + den.sum()).backward()
+    rnum, rden = window_attention_reference(q, k, v_ref, valid, factor, 16, 0.25, "lolcats")
+    (rnum.square().sum() + rden.sum()).backward()
+    torch.testing.assert_close(v_leaf.grad, v_ref.grad)

@@ -189,10 +189,11 @@ def _backward(ctx, grads):
     with torch.enable_grad():
         num, den = window_attention_reference(leaves[0], leaves[1], leaves[2], valid, leaves[3], window_size, scale, mode)
         inputs = [t for t in leaves if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(
-            [num, den], inputs,
-            [grad_num if grad_num is not None else torch.zeros_like(num), grad_den if grad_den is not None else torch.zeros_like(den)],
-            allow_unused=True) if inputs else []
+        # an output may not depend on any input that wants a gradient (den does not depend on v): leave it out
+        pairs = [(o, g if g is not None else torch.zeros_like(o)) for o, g in ((num, grad_num), (den, grad_den))
+                 if o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True) \
+            if inputs and pairs else [None] * len(inputs)
     by_leaf = dict(zip(map(id, inputs), grads))
     out = [by_leaf.get(id(t)) if t is not None else None for t in leaves]
     return out[0], out[1], out[2], None, out[3], None, None, None
