@@ -144,6 +144,29 @@ def test_mismatched_calibration_names_first_difference():
         torch.compile(deeper, backend=backend)(torch.randint(0, 256, (1, 4)))
     with pytest.raises(CalibrationMismatchError, match="gpt2|transformer.h.0"):
         calibration.check({"transformer.h.0.attn.c_attn": 64})
+    # a layer this graph holds must be complete; layers it does not hold (another graph's) are not asked for
+    layer0 = {fqn: site.in_features for fqn, site in calibration.site_of().items() if site.layer == 0}
+    calibration.check(layer0)
+    with pytest.raises(CalibrationMismatchError, match=r"model\.layers\.0\.mlp\.up_proj.*layer 0"):
+        calibration.check({k: v for k, v in layer0.items() if not k.endswith("up_proj")})
+
+
+def test_graph_fragments_after_a_graph_break():
+    """GPT-2 with labels compiles to two graphs (model, then the loss): the loss graph has no linears."""
+    model = tiny_model("gpt2")
+    calibration = calibrate(model, _random_batches(1), progress=False, greedy=False)
+    ids = torch.randint(0, 256, (2, 12))
+    torch._dynamo.reset()
+    backend = transfigure.backend(lowering="eager", sparsity={"calibration": calibration, "allocation": "uniform"},
+                                  ladder={"layers": "all"})
+    loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss)
+    assert len(backend.report.graphs) == 2
+    main, fragment = backend.report.graphs
+    by_name = {p.name: p for p in main.passes}
+    assert len(by_name["sparsity"].result.rewritten) == 4 * model.config.n_layer and by_name["ladder"].result.rewritten
+    assert [len(p.result.rewritten) for p in fragment.passes] == [0, 0]
+    assert any("graph break" in note for note in fragment.passes[0].result.notes)
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])

@@ -237,7 +237,21 @@ def _sparsify_decode_cuda(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return sparsify_decode_reference(x, threshold)
 
 
-sparsify_decode = define_op("sparsify_decode", sparsify_decode_reference, cuda=_sparsify_decode_cuda)
+def _sparsify_decode_setup(ctx, inputs, output):
+    x, threshold = inputs
+    ctx.save_for_backward(x)
+    ctx.threshold = threshold
+
+
+def _sparsify_decode_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    if _tokens(x) > MAX_SPARSE_TOKENS:  # the forward passed x through
+        return grad, None
+    return torch.where(x.abs() > ctx.threshold, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+
+
+sparsify_decode = define_op("sparsify_decode", sparsify_decode_reference, cuda=_sparsify_decode_cuda,
+                            backward=_sparsify_decode_backward, setup_context=_sparsify_decode_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------

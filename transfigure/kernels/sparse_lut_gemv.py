@@ -202,4 +202,25 @@ def _fake(x, codes, scales, table, bias, codes_t, scales_t, bits, group_size, in
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
-sparse_lut_linear = define_op("sparse_lut_linear", sparse_lut_linear_reference, cuda=_sparse_lut_linear_cuda, fake=_fake)
+def _setup_context(ctx, inputs, output):
+    x, codes, scales, table, bias, codes_t, scales_t, bits, group_size, in_features, threshold, *rest = inputs
+    ctx.save_for_backward(x, codes, scales, table)
+    ctx.meta = (bits, group_size, in_features, threshold, rest[0] if rest else True)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradient for the input (masked like the forward's threshold) and the bias; the codes are constants
+    (QLoRA-style training: adapters beside the quantized, sparsified linear get theirs through their own ops)."""
+    x, codes, scales, table = ctx.saved_tensors
+    bits, group_size, in_features, threshold, sparse_prefill = ctx.meta
+    w = dequantize_parts(codes, scales, table, None, bits, 1, group_size, 0, in_features, "original")
+    grad_x = (grad.to(torch.float32) @ w).to(x.dtype)
+    if sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
+        grad_x = torch.where(x.abs() > threshold, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device))
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return (grad_x, None, None, None, grad_b, None, None, None, None, None, None, None)
+
+
+sparse_lut_linear = define_op("sparse_lut_linear", sparse_lut_linear_reference, cuda=_sparse_lut_linear_cuda,
+                              fake=_fake, backward=_backward, setup_context=_setup_context)

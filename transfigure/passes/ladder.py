@@ -384,6 +384,10 @@ class LadderPass(Pass):
     def run(self, graph: GraphView) -> PassResult:
         result = PassResult(self.name)
         opts = self.options
+        if not any(_is_projection(node) for node in graph.graph.nodes):
+            # a fragment without any projection (e.g. the loss, split off by a graph break): nothing to rewire
+            result.note("no projection in this graph (a fragment after a graph break?): left unchanged")
+            return result
         blocks = apply_ladder(graph.graph, opts.layers, opts.n, opts.overlap, result)
         result.note(f"{len(blocks)} sub-blocks in {len({b.layer for b in blocks})} layers")
         graph.recompile()

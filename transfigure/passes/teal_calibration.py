@@ -163,10 +163,13 @@ class Calibration:
                 raise CalibrationMismatchError(
                     f"calibration does not match this model: linear {fqn!r} has in_features={in_features}, "
                     f"calibrated with {site.in_features}")
-        for fqn in known:
-            if fqn not in linears:
+        # a graph break can split the model: only the layers this graph holds must be complete
+        layers = {known[fqn].layer for fqn in linears if fqn in known}
+        for fqn, site in known.items():
+            if site.layer in layers and fqn not in linears:
                 raise CalibrationMismatchError(
-                    f"calibration does not match this model: calibrated linear {fqn!r} is not in the model")
+                    f"calibration does not match this model: calibrated linear {fqn!r} (layer {site.layer}) is not "
+                    "in the model")
 
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
