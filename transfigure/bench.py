@@ -50,14 +50,6 @@ def _generate(model, prompt, new_tokens: int) -> torch.Tensor:
     return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
-def _time_generate(model, prompt, new_tokens: int, device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    _generate(model, prompt, new_tokens)
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def build_model(name: str, device: str, dtype: torch.dtype):
     import transformers
 
@@ -99,72 +91,40 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     """``loop="generate"``: transformers' ``generate()`` with a compiled static-cache step (the issue's harness);
     ``loop="step"``: :func:`transfigure.generate` (a compiled one-token step without a host sync per token) for
     every compiled variant, Inductor included, so both sides skip generate()'s per-token host work."""
-    if loop == "step" and variant != "eager":
-        return _run_step_loop(model_name, variant, batch, new_tokens, prompt_len, device, dtype, lowering)
     row = Row(model_name, variant, batch, new_tokens)
     torch._dynamo.reset()
     model = build_model(model_name, device, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-    from transformers import CompileConfig
-
-    compile_config: CompileConfig | None = None
-    if variant == "eager":
-        pass
-    elif variant == "inductor":
-        # transformers' own path: static cache, decode steps compiled with Inductor + CUDA graphs.
-        compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    else:
-        options = _variant_options(variant, model, device)
-        if options is None:
-            row.error = "pass not installed"
-            return row
-        backend = transfigure.backend(lowering=lowering, **options)
-        compile_config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead")
-    if compile_config is not None:
-        compile_config._compile_all_devices = device != "cuda"  # lets the CPU smoke test compile too
-        model.generation_config.cache_implementation = "static"
-        model.generation_config.compile_config = compile_config
-    compile_fn = (lambda: model.__dict__.pop("_compiled_call", None)) if compile_config is not None else None  # noqa: E731
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    cold = _time_generate(model, prompt, new_tokens, device)
-    total = min(_time_generate(model, prompt, new_tokens, device) for _ in range(2))
-    first = min(_time_generate(model, prompt, 1, device) for _ in range(2))
-    row.tokens_per_s = batch * new_tokens / total
-    row.decode_tokens_per_s = batch * (new_tokens - 1) / max(total - first, 1e-9)
-    row.ttft_ms = first * 1e3
-    row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    if compile_fn is not None:
-        row.compile_cold_s = max(cold - total, 0.0)
-        if warm_compile:
-            torch._dynamo.reset()
-            compile_fn()
-            row.compile_warm_s = max(_time_generate(model, prompt, new_tokens, device) - total, 0.0)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return row
-
-
-def _run_step_loop(model_name: str, variant: str, batch: int, new_tokens: int, prompt_len: int, device: str,
-                   dtype: torch.dtype, lowering: str) -> Row:
-    row = Row(model_name, variant, batch, new_tokens)
-    torch._dynamo.reset()
-    model = build_model(model_name, device, dtype)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+    backend: Any = None
     if variant == "inductor":
-        backend: Any = "inductor"
-    else:
+        backend = "inductor"
+    elif variant != "eager":
         options = _variant_options(variant, model, device)
         if options is None:
             row.error = "pass not installed"
             return row
         backend = transfigure.backend(lowering=lowering, **options)
+
+    compile_fn = None
+    if backend is not None and loop == "step":
+        decode = lambda n: transfigure.generate(model, prompt, n, backend=backend)  # noqa: E731
+    else:
+        decode = lambda n: _generate(model, prompt, n)  # noqa: E731
+        if backend is not None:
+            from transformers import CompileConfig
+
+            # transformers' own path: static cache, decode steps compiled (Inductor + CUDA graphs by default)
+            extra = {} if backend == "inductor" else {"backend": backend}
+            compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead", **extra)
+            compile_config._compile_all_devices = device != "cuda"  # lets the CPU smoke test compile too
+            model.generation_config.cache_implementation = "static"
+            model.generation_config.compile_config = compile_config
+            compile_fn = lambda: model.__dict__.pop("_compiled_call", None)  # noqa: E731
 
     def timed(n: int) -> float:
         _sync(device)
         start = time.perf_counter()
-        transfigure.generate(model, prompt, n, backend=backend)
+        decode(n)
         _sync(device)
         return time.perf_counter() - start
 
@@ -177,7 +137,12 @@ def _run_step_loop(model_name: str, variant: str, batch: int, new_tokens: int, p
     row.decode_tokens_per_s = batch * (new_tokens - 1) / max(total - first, 1e-9)
     row.ttft_ms = first * 1e3
     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    row.compile_cold_s = max(cold - total, 0.0)
+    if backend is not None:
+        row.compile_cold_s = max(cold - total, 0.0)
+    if compile_fn is not None and warm_compile:
+        torch._dynamo.reset()
+        compile_fn()
+        row.compile_warm_s = max(timed(new_tokens) - total, 0.0)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from .autotune import Autotuner, Config
 from .registry import define_op, interpreter_mode, triton_available
+from .threshold import _backward as _sparsify_backward
+from .threshold import _setup_context as _sparsify_setup
 from .threshold import sparsify_reference, sparsify_triton
 
 MAX_SPARSE_TOKENS = 8
@@ -206,11 +208,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     """Gradient for the input (and bias) only: the base weight is frozen (adapters, if any, sit beside it)."""
     x, weight_t = ctx.saved_tensors
-    grad_x = torch.matmul(grad, weight_t.t().to(grad.dtype))
-    if ctx.sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
-        grad_x = torch.where(x.abs() > ctx.threshold, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device))
-    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    grad_x, grad_b = _masked_input_grads(grad, torch.matmul(grad, weight_t.t().to(grad.dtype)), x, ctx.threshold,
+                                         ctx.sparse_prefill, ctx.has_bias)
     return grad_x, None, grad_b, None, None
+
+
+def _masked_input_grads(grad, grad_x, x, threshold, sparse_prefill, has_bias):
+    """(d/dx masked where the forward thresholded x, d/dbias) of a linear with a frozen weight."""
+    if sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
+        grad_x = torch.where(x.abs() > threshold, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device))
+    return grad_x, (grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias else None)
 
 
 sparse_linear = define_op(
@@ -237,21 +244,15 @@ def _sparsify_decode_cuda(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return sparsify_decode_reference(x, threshold)
 
 
-def _sparsify_decode_setup(ctx, inputs, output):
-    x, threshold = inputs
-    ctx.save_for_backward(x)
-    ctx.threshold = threshold
-
-
 def _sparsify_decode_backward(ctx, grad):
     (x,) = ctx.saved_tensors
     if _tokens(x) > MAX_SPARSE_TOKENS:  # the forward passed x through
         return grad, None
-    return torch.where(x.abs() > ctx.threshold, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+    return _sparsify_backward(ctx, grad)
 
 
 sparsify_decode = define_op("sparsify_decode", sparsify_decode_reference, cuda=_sparsify_decode_cuda,
-                            backward=_sparsify_decode_backward, setup_context=_sparsify_decode_setup)
+                            backward=_sparsify_decode_backward, setup_context=_sparsify_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from .autotune import Autotuner, Config
 from .lut_format import PLANES, dequantize_parts, pack_codes, unpack_codes
 from .registry import define_op, interpreter_mode, triton_available
-from .sparse_gemv import MAX_SPARSE_TOKENS, _tokens
+from .sparse_gemv import MAX_SPARSE_TOKENS, _masked_input_grads, _tokens
 from .threshold import sparsify_reference, sparsify_triton
 
 
@@ -215,10 +215,8 @@ def _backward(ctx, grad):
     x, codes, scales, table = ctx.saved_tensors
     bits, group_size, in_features, threshold, sparse_prefill = ctx.meta
     w = dequantize_parts(codes, scales, table, None, bits, 1, group_size, 0, in_features, "original")
-    grad_x = (grad.to(torch.float32) @ w).to(x.dtype)
-    if sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
-        grad_x = torch.where(x.abs() > threshold, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device))
-    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    grad_x, grad_b = _masked_input_grads(grad, (grad.to(torch.float32) @ w).to(x.dtype), x, threshold, sparse_prefill,
+                                         ctx.has_bias)
     return (grad_x, None, None, None, grad_b, None, None, None, None, None, None, None)
 
 

@@ -25,7 +25,7 @@ import torch.fx as fx
 from transfigure.compiler.graph import GraphView
 from transfigure.compiler.passes import Pass, PassResult, SiteRecord, register_pass
 
-__all__ = ["LUTFusePass"]
+__all__ = ["LUTFusePass", "span"]
 
 _LUT = "transfigure.lut_linear"
 
@@ -34,7 +34,7 @@ def _is_lut(node: fx.Node) -> bool:
     return node.op == "call_function" and str(node.target).startswith(_LUT) and "sparse" not in str(node.target)
 
 
-def _span(parts: list[torch.Tensor]) -> torch.Tensor | None:
+def span(parts: list[torch.Tensor]) -> torch.Tensor | None:
     """A view over row blocks ``parts`` that sit back to back in one storage, or None."""
     first = parts[0]
     if first.dim() != 2 or not all(p.is_contiguous() and p.dtype == first.dtype and p.shape[1] == first.shape[1]
@@ -99,8 +99,8 @@ class LUTFusePass(Pass):
     def _fuse(self, graph: GraphView, members: list[fx.Node], no_bias: bool) -> str:
         # row blocks in storage order
         members.sort(key=lambda m: graph.tensor(m.args[1]).storage_offset())
-        codes = _span([graph.tensor(m.args[1]) for m in members])
-        scales = _span([graph.tensor(m.args[2]) for m in members])
+        codes = span([graph.tensor(m.args[1]) for m in members])
+        scales = span([graph.tensor(m.args[2]) for m in members])
         if codes is None or scales is None:
             return "codes/scales are not one buffer (lut_quant.fuse_siblings off, or formats differ)"
         signs = [graph.tensor(m.args[4]) if isinstance(m.args[4], fx.Node) else None for m in members]

@@ -49,6 +49,7 @@ from transfigure.kernels.grids import get_grid
 from transfigure.kernels.lut_format import PackedWeight, content_key, pack
 
 from .bit_allocation import allocate_bits
+from .fuse_lut import LUTFusePass, span
 
 __all__ = ["LUTQuantOptions", "LUTQuantPass", "WeightsReleasedError", "effective_sizes", "packed_weights"]
 
@@ -214,11 +215,7 @@ class LUTQuantPass(Pass):
     description = "Hadamard-rotated lookup-table weight quantization (HIGGS grids / NF4 / uniform, 2-4 bits)"
 
     def implied_passes(self) -> list[Pass]:
-        if not self.options.fuse_siblings:
-            return []
-        from .fuse_lut import LUTFusePass
-
-        return [LUTFusePass()]
+        return [LUTFusePass()] if self.options.fuse_siblings else []
 
     def run(self, graph: GraphView) -> PassResult:
         opts: LUTQuantOptions = self.options
@@ -325,7 +322,7 @@ def _share_sibling_buffers(packed_sites: list, opts: LUTQuantOptions) -> list:
         if len(members) < 2:
             continue
         parts = [packed_sites[i][5] for i in members]
-        if all(_adjacent(a.codes, b.codes) and _adjacent(a.scales, b.scales) for a, b in zip(parts, parts[1:])):
+        if span([p.codes for p in parts]) is not None and span([p.scales for p in parts]) is not None:
             continue  # already one buffer (a recompile)
         if any(p.signs is not None and not torch.equal(p.signs, parts[0].signs) for p in parts) or \
                 any((p.signs is None) != (parts[0].signs is None) for p in parts):
@@ -344,13 +341,6 @@ def _share_sibling_buffers(packed_sites: list, opts: LUTQuantOptions) -> list:
                     per_weight[key] = shared
             out[i] = (site, weight, bits, g, h, shared, source)
     return out
-
-
-def _adjacent(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """``second`` starts right where ``first`` (contiguous) ends, in the same storage."""
-    return (first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr() and first.is_contiguous()
-            and second.is_contiguous() and first.stride() == second.stride()
-            and second.storage_offset() == first.storage_offset() + first.numel())
 
 
 _TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
