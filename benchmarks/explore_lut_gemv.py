@@ -136,6 +136,206 @@ def _pair_v2_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, y_ptr, N, bytes_per
         tl.atomic_add(y_ptr + rows, out, mask=row_mask)
 
 
+# Register-table lookup (v3): the 16 bf16 grid values live in 8 registers (low bytes of entries 0-15 in
+# four, high bytes in four); `prmt` picks bytes by the codes' low 3 bits from the two 8-entry halves, a
+# per-byte mask from each code's top bit (prmt's sign-replicate mode) selects the half, and a last prmt
+# interleaves low/high bytes into two bf16 weights per register. No memory access per weight.
+_PRMT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r," + ",".join(["r"] * 33))
+_PRMT_LOOKUP_ASM = tl.constexpr("""
+{
+.reg .b32 s, t, m, la, lb, ha, hb, lo, hi, p;
+shl.b32 t, $8, 4;
+and.b32 s, $8, 0x7777;
+prmt.b32 m, t, $8, 0xD9C8;
+prmt.b32 la, $9, $13, s;
+prmt.b32 lb, $17, $21, s;
+prmt.b32 ha, $25, $29, s;
+prmt.b32 hb, $33, $37, s;
+xor.b32 lb, lb, la;
+and.b32 lb, lb, m;
+xor.b32 lo, la, lb;
+xor.b32 hb, hb, ha;
+and.b32 hb, hb, m;
+xor.b32 hi, ha, hb;
+prmt.b32 p, lo, hi, 0x5140;
+shl.b32 $0, p, 16;
+and.b32 $4, p, 0xFFFF0000;
+prmt.b32 p, lo, hi, 0x7362;
+shl.b32 $1, p, 16;
+and.b32 $5, p, 0xFFFF0000;
+shr.b32 s, $8, 16;
+and.b32 s, s, 0x7777;
+prmt.b32 m, t, $8, 0xFBEA;
+prmt.b32 la, $9, $13, s;
+prmt.b32 lb, $17, $21, s;
+prmt.b32 ha, $25, $29, s;
+prmt.b32 hb, $33, $37, s;
+xor.b32 lb, lb, la;
+and.b32 lb, lb, m;
+xor.b32 lo, la, lb;
+xor.b32 hb, hb, ha;
+and.b32 hb, hb, m;
+xor.b32 hi, ha, hb;
+prmt.b32 p, lo, hi, 0x5140;
+shl.b32 $2, p, 16;
+and.b32 $6, p, 0xFFFF0000;
+prmt.b32 p, lo, hi, 0x7362;
+shl.b32 $3, p, 16;
+and.b32 $7, p, 0xFFFF0000;
+}
+""")
+
+
+def byte_tables(table: torch.Tensor) -> torch.Tensor:
+    """int32 [8]: the 16 grid values as bf16; words 0-3 their low bytes, words 4-7 their high bytes."""
+    bits = table.reshape(-1).to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    lo, hi = (bits & 0xFF).reshape(4, 4), (bits >> 8).reshape(4, 4)
+    shifts = torch.tensor([0, 8, 16, 24], device=table.device)
+    words = torch.cat([(lo << shifts).sum(1), (hi << shifts).sum(1)])
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+@triton.jit
+def _v3_kernel(x_ptr, codes_ptr, scales_ptr, aux_ptr, y_ptr, N, bytes_per_row, n_groups, groups_per_split,
+               BLOCK_N: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, LOOKUP: tl.constexpr,
+               ATOMIC: tl.constexpr):
+    """v2 (XSPLIT, no REDUCE) with the lookup swapped: LOOKUP 0 = register table (prmt), 1 = pair-table
+    gather (as v2), 2 = none (code as float: the loop's cost without any lookup)."""
+    NB: tl.constexpr = G // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    gs = tl.arange(0, BLOCK_G)
+    bs = tl.arange(0, NB)
+    row_base = codes_ptr + rows[:, None, None].to(tl.int64) * bytes_per_row
+    offs = gs[None, :, None] * NB + bs[None, None, :]
+    acc3 = tl.zeros([BLOCK_N, BLOCK_G, NB], dtype=tl.float32)
+    if LOOKUP == 0:
+        t0 = tl.load(aux_ptr + 0)
+        t1 = tl.load(aux_ptr + 1)
+        t2 = tl.load(aux_ptr + 2)
+        t3 = tl.load(aux_ptr + 3)
+        t4 = tl.load(aux_ptr + 4)
+        t5 = tl.load(aux_ptr + 5)
+        t6 = tl.load(aux_ptr + 6)
+        t7 = tl.load(aux_ptr + 7)
+    g_start = pid_k * groups_per_split
+    for grp in range(g_start, g_start + groups_per_split, BLOCK_G):
+        byte = tl.load(row_base + grp * NB + offs, mask=row_mask[:, None, None], other=0)
+        s = tl.load(scales_ptr + rows[:, None] * n_groups + grp + gs[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+        if LOOKUP == 0:
+            first, second = tl.inline_asm_elementwise(
+                _PRMT_LOOKUP_ASM, _PRMT_CONSTRAINTS,
+                [byte, t0, t1, t2, t3, t4, t5, t6, t7], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        elif LOOKUP == 1:
+            e = tl.load(aux_ptr + byte.to(tl.int32))
+            first = (e << 16).to(tl.float32, bitcast=True)
+            second = (e & -65536).to(tl.float32, bitcast=True)
+        else:
+            b32 = byte.to(tl.int32)
+            first = (b32 & 15).to(tl.float32)
+            second = (b32 >> 4).to(tl.float32)
+        xx = tl.load(x_ptr + grp * G + tl.arange(0, BLOCK_G * G)).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xx, [BLOCK_G, NB, 2]))
+        acc3 += (first * xe[None, :, :] + second * xo[None, :, :]) * s[:, :, None]
+    out = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    if not ATOMIC:
+        tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        tl.atomic_add(y_ptr + rows, out, mask=row_mask)
+
+
+@triton.jit
+def _v4_tile(byte, s, x_ptr, grp, t0, t1, t2, t3, t4, t5, t6, t7, G: tl.constexpr, BLOCK_G: tl.constexpr,
+             XS: tl.constexpr):
+    NB: tl.constexpr = G // 2
+    first, second = tl.inline_asm_elementwise(
+        _PRMT_LOOKUP_ASM, _PRMT_CONSTRAINTS,
+        [byte, t0, t1, t2, t3, t4, t5, t6, t7], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    if XS:
+        xx = tl.load(x_ptr + grp * G + tl.arange(0, BLOCK_G * G)).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xx, [BLOCK_G, NB, 2]))
+    else:
+        col = grp * G + (tl.arange(0, BLOCK_G)[:, None] * NB + tl.arange(0, NB)[None, :]) * 2
+        xe = tl.load(x_ptr + col).to(tl.float32)
+        xo = tl.load(x_ptr + col + 1).to(tl.float32)
+    return (first * xe[None, :, :] + second * xo[None, :, :]) * s[:, :, None]
+
+
+@triton.jit
+def _v4_kernel(x_ptr, codes_ptr, scales_ptr, aux_ptr, y_ptr, N, bytes_per_row, n_groups, groups_per_split,
+               BLOCK_N: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, PIPE: tl.constexpr,
+               XS: tl.constexpr, ATOMIC: tl.constexpr):
+    """v3's register-table (prmt) lookup with the loads of step i + 1 in flight while step i computes:
+    PIPE 1 = by hand (loop-carried registers), PIPE 2 = Triton's pipeliner (tl.range num_stages=3)."""
+    NB: tl.constexpr = G // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    gs = tl.arange(0, BLOCK_G)
+    row_base = codes_ptr + rows[:, None, None].to(tl.int64) * bytes_per_row
+    offs = gs[None, :, None] * NB + tl.arange(0, NB)[None, None, :]
+    s_base = scales_ptr + rows[:, None] * n_groups + gs[None, :]
+    acc3 = tl.zeros([BLOCK_N, BLOCK_G, NB], dtype=tl.float32)
+    t0 = tl.load(aux_ptr + 0)
+    t1 = tl.load(aux_ptr + 1)
+    t2 = tl.load(aux_ptr + 2)
+    t3 = tl.load(aux_ptr + 3)
+    t4 = tl.load(aux_ptr + 4)
+    t5 = tl.load(aux_ptr + 5)
+    t6 = tl.load(aux_ptr + 6)
+    t7 = tl.load(aux_ptr + 7)
+    g_start = pid_k * groups_per_split
+    g_end = g_start + groups_per_split
+    if PIPE == 1:
+        byte = tl.load(row_base + g_start * NB + offs, mask=row_mask[:, None, None], other=0)
+        s = tl.load(s_base + g_start, mask=row_mask[:, None], other=0.0)
+        for grp in range(g_start, g_end, BLOCK_G):
+            more = grp + BLOCK_G < g_end
+            byte_next = tl.load(row_base + (grp + BLOCK_G) * NB + offs, mask=row_mask[:, None, None] & more, other=0)
+            s_next = tl.load(s_base + grp + BLOCK_G, mask=row_mask[:, None] & more, other=0.0)
+            acc3 += _v4_tile(byte, s.to(tl.float32), x_ptr, grp, t0, t1, t2, t3, t4, t5, t6, t7, G, BLOCK_G, XS)
+            byte = byte_next
+            s = s_next
+    elif PIPE == 2:
+        for grp in tl.range(g_start, g_end, BLOCK_G, num_stages=3):
+            byte = tl.load(row_base + grp * NB + offs, mask=row_mask[:, None, None], other=0)
+            s = tl.load(s_base + grp, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            acc3 += _v4_tile(byte, s, x_ptr, grp, t0, t1, t2, t3, t4, t5, t6, t7, G, BLOCK_G, XS)
+    else:
+        for grp in range(g_start, g_end, BLOCK_G):
+            byte = tl.load(row_base + grp * NB + offs, mask=row_mask[:, None, None], other=0)
+            s = tl.load(s_base + grp, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            acc3 += _v4_tile(byte, s, x_ptr, grp, t0, t1, t2, t3, t4, t5, t6, t7, G, BLOCK_G, XS)
+    out = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    if not ATOMIC:
+        tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        tl.atomic_add(y_ptr + rows, out, mask=row_mask)
+
+
+def launch_v4(x, codes_u8, scales, aux, n, bn, split, warps, stages, block_g, pipe, xs=1):
+    n_groups = scales.shape[1]
+    g = (codes_u8.shape[1] * 2) // n_groups
+    y = torch.empty(n, dtype=x.dtype, device=x.device) if split == 1 else torch.zeros(n, dtype=torch.float32, device=x.device)
+    _v4_kernel[(triton.cdiv(n, bn), split)](x, codes_u8, scales, aux, y, n, codes_u8.shape[1], n_groups,
+                                            n_groups // split, BLOCK_N=bn, G=g, BLOCK_G=block_g, PIPE=pipe,
+                                            XS=xs, ATOMIC=split > 1, num_warps=warps, num_stages=stages)
+    return y if split == 1 else y.to(x.dtype)
+
+
+def launch_v3(x, codes_u8, scales, aux, n, bn, split, warps, stages, block_g, lookup):
+    n_groups = scales.shape[1]
+    g = (codes_u8.shape[1] * 2) // n_groups
+    y = torch.empty(n, dtype=x.dtype, device=x.device) if split == 1 else torch.zeros(n, dtype=torch.float32, device=x.device)
+    _v3_kernel[(triton.cdiv(n, bn), split)](x, codes_u8, scales, aux, y, n, codes_u8.shape[1], n_groups,
+                                            n_groups // split, BLOCK_N=bn, G=g, BLOCK_G=block_g, LOOKUP=lookup,
+                                            ATOMIC=split > 1, num_warps=warps, num_stages=stages)
+    return y if split == 1 else y.to(x.dtype)
+
+
 def launch_v2(x, codes_u8, scales, pairs, n, bn, split, warps, stages, block_g, xsplit, reduce):
     n_groups = scales.shape[1]
     g = (codes_u8.shape[1] * 2) // n_groups
@@ -190,6 +390,12 @@ def main() -> None:
         elif name == "v2":
             variants += [(f"v2_g{bg}_x{xs}_r{red}", None, (bg, xs, red)) for bg in (1, 2, 4) for xs in (0, 1)
                          for red in (0, 1)]
+        elif name == "v4":
+            variants += [(f"v4_p{pipe}_g{bg}_x{xs}", None, ("v4", bg, pipe, xs)) for pipe in (0, 1, 2) for bg in (1, 2)
+                         for xs in (0, 1) if f"p{pipe}_g{bg}_x{xs}" in os.environ.get("V4", "p1_g1_x1,p2_g1_x1")]
+        elif name == "v3":
+            variants += [(f"v3_{lk}_g{bg}", None, ("v3", bg, li)) for li, lk in enumerate(("prmt", "gather", "none"))
+                         for bg in (1, 2, 4) if f"{lk}_g{bg}" in os.environ.get("V3", "prmt_g1,prmt_g2,prmt_g4,gather_g2,none_g2")]
     for n, k in shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k, device=dev) * 0.02
@@ -203,21 +409,35 @@ def main() -> None:
         cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb), rep=30) * 1e3
         row = {"N": n, "K": k, "cublas_us": cublas}
         tables = {0: pk.table.reshape(-1).float().contiguous(), 1: pk.table.reshape(-1).float().contiguous(),
-                  2: pair_table(pk.table.float(), 4, 1, torch.bfloat16)}
+                  2: pair_table(pk.table.float(), 4, 1, torch.bfloat16), "bytes": byte_tables(pk.table.float())}
+        zeros_cast = do_bench_cudagraph(lambda: torch.zeros(n, dtype=torch.float32, device=dev).to(torch.bfloat16), rep=20) * 1e3
+        row["split_overhead_us"] = zeros_cast  # the explore kernels' split-K pays a memset + cast (production does not)
         for name, mode, flags in variants:
             best = (float("inf"), None)
-            for bn, split, warps, stages in configs:
+            shape_configs = list(configs)
+            if flags is not None and flags[0] in ("v3", "v4"):  # one-shot programs: 1, 2 or 4 loop steps over K
+                ng = k // 128
+                shape_configs += [(bn, ng // (flags[1] * it), 4, 1) for bn in (16, 32, 64) for it in (1, 2, 4)
+                                  if ng % (flags[1] * it) == 0 and ng // (flags[1] * it) > 1]
+                shape_configs += [(64, 4, 4, 3), (32, 8, 4, 3)]
+            for bn, split, warps, stages in shape_configs:
                 if time.time() - start > args.budget:
                     break
-                if flags is not None and (k // 128) // split < flags[0]:
+                bg = flags[1] if flags is not None and flags[0] in ("v3", "v4") else (flags[0] if flags else 1)
+                if flags is not None and ((k // 128) // split) % bg:
                     continue
                 try:
                     if flags is None:
                         fn = lambda: launch(mode, x.reshape(-1), codes_u8, pk.scales, tables[mode], n, bn, split, warps, stages)  # noqa: E731
+                    elif flags[0] == "v4":
+                        fn = lambda: launch_v4(x.reshape(-1), codes_u8, pk.scales, tables["bytes"], n, bn, split, warps, stages, flags[1], flags[2], flags[3])  # noqa: E731
+                    elif flags[0] == "v3":
+                        aux = tables["bytes"] if flags[2] == 0 else tables[2]
+                        fn = lambda: launch_v3(x.reshape(-1), codes_u8, pk.scales, aux, n, bn, split, warps, stages, flags[1], flags[2])  # noqa: E731
                     else:
                         fn = lambda: launch_v2(x.reshape(-1), codes_u8, pk.scales, tables[2], n, bn, split, warps, stages, *flags)  # noqa: E731
                     y = fn().float()
-                    if mode != 1:
+                    if mode != 1 and not (flags is not None and flags[0] == "v3" and flags[2] == 2):
                         err = float((y - ref).norm() / ref.norm())
                         if err > 2e-2:
                             row.setdefault("errors", []).append(f"{name} {bn},{split},{warps},{stages}: rel err {err:.3g}")

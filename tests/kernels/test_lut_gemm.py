@@ -164,4 +164,5 @@ def test_every_gemv_config_of_one_byte_pairs_matches_reference(bits, p, group, k
 
     assert any(c.meta["SPLIT_K"] > 1 for c in refined)
     assert any(c.meta.get("NIBBLE") for c in refined) == ((bits, p) == (4, 1))
+    assert any(c.meta.get("REGISTER") for c in refined) == ((bits, p) == (4, 1))
     assert int(_COUNTERS[x.device].abs().sum()) == 0

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .lut_format import PLANES, dequantize_parts, rotate_input
-from .registry import define_op, triton_available
+from .registry import define_op, interpreter_mode, triton_available
 
 
 def lut_linear_reference(
@@ -62,6 +62,47 @@ def _backward(ctx, grad):
     grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
     return grad_x, None, None, None, None, grad_b, None, None, None, None, None
+
+
+def _register_lookup_ptx(half: str) -> str:
+    """PTX of the register-table lookup of 4-bit scalar codes: operand 8 holds four code bytes (8 codes, low
+    nibble first), operands 9-40 the eight table words of ``register_table`` (each repeated four times, as
+    ``inline_asm_elementwise`` passes a broadcast scalar once per packed element; only the first copy is
+    read). Outputs 0-3 are the fp32 values of the low nibbles of bytes 0-3, outputs 4-7 of the high nibbles.
+
+    ``prmt`` selects bytes by the low 3 bits of each code from the 8-entry halves of the table (low bytes of
+    entries 0-7 / 8-15, high bytes likewise), its sign-replicate mode turns each code's top bit into a byte
+    mask that picks the half, and a last ``prmt`` interleaves low and high bytes into two 16-bit values per
+    register. No memory access per weight (a gather into an L1-resident table costs one wavefront per
+    distinct line a warp touches; the 4-bit GEMV was bound by them)."""
+    if half == "bf16":  # a bf16 is the top half of the fp32 with the same value
+        widen = ["shl.b32 {first}, p, 16;", "and.b32 {second}, p, 0xFFFF0000;"]
+    else:
+        widen = ["mov.b32 {{h0, h1}}, p;", "cvt.f32.f16 {first}, h0;", "cvt.f32.f16 {second}, h1;"]
+    lines = ["{", ".reg .b32 s, t, m, la, lb, ha, hb, lo, hi, p;", ".reg .b16 h0, h1;", "shl.b32 t, $8, 4;"]
+    for half_word, (shift, mask_select) in enumerate(((0, "0xD9C8"), (16, "0xFBEA"))):
+        lines += [f"shr.b32 s, $8, {shift};", "and.b32 s, s, 0x7777;", f"prmt.b32 m, t, $8, {mask_select};",
+                  "prmt.b32 la, $9, $13, s;", "prmt.b32 lb, $17, $21, s;", "prmt.b32 ha, $25, $29, s;",
+                  "prmt.b32 hb, $33, $37, s;", "xor.b32 lb, lb, la;", "and.b32 lb, lb, m;", "xor.b32 lo, la, lb;",
+                  "xor.b32 hb, hb, ha;", "and.b32 hb, hb, m;", "xor.b32 hi, ha, hb;"]
+        for byte_in_half, interleave in enumerate(("0x5140", "0x7362")):
+            out = 2 * half_word + byte_in_half
+            lines += [f"prmt.b32 p, lo, hi, {interleave};"]
+            lines += [line.format(first=f"${out}", second=f"${out + 4}") for line in widen]
+    return "\n".join(lines + ["}"])
+
+
+REGISTER_LOOKUP_PTX = {"bf16": _register_lookup_ptx("bf16"), "fp16": _register_lookup_ptx("fp16")}
+REGISTER_LOOKUP_CONSTRAINTS = "=r,=r,=r,=r,=r,=r,=r,=r," + ",".join(["r"] * 33)
+
+
+def register_table_words(table: torch.Tensor, half: torch.dtype) -> torch.Tensor:
+    """``int32 [8]``: the 16 entries of a 4-bit scalar grid as ``half`` bit patterns; words 0-3 hold their
+    low bytes (entry ``4 w + i`` in byte ``i`` of word ``w``), words 4-7 their high bytes."""
+    bits = table.reshape(-1).to(half).view(torch.int16).to(torch.int64) & 0xFFFF
+    shifts = torch.tensor([0, 8, 16, 24], device=table.device)
+    words = torch.cat([((bits & 0xFF).reshape(4, 4) << shifts).sum(1), ((bits >> 8).reshape(4, 4) << shifts).sum(1)])
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,13 +287,28 @@ if triton_available():
             acc += part * s[None, :, None]
         _store_tile(y_ptr, bias_ptr, tl.sum(acc, axis=2), ms, rows, m_mask, row_mask, N, SPLIT_K, HAS_BIAS)
 
+    _REGISTER_LOOKUP_BF16 = tl.constexpr(REGISTER_LOOKUP_PTX["bf16"])
+    _REGISTER_LOOKUP_FP16 = tl.constexpr(REGISTER_LOOKUP_PTX["fp16"])
+    _REGISTER_LOOKUP_CONSTRAINTS = tl.constexpr(REGISTER_LOOKUP_CONSTRAINTS)
+
+    @triton.jit
+    def _emulated_register_entry(words_ptr, code, HALF_IS_BF16: tl.constexpr):
+        """Entry ``code`` of a ``register_table`` as fp32, rebuilt from its low and high bytes."""
+        shift = (code % 4) * 8
+        low = (tl.load(words_ptr + code // 4) >> shift) & 255
+        high = (tl.load(words_ptr + 4 + code // 4) >> shift) & 255
+        if HALF_IS_BF16:
+            return ((high << 24) | (low << 16)).to(tl.float32, bitcast=True)
+        return ((high << 8) | low).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
     @triton.jit
     def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, N,
                                bytes_per_row, plane1_bytes, n_groups, groups_per_split, BLOCK_N: tl.constexpr,
                                G: tl.constexpr,
                                LO: tl.constexpr, HI: tl.constexpr, HALF_IS_BF16: tl.constexpr,
                                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
-                               XSPLIT: tl.constexpr, NIBBLE: tl.constexpr):
+                               XSPLIT: tl.constexpr, NIBBLE: tl.constexpr, REGISTER: tl.constexpr,
+                               EMULATE: tl.constexpr):
         """``_lut_pair_kernel`` for exactly one row of ``x``, with 2-D tiles (the 3-D [1, BLOCK_N, bytes]
         tiles of the general kernel measured 1.4x slower at M = 1 on an H100).
 
@@ -262,7 +318,10 @@ if triton_available():
         strided loads (1.2x on 16384 x 2048). NIBBLE (4-bit scalar codes only): two lookups per byte in the
         16-entry fp32 grid (``pairs_ptr`` is then the grid) instead of one in the 256-entry pair table: twice
         the gathers, but each warp's gather touches one 64-byte line instead of up to eight 128-byte lines of
-        a 1 KB table, which is what an L1 gather pays for."""
+        a 1 KB table, which is what an L1 gather pays for. REGISTER (4-bit scalar codes only): no memory access
+        per weight; the grid lives in eight registers (``pairs_ptr`` is then ``register_table``) and ``prmt``
+        looks codes up (``_register_lookup_ptx``): 1.25x faster than the pair-table gather on the 8B shapes
+        (explore_lut_gemv.py, v3). EMULATE does the same lookup with loads, for the CPU interpreter (no PTX)."""
         UPB: tl.constexpr = 8 // LO
         NB: tl.constexpr = G * LO // 16
         pid_n = tl.program_id(0)
@@ -290,11 +349,30 @@ if triton_available():
             row_base3 = codes_ptr + rows[:, None, None].to(tl.int64) * bytes_per_row
             offs = gs[None, :, None] * NB + bs[None, None, :]
             acc3 = tl.zeros([BLOCK_N, BLOCK_G, NB], dtype=tl.float32)
+            if REGISTER and not EMULATE:
+                t0 = tl.load(pairs_ptr + 0)
+                t1 = tl.load(pairs_ptr + 1)
+                t2 = tl.load(pairs_ptr + 2)
+                t3 = tl.load(pairs_ptr + 3)
+                t4 = tl.load(pairs_ptr + 4)
+                t5 = tl.load(pairs_ptr + 5)
+                t6 = tl.load(pairs_ptr + 6)
+                t7 = tl.load(pairs_ptr + 7)
             for grp in range(g_start, g_start + groups_per_split, BLOCK_G):
-                byte = tl.load(row_base3 + grp * NB + offs, mask=row_mask[:, None, None], other=0).to(tl.int32)
+                code_bytes = tl.load(row_base3 + grp * NB + offs, mask=row_mask[:, None, None], other=0)
+                byte = code_bytes.to(tl.int32)
                 s = tl.load(scales_ptr + rows[:, None] * n_groups + grp + gs[None, :], mask=row_mask[:, None],
                             other=0.0).to(tl.float32)
-                if NIBBLE:
+                if REGISTER:
+                    if EMULATE:
+                        first = _emulated_register_entry(pairs_ptr, byte & 15, HALF_IS_BF16)
+                        second = _emulated_register_entry(pairs_ptr, byte >> 4, HALF_IS_BF16)
+                    else:
+                        first, second = tl.inline_asm_elementwise(
+                            _REGISTER_LOOKUP_BF16 if HALF_IS_BF16 else _REGISTER_LOOKUP_FP16,
+                            _REGISTER_LOOKUP_CONSTRAINTS, [code_bytes, t0, t1, t2, t3, t4, t5, t6, t7],
+                            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+                elif NIBBLE:
                     first = tl.load(pairs_ptr + (byte & 15))
                     second = tl.load(pairs_ptr + (byte >> 4))
                 else:
@@ -379,17 +457,26 @@ if triton_available():
         Cached per table storage and version (the entry holds the table, so its address cannot be reused
         while cached), so decode steps only gather; built outside CUDA-graph pools (``_outside_graph_pools``).
         """
-        key = (table.device, table.data_ptr(), table._version, tuple(table.shape), half, bits, p)
+        return _derived_table(table, ("pair", half, bits, p), lambda: _build_pair_table(table, bits, p, half))
+
+    def register_table(table: torch.Tensor, half: torch.dtype) -> torch.Tensor:
+        """``register_table_words`` of a 4-bit scalar grid for the REGISTER lookup, cached like ``pair_table``."""
+        return _derived_table(table, ("register", half), lambda: register_table_words(table, half))
+
+    def _derived_table(table: torch.Tensor, kind: tuple, build) -> torch.Tensor:
+        """A small tensor derived from ``table``, cached per table storage and version (the entry holds the
+        table, so its address cannot be reused while cached) and built outside CUDA-graph pools."""
+        key = (table.device, table.data_ptr(), table._version, tuple(table.shape), kind)
         hit = _PAIR_TABLES.get(key)
         if hit is not None:
             return hit[1]
         if table.is_cuda and torch.cuda.is_current_stream_capturing():
-            return _build_pair_table(table, bits, p, half)  # part of the captured graph, not cached
-        pairs = _outside_graph_pools(table.device, lambda: _build_pair_table(table, bits, p, half))
+            return build()  # part of the captured graph, not cached
+        derived = _outside_graph_pools(table.device, build)
         if len(_PAIR_TABLES) >= 64:  # a few tables per model; bound the cache if tables keep changing
             _PAIR_TABLES.pop(next(iter(_PAIR_TABLES)))
-        _PAIR_TABLES[key] = (table, pairs)
-        return pairs
+        _PAIR_TABLES[key] = (table, derived)
+        return derived
 
     def _outside_graph_pools(device: torch.device, build):
         """``build()`` for a tensor that outlives this call (a cache entry). On CUDA it runs on a short-lived
@@ -433,8 +520,11 @@ if triton_available():
         meta = config.meta
         m = x2.shape[0]
         bn, split = meta["BLOCK_N"], meta["SPLIT_K"]
-        nibble = meta.get("NIBBLE", 0)
-        pairs = table.reshape(-1) if nibble else pair_table(table, bits, p, x2.dtype)  # fp32 grid for NIBBLE
+        nibble, register = meta.get("NIBBLE", 0), meta.get("REGISTER", 0)
+        if register:
+            pairs = register_table(table, x2.dtype)
+        else:
+            pairs = table.reshape(-1) if nibble else pair_table(table, bits, p, x2.dtype)  # fp32 grid for NIBBLE
         code_bytes = codes.view(torch.uint8)
         grid = (triton.cdiv(n, bn), split)
         bias_arg = bias if bias is not None else scales
@@ -448,7 +538,8 @@ if triton_available():
                 x2, code_bytes, scales, pairs, bias_arg, y, work, counts, n, code_bytes.shape[1], plane1_bytes, n_groups,
                 n_groups // split, BLOCK_N=bn, G=group_size, LO=lo_bits, HI=hi_bits,
                 HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
-                BLOCK_G=meta.get("BLOCK_G", 1), XSPLIT=meta.get("XSPLIT", 0), NIBBLE=nibble,
+                BLOCK_G=meta.get("BLOCK_G", 1), XSPLIT=meta.get("XSPLIT", 0), NIBBLE=nibble, REGISTER=register,
+                EMULATE=interpreter_mode(),
                 num_warps=config.num_warps, num_stages=config.num_stages)
             return y
         if split == 1:
@@ -500,12 +591,14 @@ if triton_available():
     def _c(bm, bn, bk, split, warps, stages):
         return Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, warps, stages)
 
-    def _pair(bn, split, warps, stages, block_g=1, xsplit=0, nibble=0):
+    def _pair(bn, split, warps, stages, block_g=1, xsplit=0, nibble=0, register=0):
         meta = {"MODE": "pair", "BLOCK_N": bn, "SPLIT_K": split}
-        if block_g > 1 or xsplit or nibble:  # M = 1, one-byte pairs (4-bit codes) only: _lut_pair_gemv1_kernel
+        if block_g > 1 or xsplit or nibble or register:  # M = 1, one-byte pairs (4-bit codes): _lut_pair_gemv1_kernel
             meta.update(BLOCK_G=block_g, XSPLIT=xsplit)
         if nibble:  # 4-bit scalar codes only
             meta["NIBBLE"] = 1
+        if register:  # 4-bit scalar codes only
+            meta["REGISTER"] = 1
         return Config(meta, warps, stages)
 
     # configs[0] of each regime is what interpreter mode (CI) uses. The pair kernel (first 12) is 1.1-1.5x
@@ -521,6 +614,11 @@ if triton_available():
         _pair(16, 4, 4, 1, 2, 1, 1), _pair(32, 4, 4, 1, 4, 0, 1), _pair(32, 8, 4, 1, 2, 1, 1),
         _pair(64, 2, 4, 1, 1, 1, 1), _pair(64, 4, 4, 1, 1, 1, 1), _pair(32, 8, 4, 1, 1, 1, 1),
         _pair(128, 4, 8, 1, 1, 1, 1), _pair(64, 8, 8, 1, 2, 1, 1),
+        # register-table lookup, best per shape in explore_lut_gemv.py v3/v4 (H100, 8B and 1B shapes)
+        _pair(64, 4, 4, 1, 1, 1, 0, 1), _pair(64, 8, 4, 1, 1, 1, 0, 1), _pair(64, 16, 4, 1, 1, 1, 0, 1),
+        _pair(64, 32, 4, 1, 1, 1, 0, 1), _pair(64, 28, 4, 1, 1, 1, 0, 1), _pair(64, 112, 4, 1, 1, 1, 0, 1),
+        _pair(64, 64, 4, 1, 1, 1, 0, 1), _pair(128, 2, 8, 1, 1, 1, 0, 1), _pair(64, 4, 4, 3, 1, 1, 0, 1),
+        _pair(32, 4, 4, 1, 2, 1, 0, 1), _pair(64, 4, 4, 1, 2, 1, 0, 1), _pair(32, 2, 4, 2, 2, 1, 0, 1),
         _c(4, 16, 128, 1, 4, 2), _c(4, 16, 256, 1, 4, 2), _c(4, 32, 256, 1, 4, 2), _c(4, 16, 512, 1, 4, 2),
         _c(4, 32, 128, 1, 4, 3), _c(4, 8, 512, 1, 2, 2), _c(4, 16, 256, 2, 4, 2), _c(4, 32, 256, 2, 4, 2),
         _c(4, 16, 256, 4, 4, 2), _c(4, 64, 128, 1, 8, 2), _c(4, 32, 512, 1, 8, 2), _c(4, 16, 64, 1, 4, 2),
@@ -559,6 +657,7 @@ if triton_available():
                 if "BLOCK_G" in c.meta:  # the one-byte-pair refinements: M = 1 and LO = 8, HI = 0
                     usable = usable and m == 1 and _pair_bits(bits, p) == (8, 0)
                     usable = usable and (not c.meta.get("NIBBLE") or (bits, p) == (4, 1))
+                    usable = usable and (not c.meta.get("REGISTER") or (bits, p) == (4, 1))
                     usable = usable and per_split % c.meta["BLOCK_G"] == 0
                 if usable and (kp // group_size) % c.meta["SPLIT_K"] == 0:
                     keep.append(c)
