@@ -1,4 +1,5 @@
-"""GPU check of every decode (M = 1) config of the LUT GEMV against its reference, repeated to catch races.
+"""GPU check of every decode config (M = 1, 4, 16 by default) of the LUT GEMV against its reference, repeated to
+catch races.
 
 The split-K epilogue synchronizes programs through per-tile arrival counters, which the CPU interpreter (one
 program at a time) cannot stress. Each config runs ``--repeats`` times on the same input; the outputs must
@@ -23,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16], help="rows of x (M) to check")
     args = ap.parse_args()
     from transfigure.kernels.grids import get_grid
     from transfigure.kernels.lut_format import pack
@@ -35,18 +37,19 @@ def main() -> None:
         torch.manual_seed(n + k + bits)
         w = torch.randn(n, k, device="cuda") * 0.02
         pk = pack(w, get_grid("higgs", bits, p).table, bits=bits, p=p, group_size=128, hadamard_size=0)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         args_ = list(pk.op_args())
         args_[4] = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
-        ref = lut_linear_reference(x.float(), *args_).float()
-        for config in configs_for(1, pk.padded_in_features, p, 128, bits, torch.bfloat16):
+        for m, config in [(m, c) for m in args.ms for c in configs_for(m, pk.padded_in_features, p, 128, bits,
+                                                                       torch.bfloat16)]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(m))
+            ref = lut_linear_reference(x.float(), *args_).float()
             outs = [lut_linear_triton(x, *args_, config=config) for _ in range(args.repeats)]
             torch.cuda.synchronize()
             err = float((outs[0].float() - ref).norm() / ref.norm())
             same = all(torch.equal(outs[0], o) for o in outs[1:])
             ok = err < 1e-2 and same
             failures += not ok
-            rows.append({"N": n, "K": k, "bits": bits, "p": p, "bias": bias, "config": config.describe(),
+            rows.append({"N": n, "K": k, "M": m, "bits": bits, "p": p, "bias": bias, "config": config.describe(),
                          "rel_err": err, "repeat_identical": same, "ok": ok})
             if not ok:
                 print("FAIL", rows[-1], flush=True)

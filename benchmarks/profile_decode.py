@@ -168,9 +168,9 @@ def main() -> None:
             print(f"   LUT {shape}: {config}", flush=True)
         for row in res["kernels"][:18]:
             print(f"   {row['us_per_step']:8.1f} us  x{row['per_step']:5.1f}  {row['kernel']}", flush=True)
-        with open(os.path.join(args.out, "profile_decode.json"), "w") as handle:
+        with open(os.path.join(args.out, f"profile_decode_{args.model}.json"), "w") as handle:
             json.dump(results, handle, indent=1, default=str)
-        with open(os.path.join(args.out, "profile_decode.md"), "w") as handle:
+        with open(os.path.join(args.out, f"profile_decode_{args.model}.md"), "w") as handle:
             handle.write(markdown(results))
         del step
         torch.cuda.empty_cache()

@@ -166,3 +166,23 @@ def test_every_gemv_config_of_one_byte_pairs_matches_reference(bits, p, group, k
     assert any(c.meta.get("NIBBLE") for c in refined) == ((bits, p) == (4, 1))
     assert any(c.meta.get("REGISTER") for c in refined) == ((bits, p) == (4, 1))
     assert int(_COUNTERS[x.device].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m,group,k", [(2, 64, 1024), (5, 128, 700), (16, 128, 512), (40, 64, 256)])
+def test_every_register_mm_config_matches_reference(m, group, k):
+    """The small-M register-table kernel (4-bit scalar codes, tensor-core dot), every config that keeps it,
+    with a bias and split-K, fp16 (the interpreter's half type)."""
+    _, pk = _packed(7 + m, 45, k, 4, 1, group, 0)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+    args = list(pk.op_args())
+    args[4] = torch.randn(45, generator=torch.Generator().manual_seed(9)).half()
+    expected = lut_linear_reference(x, *args).float()
+    configs = [c for c in configs_for(m, pk.padded_in_features, 1, group, 4, torch.float16)
+               if c.meta.get("MODE") == "register_mm"]
+    assert configs and any(c.meta["SPLIT_K"] > 1 for c in configs)
+    for config in configs:
+        actual = lut_linear_triton(x, *args, config=config).float()
+        err = ((actual - expected).norm() / expected.norm()).item()
+        assert err < 3e-3, (config.describe(), err)
+    assert not [c for c in configs_for(m, pk.padded_in_features, 1, group, 3, torch.float16)
+                if c.meta.get("MODE") == "register_mm"]  # 4-bit scalar codes only

@@ -302,6 +302,27 @@ if triton_available():
         return ((high << 8) | low).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
+    def _register_lookup(code_bytes, words_ptr, HALF_IS_BF16: tl.constexpr, EMULATE: tl.constexpr):
+        """fp32 weights of the low and high nibble of every code byte (``register_table`` at ``words_ptr``)."""
+        if EMULATE:
+            byte = code_bytes.to(tl.int32)
+            first = _emulated_register_entry(words_ptr, byte & 15, HALF_IS_BF16)
+            second = _emulated_register_entry(words_ptr, byte >> 4, HALF_IS_BF16)
+        else:
+            t0 = tl.load(words_ptr + 0)
+            t1 = tl.load(words_ptr + 1)
+            t2 = tl.load(words_ptr + 2)
+            t3 = tl.load(words_ptr + 3)
+            t4 = tl.load(words_ptr + 4)
+            t5 = tl.load(words_ptr + 5)
+            t6 = tl.load(words_ptr + 6)
+            t7 = tl.load(words_ptr + 7)
+            first, second = tl.inline_asm_elementwise(
+                _REGISTER_LOOKUP_BF16 if HALF_IS_BF16 else _REGISTER_LOOKUP_FP16, _REGISTER_LOOKUP_CONSTRAINTS,
+                [code_bytes, t0, t1, t2, t3, t4, t5, t6, t7], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        return first, second
+
+    @triton.jit
     def _lut_pair_gemv1_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, N,
                                bytes_per_row, plane1_bytes, n_groups, groups_per_split, BLOCK_N: tl.constexpr,
                                G: tl.constexpr,
@@ -349,29 +370,13 @@ if triton_available():
             row_base3 = codes_ptr + rows[:, None, None].to(tl.int64) * bytes_per_row
             offs = gs[None, :, None] * NB + bs[None, None, :]
             acc3 = tl.zeros([BLOCK_N, BLOCK_G, NB], dtype=tl.float32)
-            if REGISTER and not EMULATE:
-                t0 = tl.load(pairs_ptr + 0)
-                t1 = tl.load(pairs_ptr + 1)
-                t2 = tl.load(pairs_ptr + 2)
-                t3 = tl.load(pairs_ptr + 3)
-                t4 = tl.load(pairs_ptr + 4)
-                t5 = tl.load(pairs_ptr + 5)
-                t6 = tl.load(pairs_ptr + 6)
-                t7 = tl.load(pairs_ptr + 7)
             for grp in range(g_start, g_start + groups_per_split, BLOCK_G):
                 code_bytes = tl.load(row_base3 + grp * NB + offs, mask=row_mask[:, None, None], other=0)
                 byte = code_bytes.to(tl.int32)
                 s = tl.load(scales_ptr + rows[:, None] * n_groups + grp + gs[None, :], mask=row_mask[:, None],
                             other=0.0).to(tl.float32)
                 if REGISTER:
-                    if EMULATE:
-                        first = _emulated_register_entry(pairs_ptr, byte & 15, HALF_IS_BF16)
-                        second = _emulated_register_entry(pairs_ptr, byte >> 4, HALF_IS_BF16)
-                    else:
-                        first, second = tl.inline_asm_elementwise(
-                            _REGISTER_LOOKUP_BF16 if HALF_IS_BF16 else _REGISTER_LOOKUP_FP16,
-                            _REGISTER_LOOKUP_CONSTRAINTS, [code_bytes, t0, t1, t2, t3, t4, t5, t6, t7],
-                            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+                    first, second = _register_lookup(code_bytes, pairs_ptr, HALF_IS_BF16, EMULATE)
                 elif NIBBLE:
                     first = tl.load(pairs_ptr + (byte & 15))
                     second = tl.load(pairs_ptr + (byte >> 4))
@@ -404,6 +409,62 @@ if triton_available():
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
                 tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+
+    @triton.jit
+    def _lut_register_mm_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N,
+                                Kp, bytes_per_row, n_groups, groups_per_split, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                                HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                EMULATE: tl.constexpr):
+        """Small-M GEMM (2 <= M <= 64) over 4-bit scalar codes: each program reads its codes ONCE, decodes them
+        with the register-table lookup (``_register_lookup_ptx``), scales them per group, and multiplies the
+        [BLOCK_N, BLOCK_G * G] tile with the activations on the tensor cores (``tl.dot``; rows of ``x`` past M
+        are zeros). Bytes read are the codes' (a quarter of bf16), so it wins where cuBLAS is bandwidth-bound
+        and the dequantize + cuBLAS path pays for writing and re-reading a dense weight. Split-K partials are
+        reduced by the last program of each output tile, as in ``_lut_pair_gemv1_kernel``."""
+        NB: tl.constexpr = G // 2
+        KB: tl.constexpr = BLOCK_G * G
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        ms = tl.arange(0, BLOCK_M)
+        m_mask = ms < M
+        byte_cols = tl.arange(0, BLOCK_G * NB)
+        gs = tl.arange(0, BLOCK_G)
+        row_base = codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        g_start = pid_k * groups_per_split
+        for grp in range(g_start, g_start + groups_per_split, BLOCK_G):
+            code_bytes = tl.load(row_base + grp * NB + byte_cols[None, :], mask=row_mask[:, None], other=0)
+            s = tl.load(scales_ptr + rows[:, None] * n_groups + grp + gs[None, :], mask=row_mask[:, None],
+                        other=0.0).to(tl.float32)
+            first, second = _register_lookup(code_bytes, words_ptr, HALF_IS_BF16, EMULATE)
+            w = tl.reshape(tl.interleave(first, second), [BLOCK_N, BLOCK_G, G]) * s[:, :, None]
+            w = tl.reshape(w, [BLOCK_N, KB]).to(x_ptr.dtype.element_ty)
+            xt = tl.load(x_ptr + ms[:, None].to(tl.int64) * Kp + grp * G + tl.arange(0, KB)[None, :],
+                         mask=m_mask[:, None], other=0.0)
+            acc = tl.dot(xt, tl.trans(w), acc)
+        out = y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :]
+        mask = m_mask[:, None] & row_mask[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = work_ptr + pid_k * M * N + ms[:, None] * N + rows[None, :]
+            tl.store(part, acc, mask=mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for k in tl.static_range(SPLIT_K):
+                    total += tl.load(work_ptr + k * M * N + ms[:, None] * N + rows[None, :], mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(count_ptr + pid_n, 0)
 
     def _geometry(codes, scales, bits, p, group_size):
@@ -557,6 +618,22 @@ if triton_available():
             y = y.to(x2.dtype)
         return y
 
+    def _launch_register_mm(config, x2, codes, scales, bias, table, n, kp, n_groups, group_size):
+        meta = config.meta
+        m = x2.shape[0]
+        bn, split = meta["BLOCK_N"], meta["SPLIT_K"]
+        grid = (triton.cdiv(n, bn), split)
+        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        work = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if split > 1 else y
+        counts = _tile_counters(x2.device, grid[0]) if split > 1 else y
+        _lut_register_mm_kernel[grid](
+            x2, codes.view(torch.uint8), scales, register_table(table, x2.dtype), bias if bias is not None else scales,
+            y, work, counts, m, n, kp, codes.shape[1] * 4, n_groups, n_groups // split,
+            BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=bn, G=group_size, BLOCK_G=meta["BLOCK_G"],
+            HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
+            EMULATE=interpreter_mode(), num_warps=config.num_warps, num_stages=config.num_stages)
+        return y
+
     def _launch(config: Config, x2, codes, scales, table, bias, bits, p, group_size):
         """x2: [M, K_pad] contiguous, already padded + rotated. Returns [M, N] in x2.dtype."""
         n, kp, n_groups, w0, w1, plane1_base = _geometry(codes, scales, bits, p, group_size)
@@ -565,6 +642,8 @@ if triton_available():
         if meta.get("MODE") == "dequant":
             w = dequantize_triton(codes, scales, table, bits, p, group_size, dtype=x2.dtype)
             return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        if meta.get("MODE") == "register_mm":
+            return _launch_register_mm(config, x2, codes, scales, bias, table, n, kp, n_groups, group_size)
         if meta.get("MODE") == "pair":
             return _launch_pair(config, x2, codes, scales, bias, table, n, kp, n_groups, plane1_base, bits, p,
                                 group_size)
@@ -587,6 +666,16 @@ if triton_available():
                 y += bias.to(torch.float32)
             y = y.to(x2.dtype)
         return y
+
+    def _reg_mm(bn, split, block_g, warps, stages):
+        return Config({"MODE": "register_mm", "BLOCK_N": bn, "SPLIT_K": split, "BLOCK_G": block_g}, warps, stages)
+
+    # 2 <= M <= 64, 4-bit scalar codes, 16-bit activations (not measured on a GPU before their first run)
+    _REGISTER_MM_CONFIGS = [
+        _reg_mm(64, 4, 1, 4, 1), _reg_mm(32, 4, 1, 4, 1), _reg_mm(64, 8, 1, 4, 1), _reg_mm(64, 2, 2, 4, 1),
+        _reg_mm(128, 4, 1, 8, 1), _reg_mm(64, 16, 1, 4, 1), _reg_mm(32, 8, 2, 4, 1), _reg_mm(64, 4, 1, 4, 3),
+        _reg_mm(128, 2, 1, 4, 1), _reg_mm(32, 16, 1, 4, 1),
+    ]
 
     def _c(bm, bn, bk, split, warps, stages):
         return Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, warps, stages)
@@ -640,15 +729,21 @@ if triton_available():
         m = x2.shape[0]
         kp = scales.shape[1] * group_size
         if m <= 4:
-            pool = _GEMV_CONFIGS
+            pool = _GEMV_CONFIGS + _REGISTER_MM_CONFIGS
         elif m <= 64:
-            pool = _SMALL_CONFIGS
+            pool = _SMALL_CONFIGS + _REGISTER_MM_CONFIGS
         else:
             pool = _LARGE_CONFIGS
         keep = []
         for c in pool:
             if c.meta.get("MODE") == "dequant":
                 keep.append(c)
+                continue
+            if c.meta.get("MODE") == "register_mm":
+                per_split = (kp // group_size) // c.meta["SPLIT_K"]
+                if (2 <= m and (bits, p) == (4, 1) and x2.dtype in (torch.float16, torch.bfloat16)
+                        and (kp // group_size) % c.meta["SPLIT_K"] == 0 and per_split % c.meta["BLOCK_G"] == 0):
+                    keep.append(c)
                 continue
             if c.meta.get("MODE") == "pair":
                 # the table holds 16-bit pairs: as exact as 16-bit activations need, not fp32
@@ -676,7 +771,7 @@ if triton_available():
         return (bucket, scales.shape[0], scales.shape[1] * group_size, bits, p, group_size, str(x2.dtype),
                 bias is not None)
 
-    _lut_tuner = Autotuner("lut_linear", _GEMV_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS, key=_key,
+    _lut_tuner = Autotuner("lut_linear", _GEMV_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS + _REGISTER_MM_CONFIGS, key=_key,
                            launch=_launch, prune=_prune)
 
     _CHOSEN: dict = {}
