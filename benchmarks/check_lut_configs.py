@@ -47,7 +47,11 @@ def main() -> None:
             torch.cuda.synchronize()
             err = float((outs[0].float() - ref).norm() / ref.norm())
             same = all(torch.equal(outs[0], o) for o in outs[1:])
-            ok = err < 1e-2 and same
+            # split-K through fp32 atomics (the tile kernel; the pair kernel at M > 1) sums in arrival order, so
+            # only the counter-reduced kernels (pair at M = 1, register_mm) must repeat bit for bit
+            mode = config.meta.get("MODE", "tile")
+            atomics = config.meta.get("SPLIT_K", 1) > 1 and (mode == "tile" or (mode == "pair" and m > 1))
+            ok = err < 1e-2 and (same or atomics)
             failures += not ok
             rows.append({"N": n, "K": k, "M": m, "bits": bits, "p": p, "bias": bias, "config": config.describe(),
                          "rel_err": err, "repeat_identical": same, "ok": ok})

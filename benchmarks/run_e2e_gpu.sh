@@ -14,8 +14,8 @@ for rep in $(seq 1 ${REPEATS:-1}); do
 for v in $VARIANTS; do
   extra=""; { [ "$v" = "transfigure" ] && [ "$rep" = 1 ]; } || extra="--no-warm"
   part="$PARTS/part_${v}_r$rep"; log="$PARTS/log_${v}_r$rep.txt"
-  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$LOOP" --variants "$v" --new-tokens ${NEW_TOKENS:-256} $extra --out "$part" > "$log" 2>&1 \
-    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$LOOP" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --no-warm --no-static-launcher --out "$part" >> "$log" 2>&1; } \
+  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$LOOP" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} $extra --out "$part" > "$log" 2>&1 \
+    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$LOOP" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} --no-warm --no-static-launcher --out "$part" >> "$log" 2>&1; } \
     || echo "variant $v (repeat $rep) failed" >> "$PARTS/failures.txt"
   tail -n 3 "$log"
 done
