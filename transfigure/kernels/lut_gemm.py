@@ -108,14 +108,17 @@ def register_table_words(table: torch.Tensor, half: torch.dtype) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Two kernels, chosen per shape by the autotuner:
+# Three kernels, chosen per shape by the autotuner:
 #
 # * the pair kernel (decode, M <= 4, every code format, 16-bit activations): reads a row's code bytes
 #   contiguously and looks up two weights at once in a table of packed 16-bit pairs (``pair_table``), so there
 #   is one gather per two weights and no reordering of codes in registers (3-bit codes add one byte load from
-#   their 1-bit plane). On an H100 at M = 1 it is 1.2x (4-bit) / 1.5x (2-bit) faster than cuBLAS bf16 on the
-#   8B shapes and 1.4x faster than the tile kernel (benchmarks/results/quant.md, measured before the 3-bit
-#   extension, which is not measured on a GPU yet; variants compared in benchmarks/explore_lut_gemv.py).
+#   their 1-bit plane). For 4-bit scalar codes at M = 1 its REGISTER configs replace the gather by a lookup in
+#   registers (``_register_lookup_ptx``): 1.8-2.0x cuBLAS bf16 on the 8B shapes (the gather: 1.2x; 2-bit
+#   1.4-1.6x; benchmarks/results/quant.md, variants in benchmarks/explore_lut_gemv.py).
+# * the register small-M kernel (2 <= M <= 64, 4-bit scalar codes): the same register lookup, group scales,
+#   then ``tl.dot`` on the tensor cores; reads only the codes (1.1-1.3x cuBLAS at M = 4..64 on the 8B shapes,
+#   where the tile kernel and dequantize + cuBLAS took 0.3-0.7x).
 # * the tile kernel (every format): a program owns BLOCK_N output features x BLOCK_M rows of x and walks its
 #   share of K (split-K: SPLIT_K programs per output tile, fp32 atomics) in BLOCK_K steps. Each step loads
 #   the packed words of the weight tile (one int32 load per 32/w codes of each bit-plane), unpacks them with
