@@ -9,7 +9,9 @@ GaLore *is* a one-sided LoRA ``W = W0 + s P Z``, Z (r x in) trainable, initializ
 taken as ``P^T G`` (the ``s`` is applied on the way back, as GaLore does: the op's ``grad_scale`` is 1). A
 refresh of P equals merging ``s P Z`` into ``W0``, zeroing Z and starting a new adapter with the new P.
 With ``proj_type="std"`` the projector goes on the smaller side, as in galore-torch: for ``out >= in`` it is a
-right projector, ``W = W0 + s Z P`` with P (r x in) the top-r right singular vectors and Z (out x r).
+right projector, ``W = W0 + s Z P`` with P (r x in) the top-r right singular vectors and Z (out x r). Sides
+refer to the weight as stored, as galore-torch applies them to the parameter: GPT-2's Conv1D stores (in x out),
+so there a stored right projector is a left one on the (out x in) weight the op sees (through a transposed view).
 
 Consequences: any torch optimizer works unchanged on the Z tensors (SGD, Adam, Adafactor, ...); its state has
 the low-rank shape (GaLore's memory saving); and autograd never materializes the full weight gradient.
@@ -77,6 +79,7 @@ class GaLoreState:
     update_proj_gap: int
     step: int = 0
     refreshes: int = 0
+    transposed: bool = False  # GPT-2 Conv1D: ``weight`` is stored (in x out); P, Z and delta() are out x in
 
     def delta(self) -> torch.Tensor:
         """``s P Z`` (left) or ``s Z P`` (right), out x in, float32."""
@@ -85,7 +88,8 @@ class GaLoreState:
 
     def merge(self) -> None:
         with torch.no_grad():
-            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+            delta = self.delta()
+            self.weight.copy_((self.weight.float() + (delta.t() if self.transposed else delta)).to(self.weight.dtype))
             self.Z.zero_()
 
     def refresh(self, gradient: torch.Tensor) -> None:
@@ -107,15 +111,20 @@ _STATES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # base weight -> GaLoreSta
 _BY_Z: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Z -> GaLoreState
 
 
-def _side(proj_type: str, out_f: int, in_f: int) -> str:
-    if proj_type == "std":
-        return "right" if out_f >= in_f else "left"
-    return proj_type
+def _side(proj_type: str, rows: int, cols: int, transposed: bool = False) -> str:
+    """Projector side in the op's (out x in) terms. ``std`` and explicit sides refer to the weight as STORED
+    (rows x cols), as galore-torch applies them to the parameter; for a Conv1D weight stored (in x out) a
+    stored right projector is a left one on the (out x in) weight."""
+    side = ("right" if rows >= cols else "left") if proj_type == "std" else proj_type
+    if transposed:
+        side = "left" if side == "right" else "right"
+    return side
 
 
-def _state_for(weight: torch.Tensor, fqn: str, in_f: int, out_f: int, opts: GaLoreOptions) -> GaLoreState:
+def _state_for(weight: torch.Tensor, fqn: str, in_f: int, out_f: int, opts: GaLoreOptions,
+               transposed: bool = False) -> GaLoreState:
     state = _STATES.get(weight)
-    side = _side(opts.proj_type, out_f, in_f)
+    side = _side(opts.proj_type, *weight.shape, transposed=transposed)
     if state is not None:
         if state.rank != opts.rank or state.side != side:
             raise OptionError("galore.rank", f"{fqn} already has a rank-{state.rank} {state.side} projector; options ask for rank={opts.rank}, {side}")
@@ -129,7 +138,7 @@ def _state_for(weight: torch.Tensor, fqn: str, in_f: int, out_f: int, opts: GaLo
         P = torch.zeros(r, in_f, device=weight.device, dtype=dtype)
         Z = torch.zeros(out_f, r, device=weight.device, dtype=dtype, requires_grad=True)
     ctl = torch.tensor([1, 0], dtype=torch.int64)  # armed: step 0 is a refresh step
-    state = GaLoreState(fqn, weight, P, Z, ctl, side, r, opts.scale, opts.update_proj_gap)
+    state = GaLoreState(fqn, weight, P, Z, ctl, side, r, opts.scale, opts.update_proj_gap, transposed=transposed)
     _STATES[weight] = state
     _BY_Z[Z] = state
     return state
@@ -156,17 +165,19 @@ class GaLorePass(Pass):
                 )
         for site in sites:
             call = site.call
-            if not site.plain or site.transposed:
-                result.skip(call, "only plain F.linear sites (not Conv1D or already-rewritten linears) take GaLore adapters")
+            if not site.plain:
+                result.skip(call, "already rewritten by an earlier pass; GaLore adapts plain linears (F.linear, Conv1D)")
                 continue
-            state = _state_for(site.weight, call.fqn, site.in_features, site.out_features, opts)
+            state = _state_for(site.weight, call.fqn, site.in_features, site.out_features, opts, site.transposed)
             z = graph.add_input(f"{call.fqn}.galore_Z", state.Z, trainable=True)
             p = graph.add_input(f"{call.fqn}.galore_P", state.P)
             ctl = graph.add_input(f"{call.fqn}.galore_ctl", state.ctl)
             a, b = (z, p) if state.side == "left" else (p, z)
             with graph.graph.inserting_before(call.node):
+                # Conv1D's addmm(bias, x, W[in, out]) is the linear with weight W^T: a view, no copy
+                weight = graph.graph.call_function(torch.ops.aten.t.default, (call.weight,)) if site.transposed else call.weight
                 new = graph.graph.call_function(
-                    torch.ops.transfigure.galore_linear.default, (call.input, call.weight, call.bias, a, b, float(state.scale), ctl)
+                    torch.ops.transfigure.galore_linear.default, (call.input, weight, call.bias, a, b, float(state.scale), ctl)
                 )
             graph.replace_linear(call, new)
             result.rewrote(call, f"rank={state.rank} {state.side} projector, scale={state.scale:g}, T={state.update_proj_gap}")
