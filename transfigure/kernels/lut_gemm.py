@@ -766,6 +766,12 @@ if triton_available():
             if c.meta["BLOCK_M"] >= 16 and c.meta["BLOCK_M"] > max(16, triton.next_power_of_2(m)):
                 continue
             keep.append(c)
+        if (bits, p) == (4, 1) and x2.dtype == torch.bfloat16 and m <= 64:
+            # On the H100 the register-table configs won every 1B and 8B shape at M = 1..64 (quant.json,
+            # profile_decode_*.json); the others only cost compile and tuning time. dequant stays as a floor.
+            register = [c for c in keep if c.meta.get("REGISTER") or c.meta.get("MODE") in ("register_mm", "dequant")]
+            if any(c.meta.get("MODE") != "dequant" for c in register):
+                keep = register
         return keep
 
     def _key(x2, codes, scales, table, bias, bits, p, group_size):
