@@ -24,6 +24,13 @@ Second run (2026-11-24, ``--variants pair,v2 --shapes 1b``, ``explore_lut_gemv_1
 columns), REDUCE (per-step row sums). Best vs plain pair, us: 8192x2048 13.2 -> 11.7, 2048x8192 16.9 -> 11.7,
 16384x2048 21.9 -> 18.0 (cuBLAS 25.2), 3072x2048 8.3 -> 7.5 (the tile kernel 7.4), 2048x2048 7.6 -> 6.9 (tile 6.3).
 XSPLIT mattered most; the winners became configs of ``_lut_pair_gemv1_kernel``.
+
+Third and fourth runs (2026-11-24, ``--variants v3`` / ``v4``; split-K here pays a 2.4 us memset + cast that the
+production kernel does not): v3 swaps the lookup of the v2 loop — register table (``prmt``), pair-table gather,
+or none (codes cast to float, a floor). 14336x4096: prmt 24.4, gather 29.7, none 21.5 us (cuBLAS 41.9); 4096x14336:
+23.1 / 28.8 / 21.6 (44.5). v4 added pipelining to the prmt loop (Triton's ``tl.range(num_stages=3)``, a hand-made
+register double buffer) and strided activation loads: all within 1 us of v3. The register lookup became the
+REGISTER configs of ``_lut_pair_gemv1_kernel`` and ``_lut_register_mm_kernel``.
 """
 
 from __future__ import annotations
@@ -136,63 +143,16 @@ def _pair_v2_kernel(x_ptr, codes_ptr, scales_ptr, pairs_ptr, y_ptr, N, bytes_per
         tl.atomic_add(y_ptr + rows, out, mask=row_mask)
 
 
-# Register-table lookup (v3): the 16 bf16 grid values live in 8 registers (low bytes of entries 0-15 in
-# four, high bytes in four); `prmt` picks bytes by the codes' low 3 bits from the two 8-entry halves, a
-# per-byte mask from each code's top bit (prmt's sign-replicate mode) selects the half, and a last prmt
-# interleaves low/high bytes into two bf16 weights per register. No memory access per weight.
-_PRMT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r," + ",".join(["r"] * 33))
-_PRMT_LOOKUP_ASM = tl.constexpr("""
-{
-.reg .b32 s, t, m, la, lb, ha, hb, lo, hi, p;
-shl.b32 t, $8, 4;
-and.b32 s, $8, 0x7777;
-prmt.b32 m, t, $8, 0xD9C8;
-prmt.b32 la, $9, $13, s;
-prmt.b32 lb, $17, $21, s;
-prmt.b32 ha, $25, $29, s;
-prmt.b32 hb, $33, $37, s;
-xor.b32 lb, lb, la;
-and.b32 lb, lb, m;
-xor.b32 lo, la, lb;
-xor.b32 hb, hb, ha;
-and.b32 hb, hb, m;
-xor.b32 hi, ha, hb;
-prmt.b32 p, lo, hi, 0x5140;
-shl.b32 $0, p, 16;
-and.b32 $4, p, 0xFFFF0000;
-prmt.b32 p, lo, hi, 0x7362;
-shl.b32 $1, p, 16;
-and.b32 $5, p, 0xFFFF0000;
-shr.b32 s, $8, 16;
-and.b32 s, s, 0x7777;
-prmt.b32 m, t, $8, 0xFBEA;
-prmt.b32 la, $9, $13, s;
-prmt.b32 lb, $17, $21, s;
-prmt.b32 ha, $25, $29, s;
-prmt.b32 hb, $33, $37, s;
-xor.b32 lb, lb, la;
-and.b32 lb, lb, m;
-xor.b32 lo, la, lb;
-xor.b32 hb, hb, ha;
-and.b32 hb, hb, m;
-xor.b32 hi, ha, hb;
-prmt.b32 p, lo, hi, 0x5140;
-shl.b32 $2, p, 16;
-and.b32 $6, p, 0xFFFF0000;
-prmt.b32 p, lo, hi, 0x7362;
-shl.b32 $3, p, 16;
-and.b32 $7, p, 0xFFFF0000;
-}
-""")
+# Register-table lookup (v3/v4): the production PTX (transfigure.kernels.lut_gemm._register_lookup_ptx): the 16
+# bf16 grid values live in 8 registers and `prmt` looks codes up, no memory access per weight.
+from transfigure.kernels.lut_gemm import REGISTER_LOOKUP_CONSTRAINTS, REGISTER_LOOKUP_PTX, register_table_words  # noqa: E402
+
+_PRMT_CONSTRAINTS = tl.constexpr(REGISTER_LOOKUP_CONSTRAINTS)
+_PRMT_LOOKUP_ASM = tl.constexpr(REGISTER_LOOKUP_PTX["bf16"])
 
 
 def byte_tables(table: torch.Tensor) -> torch.Tensor:
-    """int32 [8]: the 16 grid values as bf16; words 0-3 their low bytes, words 4-7 their high bytes."""
-    bits = table.reshape(-1).to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
-    lo, hi = (bits & 0xFF).reshape(4, 4), (bits >> 8).reshape(4, 4)
-    shifts = torch.tensor([0, 8, 16, 24], device=table.device)
-    words = torch.cat([(lo << shifts).sum(1), (hi << shifts).sum(1)])
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    return register_table_words(table, torch.bfloat16)
 
 
 @triton.jit

@@ -150,6 +150,32 @@ if triton_available():
             tl.atomic_add(out, acc, mask=mask)
 
     @triton.jit
+    def _store_tile_counted(y_ptr, bias_ptr, work_ptr, count_ptr, acc, ms, rows, m_mask, row_mask, M, N, pid_n, pid_k,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                            HAS_BIAS: tl.constexpr):
+        """``_store_tile`` without atomics on ``y``: under split-K each program stores its fp32 partial tile to
+        ``work`` ([SPLIT_K, M, N]), and the LAST program of the output tile to arrive (a per-tile counter, reset
+        by that program) sums the partials, adds the bias and writes ``y`` -- no zeroed fp32 output and no
+        cast kernel (two extra launches per linear, 4-5% of an 8B decode step), and a deterministic sum."""
+        if SPLIT_K == 1:
+            _store_tile(y_ptr, bias_ptr, acc, ms, rows, m_mask, row_mask, N, 1, HAS_BIAS)
+        else:
+            out = y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :]
+            mask = m_mask[:, None] & row_mask[None, :]
+            tl.store(work_ptr + pid_k * M * N + ms[:, None] * N + rows[None, :], acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for part in tl.static_range(SPLIT_K):
+                    total += tl.load(work_ptr + part * M * N + ms[:, None] * N + rows[None, :], mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+
+    @triton.jit
     def _unpack_pair(e, HALF_IS_BF16: tl.constexpr):
         """int32 entry of ``pair_table`` -> its two weights as fp32 (low half first)."""
         if HALF_IS_BF16:  # a bf16 is the top half of the fp32 with the same value
@@ -394,25 +420,9 @@ if triton_available():
                     x_second = tl.load(x_ptr + col + 1).to(tl.float32)
                 acc3 += (first * x_first[None, :, :] + second * x_second[None, :, :]) * s[:, :, None]
             out_acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                out_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + rows, out_acc.to(y_ptr.dtype.element_ty), mask=row_mask)
-        else:
-            # Split-K without a zeroed fp32 output and a cast kernel (two extra launches per linear, 4-5% of an
-            # 8B decode step): each program stores its partial sums, and the LAST program of the row tile to
-            # arrive (a per-tile counter, reset by that program) adds them up, adds the bias, writes y.
-            tl.store(work_ptr + pid_k * N + rows, out_acc, mask=row_mask)
-            tl.debug_barrier()  # every thread's partial is written before the release below
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for part in tl.static_range(SPLIT_K):
-                    total += tl.load(work_ptr + part * N + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-                tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_mask)
-                tl.atomic_xchg(count_ptr + pid_n, 0)
+        one = tl.arange(0, 1)
+        _store_tile_counted(y_ptr, bias_ptr, work_ptr, count_ptr, out_acc[None, :], one, rows, one < 1, row_mask, 1, N,
+                            pid_n, pid_k, 1, BLOCK_N, SPLIT_K, HAS_BIAS)
 
     @triton.jit
     def _lut_register_mm_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N,
@@ -425,7 +435,7 @@ if triton_available():
         [BLOCK_N, BLOCK_G * G] tile with the activations on the tensor cores (``tl.dot``; rows of ``x`` past M
         are zeros). Bytes read are the codes' (a quarter of bf16), so it wins where cuBLAS is bandwidth-bound
         and the dequantize + cuBLAS path pays for writing and re-reading a dense weight. Split-K partials are
-        reduced by the last program of each output tile, as in ``_lut_pair_gemv1_kernel``."""
+        reduced by the last program of each output tile (``_store_tile_counted``)."""
         NB: tl.constexpr = G // 2
         KB: tl.constexpr = BLOCK_G * G
         pid_n = tl.program_id(0)
@@ -449,26 +459,8 @@ if triton_available():
             xt = tl.load(x_ptr + ms[:, None].to(tl.int64) * Kp + grp * G + tl.arange(0, KB)[None, :],
                          mask=m_mask[:, None], other=0.0)
             acc = tl.dot(xt, tl.trans(w), acc)
-        out = y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :]
-        mask = m_mask[:, None] & row_mask[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = work_ptr + pid_k * M * N + ms[:, None] * N + rows[None, :]
-            tl.store(part, acc, mask=mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for k in tl.static_range(SPLIT_K):
-                    total += tl.load(work_ptr + k * M * N + ms[:, None] * N + rows[None, :], mask=mask, other=0.0,
-                                     cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(count_ptr + pid_n, 0)
+        _store_tile_counted(y_ptr, bias_ptr, work_ptr, count_ptr, acc, ms, rows, m_mask, row_mask, M, N, pid_n, pid_k,
+                            BLOCK_M, BLOCK_N, SPLIT_K, HAS_BIAS)
 
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
