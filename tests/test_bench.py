@@ -41,9 +41,11 @@ def test_decode_bench_on_cpu_through_generate(tmp_path):
 
 def test_decode_bench_step_loop_on_cpu(tmp_path):
     result = bench.run(models=["llama"], new_tokens=[4], variants=["inductor", "transfigure+lut-4bit"], prompt_len=8,
-                       device="cpu", out_dir=tmp_path, progress=False, warm_compile=False, lowering="eager", loop="step")
+                       device="cpu", out_dir=tmp_path, progress=False, warm_compile=True, lowering="eager", loop="step")
     rows = {r["variant"]: r for r in result["rows"]}
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in rows.values()), rows
+    # the warm compile recompiled the step (Dynamo reset, compiled step dropped) and was timed
+    assert all(r["compile_warm_s"] is not None and r["compile_cold_s"] is not None for r in rows.values()), rows
     assert result["loop"] == "step" and (tmp_path / "e2e_decode_step_loop.md").exists()
     assert "transfigure.generate" in (tmp_path / "e2e_decode_step_loop.md").read_text()
 

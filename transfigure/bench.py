@@ -108,6 +108,7 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     compile_fn = None
     if backend is not None and loop == "step":
         decode = lambda n: transfigure.generate(model, prompt, n, backend=backend)  # noqa: E731
+        compile_fn = lambda: None  # noqa: E731 - Dynamo's reset alone makes the kept step compile again
     else:
         decode = lambda n: _generate(model, prompt, n)  # noqa: E731
         if backend is not None:
