@@ -66,3 +66,23 @@ def test_rejects_bad_sizes():
         fwht_reference(torch.randn(2, 12), None, 12, 1.0)
     with pytest.raises(ValueError, match="multiple"):
         fwht_reference(torch.randn(2, 12), None, 8, 1.0)
+
+
+@given(log_h=st.integers(8, 10), blocks=st.integers(1, 2), rows=st.integers(1, 21), signed=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), which=st.integers(0, 50), seed=st.integers(0, 2**16))
+def test_every_kronecker_config_matches_reference(log_h, blocks, rows, signed, dtype, which, seed):
+    """Large blocks: every config the tuner may pick, several rows per program included (with a partial last
+    program when ROWS does not divide the rows)."""
+    from transfigure.kernels.fwht import _fwht_dot_tuner, _launch_dot
+
+    h = 2**log_h
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, blocks * h, generator=g).to(dtype)
+    signs = (torch.randint(0, 2, (blocks * h,), generator=g) * 2 - 1).float() if signed else None
+    candidates = _fwht_dot_tuner.prune(_fwht_dot_tuner.configs, (x, signs, h, 0.5))
+    assert any(c.meta["ROWS"] > 1 for c in candidates) == (rows >= 4)
+    config = candidates[which % len(candidates)]
+    actual = _launch_dot(config, x, signs, h, 0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(actual.float(), fwht_reference(x, signs, h, 0.5).float(), rtol=tol,
+                               atol=tol * math.sqrt(h), msg=config.describe())

@@ -117,26 +117,35 @@ if triton_available():
         tl.store(y_ptr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=bmask[:, None])
 
     @triton.jit
-    def _fwht_kron_kernel(x_ptr, s_ptr, y_ptr, K, scale, A: tl.constexpr, B: tl.constexpr, LOG_A: tl.constexpr,
-                          LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr):
-        """Large blocks h = A * B (256..16384): H_h = H_A (x) H_B, so a block seen as X [A, B] maps to H_A X H_B."""
-        row = tl.program_id(0)
-        base = row.to(tl.int64) * K + tl.program_id(1) * (A * B)
+    def _fwht_kron_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr, LOG_A: tl.constexpr,
+                          LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr, ROWS: tl.constexpr):
+        """Large blocks h = A * B (256..16384): H_h = H_A (x) H_B, so a block seen as X [A, B] maps to H_A X H_B.
+
+        A program transforms block ``program_id(1)`` of ROWS consecutive rows: the two Hadamard factors (built
+        from bit parities) and the block's signs are made once and reused, so a 1 KB block no longer pays for
+        them alone."""
+        block = tl.program_id(1) * (A * B)
         inner = tl.arange(0, A)[:, None] * B + tl.arange(0, B)[None, :]
-        x = tl.load(x_ptr + base + inner)
-        if HAS_SIGNS:
-            x = x * tl.load(s_ptr + tl.program_id(1) * (A * B) + inner).to(x.dtype)
         hb = _hadamard(B, LOG_B)
         ha = _hadamard(A, LOG_A)
-        if LOWP:
-            t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
-            t_hi = t.to(x.dtype)
-            t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)  # keep fp32 accuracy through the second factor
-            y = tl.dot(ha.to(x.dtype), t_hi) + tl.dot(ha.to(x.dtype), t_lo)
-        else:
-            t = tl.dot(x, hb, input_precision="ieee")
-            y = tl.dot(ha, t, input_precision="ieee")
-        tl.store(y_ptr + base + inner, (y * scale).to(y_ptr.dtype.element_ty))
+        if HAS_SIGNS:
+            signs = tl.load(s_ptr + block + inner)
+        for i in range(ROWS):
+            row = tl.program_id(0) * ROWS + i
+            ok = (row + inner * 0) < rows  # a tensor mask (the interpreter takes no scalar one)
+            base = row.to(tl.int64) * K + block
+            x = tl.load(x_ptr + base + inner, mask=ok, other=0.0)
+            if HAS_SIGNS:
+                x = x * signs.to(x.dtype)
+            if LOWP:
+                t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
+                t_hi = t.to(x.dtype)
+                t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)  # keep fp32 accuracy through the second factor
+                y = tl.dot(ha.to(x.dtype), t_hi) + tl.dot(ha.to(x.dtype), t_lo)
+            else:
+                t = tl.dot(x, hb, input_precision="ieee")
+                y = tl.dot(ha, t, input_precision="ieee")
+            tl.store(y_ptr + base + inner, (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
 
     def _split(h: int) -> tuple[int, int]:
         log = int(math.log2(h))
@@ -160,9 +169,11 @@ if triton_available():
                 HAS_SIGNS=signs is not None, LOWP=lowp, num_warps=config.num_warps, num_stages=config.num_stages)
         else:
             a, b = _split(h)
-            _fwht_kron_kernel[(x2.shape[0], K // h)](
-                x2, s, y, K, float(scale), A=a, B=b, LOG_A=int(math.log2(a)), LOG_B=int(math.log2(b)),
-                HAS_SIGNS=signs is not None, LOWP=lowp, num_warps=config.num_warps, num_stages=config.num_stages)
+            rows_per_program = config.meta.get("ROWS", 1)
+            _fwht_kron_kernel[(triton.cdiv(x2.shape[0], rows_per_program), K // h)](
+                x2, s, y, x2.shape[0], K, float(scale), A=a, B=b, LOG_A=int(math.log2(a)), LOG_B=int(math.log2(b)),
+                HAS_SIGNS=signs is not None, LOWP=lowp, ROWS=rows_per_program, num_warps=config.num_warps,
+                num_stages=config.num_stages)
         return y.view(x.shape)
 
     def _launch(config: Config, x: torch.Tensor, signs: torch.Tensor | None, h: int, scale: float) -> torch.Tensor:
@@ -191,15 +202,26 @@ if triton_available():
         prune=_prune,
     )
 
+    def _prune_dot(configs, args):
+        x, h = args[0], args[2]
+        if h <= 128:
+            return [c for c in configs if "R" in c.meta]
+        rows = x.numel() // max(x.shape[-1], 1)
+        # Kronecker kernel: several rows per program only pay off with many rows (prefill); never more than rows
+        keep = [c for c in configs if "ROWS" in c.meta and c.num_warps == (4 if h <= 2048 else 8)
+                and (c.meta["ROWS"] == 1 or c.meta["ROWS"] <= rows)]
+        return keep
+
     _fwht_dot_tuner = Autotuner(
         "fwht_dot",
         [Config({"R": 64}, num_warps=4, num_stages=1), Config({"R": 32}, num_warps=4, num_stages=1),
          Config({"R": 128}, num_warps=8, num_stages=1), Config({"R": 64}, num_warps=8, num_stages=1),
-         Config({"R": 16}, num_warps=2, num_stages=1)],
+         Config({"R": 16}, num_warps=2, num_stages=1)]
+        + [Config({"ROWS": r}, num_warps=w, num_stages=st) for r in (1, 4, 16) for w in (4, 8)
+           for st in ((1,) if r == 1 else (1, 2))],
         key=lambda x, signs, h, scale: (x.dtype, h, x.numel() // x.shape[-1] > 64, signs is not None),
         launch=_launch_dot,
-        prune=lambda configs, args: configs if args[2] <= 128 else [
-            c for c in configs if c.meta["R"] == 64 and c.num_warps == (4 if args[2] <= 2048 else 8)],
+        prune=_prune_dot,
     )
 
     def fwht_triton(x: torch.Tensor, signs: torch.Tensor | None, hadamard_size: int, scale: float) -> torch.Tensor:
