@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16], help="rows of x (M) to check")
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], help="activation dtypes to check")
     args = ap.parse_args()
     from transfigure.kernels.grids import get_grid
     from transfigure.kernels.lut_format import pack
@@ -37,11 +38,12 @@ def main() -> None:
         torch.manual_seed(n + k + bits)
         w = torch.randn(n, k, device="cuda") * 0.02
         pk = pack(w, get_grid("higgs", bits, p).table, bits=bits, p=p, group_size=128, hadamard_size=0)
-        args_ = list(pk.op_args())
-        args_[4] = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
-        for m, config in [(m, c) for m in args.ms for c in configs_for(m, pk.padded_in_features, p, 128, bits,
-                                                                       torch.bfloat16)]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(m))
+        cases = [(getattr(torch, d), m, c) for d in args.dtypes for m in args.ms
+                 for c in configs_for(m, pk.padded_in_features, p, 128, bits, getattr(torch, d))]
+        for dtype, m, config in cases:
+            args_ = list(pk.op_args())
+            args_[4] = torch.randn(n, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(n)) if bias else None
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(m))
             ref = lut_linear_reference(x.float(), *args_).float()
             outs = [lut_linear_triton(x, *args_, config=config) for _ in range(args.repeats)]
             torch.cuda.synchronize()
@@ -53,7 +55,7 @@ def main() -> None:
             atomics = config.meta.get("SPLIT_K", 1) > 1 and (mode == "tile" or (mode == "pair" and m > 1))
             ok = err < 1e-2 and (same or atomics)
             failures += not ok
-            rows.append({"N": n, "K": k, "M": m, "bits": bits, "p": p, "bias": bias, "config": config.describe(),
+            rows.append({"N": n, "K": k, "M": m, "dtype": str(dtype), "bits": bits, "p": p, "bias": bias, "config": config.describe(),
                          "rel_err": err, "repeat_identical": same, "ok": ok})
             if not ok:
                 print("FAIL", rows[-1], flush=True)
