@@ -186,3 +186,13 @@ def test_every_register_mm_config_matches_reference(m, group, k):
         assert err < 3e-3, (config.describe(), err)
     assert not [c for c in configs_for(m, pk.padded_in_features, 1, group, 3, torch.float16)
                 if c.meta.get("MODE") == "register_mm"]  # 4-bit scalar codes only
+
+
+def test_no_register_configs_where_inline_ptx_cannot_run(monkeypatch):
+    """On ROCm the register-table kernels (NVIDIA PTX) are never candidates, and bf16 keeps the other kernels."""
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    for m in (1, 4, 16):
+        candidates = configs_for(m, 1024, 1, 128, 4, torch.bfloat16)
+        assert candidates and not [c for c in candidates if c.meta.get("REGISTER") or c.meta.get("MODE") == "register_mm"]
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert all(c.meta.get("REGISTER") for c in configs_for(1, 1024, 1, 128, 4, torch.bfloat16))

@@ -719,9 +719,14 @@ if triton_available():
         Config({"MODE": "dequant"}),
     ]
 
+    def _register_lookup_available() -> bool:
+        """The register-table kernels are inline NVIDIA PTX: CUDA devices, or the CPU interpreter (emulated)."""
+        return torch.version.hip is None
+
     def _prune(configs, args):
         x2, codes, scales, table, bias, bits, p, group_size = args
         m = x2.shape[0]
+        register_ok = _register_lookup_available()
         kp = scales.shape[1] * group_size
         if m <= 4:
             pool = _GEMV_CONFIGS + _REGISTER_MM_CONFIGS
@@ -736,7 +741,7 @@ if triton_available():
                 continue
             if c.meta.get("MODE") == "register_mm":
                 per_split = (kp // group_size) // c.meta["SPLIT_K"]
-                if (2 <= m and (bits, p) == (4, 1) and x2.dtype in (torch.float16, torch.bfloat16)
+                if (register_ok and 2 <= m and (bits, p) == (4, 1) and x2.dtype in (torch.float16, torch.bfloat16)
                         and (kp // group_size) % c.meta["SPLIT_K"] == 0 and per_split % c.meta["BLOCK_G"] == 0):
                     keep.append(c)
                 continue
@@ -747,7 +752,7 @@ if triton_available():
                 if "BLOCK_G" in c.meta:  # the one-byte-pair refinements: M = 1 and LO = 8, HI = 0
                     usable = usable and m == 1 and _pair_bits(bits, p) == (8, 0)
                     usable = usable and (not c.meta.get("NIBBLE") or (bits, p) == (4, 1))
-                    usable = usable and (not c.meta.get("REGISTER") or (bits, p) == (4, 1))
+                    usable = usable and (not c.meta.get("REGISTER") or (register_ok and (bits, p) == (4, 1)))
                     usable = usable and per_split % c.meta["BLOCK_G"] == 0
                 if usable and (kp // group_size) % c.meta["SPLIT_K"] == 0:
                     keep.append(c)
@@ -758,7 +763,7 @@ if triton_available():
             if c.meta["BLOCK_M"] >= 16 and c.meta["BLOCK_M"] > max(16, triton.next_power_of_2(m)):
                 continue
             keep.append(c)
-        if (bits, p) == (4, 1) and x2.dtype == torch.bfloat16 and m <= 64:
+        if register_ok and (bits, p) == (4, 1) and x2.dtype == torch.bfloat16 and m <= 64:
             # On the H100 the register-table configs won every 1B and 8B shape at M = 1..64 (quant.json,
             # profile_decode_*.json); the others only cost compile and tuning time. dequant stays as a floor.
             register = [c for c in keep if c.meta.get("REGISTER") or c.meta.get("MODE") in ("register_mm", "dequant")]
