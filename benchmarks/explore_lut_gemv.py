@@ -30,7 +30,8 @@ production kernel does not): v3 swaps the lookup of the v2 loop — register tab
 or none (codes cast to float, a floor). 14336x4096: prmt 24.4, gather 29.7, none 21.5 us (cuBLAS 41.9); 4096x14336:
 23.1 / 28.8 / 21.6 (44.5). v4 added pipelining to the prmt loop (Triton's ``tl.range(num_stages=3)``, a hand-made
 register double buffer) and strided activation loads: all within 1 us of v3. The register lookup became the
-REGISTER configs of ``_lut_pair_gemv1_kernel`` and ``_lut_register_mm_kernel``.
+REGISTER configs of ``_lut_pair_gemv1_kernel`` and ``_lut_register_mm_kernel``. Files:
+``benchmarks/results/explore_lut_gemv_v{3,4}_{8b,1b}.json``.
 """
 
 from __future__ import annotations
