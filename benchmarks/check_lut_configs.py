@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16], help="rows of x (M) to check")
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], help="activation dtypes to check")
+    ap.add_argument("--register-only", action="store_true",
+                    help="only the register-table configs (the inline-PTX lookup: REGISTER pair configs and register_mm)")
     args = ap.parse_args()
     from transfigure.kernels.grids import get_grid
     from transfigure.kernels.lut_format import pack
@@ -39,7 +41,8 @@ def main() -> None:
         w = torch.randn(n, k, device="cuda") * 0.02
         pk = pack(w, get_grid("higgs", bits, p).table, bits=bits, p=p, group_size=128, hadamard_size=0)
         cases = [(getattr(torch, d), m, c) for d in args.dtypes for m in args.ms
-                 for c in configs_for(m, pk.padded_in_features, p, 128, bits, getattr(torch, d))]
+                 for c in configs_for(m, pk.padded_in_features, p, 128, bits, getattr(torch, d))
+                 if not args.register_only or c.meta.get("REGISTER") or c.meta.get("MODE") == "register_mm"]
         for dtype, m, config in cases:
             args_ = list(pk.op_args())
             args_[4] = torch.randn(n, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(n)) if bias else None
