@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gemm-only", action="store_true", help="skip the memory and FWHT bandwidth parts")
     ap.add_argument("--shapes", choices=("8b", "1b", "all"), default="8b")
+    ap.add_argument("--fwht-only", action="store_true", help="only the FWHT bandwidth part (writes quant_fwht.{json,md})")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +109,15 @@ def main() -> None:
     results = {"meta": meta, "gemm": [], "fwht": [], "memory": {}, "errors": []}
     t_start = time.time()
 
+    stem = "quant_fwht" if args.fwht_only else "quant"
+
     def save():
-        (out / "quant.json").write_text(json.dumps(results, indent=1))
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+
+    if args.fwht_only:
+        fwht_part(results, dev, save)
+        write_markdown(results, out, stem)
+        return
 
     torch.manual_seed(0)
     variants = [(4, 1)] + [(3, 1), (2, 1), (4, 2)]
@@ -204,8 +212,13 @@ def main() -> None:
     results["memory"] = {"dense_bf16_bytes": dense, "after_release_bytes": after, "ratio": after / dense}
     print(json.dumps(results["memory"]), flush=True)
     save()
-    # FWHT bandwidth vs copy
-    for h in (512, 1024, 2048, 4096, 8192, 16384):
+    fwht_part(results, dev, save)
+    write_markdown(results, out)
+
+
+def fwht_part(results, dev, save) -> None:
+    """FWHT bandwidth against a copy of the same bytes, every power of two from 64 to 32768 (64 MB of bf16)."""
+    for h in (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768):
         x = torch.randn(64 * 1024 * 1024 // 2 // h, h, device=dev, dtype=torch.bfloat16)  # 64 MB
         signs = (torch.randint(0, 2, (h,), device=dev) * 2 - 1).float()
         y = torch.ops.transfigure.fwht(x, signs, h, 1 / math.sqrt(h))
@@ -219,10 +232,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         save()
 
-    write_markdown(results, out)
 
-
-def write_markdown(results, out: Path) -> None:
+def write_markdown(results, out: Path, stem: str = "quant") -> None:
     meta = results["meta"]
     lines = [f"# LUT quantization benchmark ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"{meta['date']})", "", "Times in us (CUDA-graph replay, do_bench_cudagraph median), bf16 activations, HIGGS grids g128, no rotation "
@@ -248,7 +259,7 @@ def write_markdown(results, out: Path) -> None:
                   f"after pack + release {m['after_release_bytes'] / 2**20:.0f} MiB, ratio {m['ratio']:.3f}"]
     if results["errors"]:
         lines += ["", "Errors:"] + [f"- {e}" for e in results["errors"]]
-    (out / "quant.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -278,7 +289,7 @@ def write_markdown(results, out: Path) -> None:
         axes[0].set_ylabel("speedup vs cuBLAS bf16")
         axes[0].legend()
         fig.tight_layout()
-        fig.savefig(out / "quant.png", dpi=100)
+        fig.savefig(out / f"{stem}.png", dpi=100)
     except Exception as e:  # noqa: BLE001
         print("no plot:", e)
 

@@ -171,7 +171,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.training:
         result = bench.run_training(args.models, args.train_variants, args.train_batch, args.seq_len, args.steps,
                                     args.device, args.out, lowering=args.lowering, lora_rank=args.lora_rank,
-                                    galore_rank=args.galore_rank)
+                                    galore_rank=args.galore_rank, mode=args.mode)
         print(bench.training_markdown(result))
         return 0
     result = bench.run(args.models, args.batch, args.new_tokens, args.variants, args.prompt_len, args.device, args.out,
@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--steps", type=int, default=5, help="timed training steps after the compiling one")
     p_bench.add_argument("--lora-rank", type=int, default=16)
     p_bench.add_argument("--galore-rank", type=int, default=128)
+    p_bench.add_argument("--mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                         help="torch.compile mode of every training variant (reduce-overhead: CUDA graphs)")
     p_bench.set_defaults(func=bench_command)
 
     p_passes = sub.add_parser("passes", help="list built-in passes and their options")

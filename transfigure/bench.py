@@ -321,26 +321,26 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
-def _training_setup(variant: str, model, lowering: str, lora_rank: int, galore_rank: int):
+def _training_setup(variant: str, model, lowering: str, lora_rank: int, galore_rank: int, mode: str | None = None):
     """(compiled model, optimizer factory called after the first backward, extra state bytes factory)."""
     from transfigure.passes import galore as galore_pass
 
     if variant == "inductor-full":
         model.requires_grad_(True)
-        compiled = torch.compile(model, backend="inductor" if lowering == "inductor" else "eager")
+        compiled = torch.compile(model, backend="inductor" if lowering == "inductor" else "eager", mode=mode)
         return compiled, lambda: torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: 0
     if variant == "transfigure-full":
         model.requires_grad_(True)
-        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering))
+        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering), mode=mode)
         return compiled, lambda: torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: 0
     model.requires_grad_(False)
     if variant == "transfigure-lora":
         options = {"lora": {"r": lora_rank, "alpha": float(2 * lora_rank), "target_modules": "all-linear"}}
-        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering, **options))
+        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering, **options), mode=mode)
         return compiled, lambda: torch.optim.AdamW(transfigure.trainable_parameters(model), lr=1e-4), lambda: 0
     if variant == "transfigure-galore":
         options = {"galore": {"rank": galore_rank, "update_proj_gap": 200, "scale": 0.25}}
-        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering, **options))
+        compiled = torch.compile(model, backend=transfigure.backend(lowering=lowering, **options), mode=mode)
 
         def projector_bytes() -> int:
             return sum(s.P.numel() * s.P.element_size() for s in galore_pass.galore_states(model).values())
@@ -352,14 +352,14 @@ def _training_setup(variant: str, model, lowering: str, lora_rank: int, galore_r
 
 def run_training_variant(model_name: str, variant: str, batch: int, seq_len: int, steps: int, device: str,
                          dtype: torch.dtype, lowering: str = "inductor", lora_rank: int = 16,
-                         galore_rank: int = 128) -> TrainingRow:
+                         galore_rank: int = 128, mode: str | None = None) -> TrainingRow:
     """Time ``steps`` optimizer steps (forward, backward, ``optimizer.step()``) after a first, compiling one."""
     row = TrainingRow(model_name, variant, batch, seq_len)
     torch._dynamo.reset()
     model = build_model(model_name, device, dtype)
     generator = torch.Generator(device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device, generator=generator)
-    compiled, make_optimizer, extra_state = _training_setup(variant, model, lowering, lora_rank, galore_rank)
+    compiled, make_optimizer, extra_state = _training_setup(variant, model, lowering, lora_rank, galore_rank, mode)
     optimizer = None
 
     def step() -> float:
@@ -376,6 +376,8 @@ def run_training_variant(model_name: str, variant: str, batch: int, seq_len: int
     loss = step()
     _sync(device)
     row.first_step_s = time.perf_counter() - start
+    for _ in range(2):  # under CUDA graphs the second call records and the third is the first replay
+        loss = step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
@@ -400,7 +402,7 @@ def run_training_variant(model_name: str, variant: str, batch: int, seq_len: int
 def run_training(models: Sequence[str] = ("llama-1b",), variants: Sequence[str] = TRAINING_VARIANTS, batch: int = 8,
                  seq_len: int = 512, steps: int = 5, device: str | None = None, out_dir: str | Path | None = None,
                  lowering: str = "inductor", progress: bool = True, lora_rank: int = 16,
-                 galore_rank: int = 128) -> dict[str, Any]:
+                 galore_rank: int = 128, mode: str | None = None) -> dict[str, Any]:
     """Training-step benchmark: tokens/s, peak memory and optimizer state of each variant, one row each."""
     from tqdm.auto import tqdm
 
@@ -410,19 +412,20 @@ def run_training(models: Sequence[str] = ("llama-1b",), variants: Sequence[str] 
     for model_name, variant in tqdm([(m, v) for m in models for v in variants], desc="train bench", disable=not progress):
         try:
             rows.append(run_training_variant(model_name, variant, batch, seq_len, steps, device, dtype, lowering,
-                                             lora_rank, galore_rank))
+                                             lora_rank, galore_rank, mode))
         except Exception as error:  # keep the other variants' numbers (an OOM loses one row)
             rows.append(TrainingRow(model_name, variant, batch, seq_len, error=_error_text(error)))
         print(rows[-1], flush=True)
     result = {**environment(device), "lowering": lowering, "steps": steps, "lora_rank": lora_rank,
-              "galore_rank": galore_rank, "rows": [dataclasses.asdict(r) for r in rows]}
+              "galore_rank": galore_rank, "mode": mode, "rows": [dataclasses.asdict(r) for r in rows]}
     if out_dir:
-        save_training(result, out_dir)
+        save_training(result, out_dir, stem="training" if mode in (None, "default") else f"training_{mode.replace('-', '_')}")
     return result
 
 
 def training_markdown(result: dict[str, Any]) -> str:
-    lines = [f"Training step (forward + backward + optimizer.step), {result['steps']} timed steps after a compiling one — "
+    lines = [f"Training step (forward + backward + optimizer.step), {result['steps']} timed steps after a compiling one, "
+             f"torch.compile mode={result.get('mode') or 'default'} — "
              f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}", "",
              "| model | batch x seq | variant | tokens/s | vs inductor-full | step ms | peak GiB | optimizer state GiB | trainable params | first step s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

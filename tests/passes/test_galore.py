@@ -145,3 +145,30 @@ def test_rank_larger_than_layer_and_bad_options():
     compiled = torch.compile(model, backend="transfigure_eager", options={"galore": {"rank": 128}})
     with pytest.raises(Exception, match=r"galore\.rank.*larger than the layer"):
         compiled(input_ids=_ids(0))
+
+
+def test_galore_graphs_are_marked_not_cuda_graphable():
+    """The refresh is host-driven (CPU control tensor, gradient kept in a Python dict), so mode="reduce-overhead"
+    must run GaLore graphs without CUDA graphs instead of failing to record (seen on the H100: "Expected all cuda
+    outputs in cuda graph recording"). Inductor's own check has to flag the pass's nodes."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    from transfigure.compiler.passes import Pass, PassResult
+
+    captured = []
+
+    class CaptureGraph(Pass):
+        name = "capture_graph"
+        order = 1000  # after galore
+
+        def run(self, graph):
+            captured.append(graph.graph)
+            return PassResult(self.name)
+
+    ours = tiny_model("llama").requires_grad_(False)
+    compiled = torch.compile(ours, backend=transfigure.backend(passes=[CaptureGraph()], lowering="eager",
+                                                               galore={"rank": RANK, "update_proj_gap": GAP}))
+    compiled(input_ids=_ids(0))
+    node = get_first_incompatible_cudagraph_node(torch.fx.GraphModule(torch.nn.Module(), captured[0]))
+    assert node is not None and node.target is torch.ops.transfigure.galore_linear.default
+    assert torch.Tag.cudagraph_unsafe in torch.ops.transfigure.grad_stash.default.tags

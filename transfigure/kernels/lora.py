@@ -320,7 +320,11 @@ def _grad_stash_fake(ctl, grad, x):
     return None
 
 
-grad_stash = define_op("grad_stash", _grad_stash_ref, fake=_grad_stash_fake, mutates_args=("ctl",))
+# GaLore's refresh is host-driven: ctl is a CPU tensor armed by the optimizer wrapper, and the stash keeps G in a
+# Python dict -- a CUDA-graph replay would skip both (and recording fails on the CPU tensor the forward saves).
+# The tag makes Inductor run graphs holding these ops without CUDA graphs under mode="reduce-overhead".
+_NOT_CUDA_GRAPHABLE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+grad_stash = define_op("grad_stash", _grad_stash_ref, fake=_grad_stash_fake, mutates_args=("ctl",), tags=_NOT_CUDA_GRAPHABLE)
 
 
 def take_stashed_gradient(ctl: torch.Tensor) -> torch.Tensor | None:
@@ -367,4 +371,5 @@ galore_linear = define_op(
     fake=_galore_fake,
     backward=_galore_backward,
     setup_context=_galore_setup,
+    tags=_NOT_CUDA_GRAPHABLE,
 )

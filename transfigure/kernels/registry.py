@@ -48,6 +48,7 @@ def define_op(
     backward: Callable[..., Any] | None = None,
     setup_context: Callable[..., Any] | None = None,
     mutates_args: tuple[str, ...] = (),
+    tags: tuple[Any, ...] = (),
 ):
     """Register ``transfigure::<name>`` with ``reference`` as its schema source and CPU kernel.
 
@@ -55,9 +56,9 @@ def define_op(
     never views of its inputs. ``cuda`` (same signature) runs for CUDA tensors; ``fake`` computes output
     metadata for tracing (defaults to running ``reference`` on fake tensors, which is right for references
     built from shape-polymorphic torch ops). ``backward``/``setup_context`` follow
-    ``torch.library.register_autograd``.
+    ``torch.library.register_autograd``. ``tags``: ``torch.Tag`` values of the op (e.g. ``cudagraph_unsafe``).
     """
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(reference)
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args, tags=tags or None)(reference)
     if cuda is not None:
         op.register_kernel("cuda")(cuda)
     op.register_fake(fake if fake is not None else reference)
