@@ -248,6 +248,8 @@ def write_markdown(results, out: Path, stem: str = "quant") -> None:
                      f"{f(r.get('gemlite_4b_us'))} | {f(r.get('dequant_cublas_us'))} | {f(r.get('lut4b_p1_us'))} | {g(r.get('lut4b_p1_speedup_vs_cublas'))} | "
                      f"{f(r.get('lut3b_p1_us'))} | {g(r.get('lut3b_p1_speedup_vs_cublas'))} | {f(r.get('lut2b_p1_us'))} | "
                      f"{g(r.get('lut2b_p1_speedup_vs_cublas'))} | {f(r.get('lut4b_p2_us'))} | {g(r.get('lut4b_p2_speedup_vs_cublas'))} |")
+    if not results["gemm"]:
+        lines = lines[:3]
     lines += ["", "Full op with online FWHT (H=512), 4-bit, M=1: " + ", ".join(
         f"{r['N']}x{r['K']}: {r['lut4b_H512_M1_us']:.1f} us" for r in results["gemm"] if "lut4b_H512_M1_us" in r)]
     lines += ["", "| FWHT h | us | copy us | fraction of copy bandwidth | GB/s |", "|---|---|---|---|---|"]
@@ -267,6 +269,8 @@ def write_markdown(results, out: Path, stem: str = "quant") -> None:
         import matplotlib.pyplot as plt
 
         measured = list(dict.fromkeys((r["N"], r["K"]) for r in results["gemm"]))
+        if not measured:
+            return
         fig, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 3.5), sharey=True, squeeze=False)
         axes = axes[0]
         for ax, (n, k) in zip(axes, measured):
