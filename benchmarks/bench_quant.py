@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--gemm-only", action="store_true", help="skip the memory and FWHT bandwidth parts")
     ap.add_argument("--shapes", choices=("8b", "1b", "all"), default="8b")
     ap.add_argument("--fwht-only", action="store_true", help="only the FWHT bandwidth part (writes quant_fwht.{json,md})")
+    ap.add_argument("--fwht-sizes", type=int, nargs="+", default=[2**i for i in range(6, 16)], help="Hadamard sizes to time")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,10 +114,11 @@ def main() -> None:
 
     def save():
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        if args.fwht_only:  # incrementally: the largest sizes may not finish inside a device call
+            write_markdown(results, out, stem)
 
     if args.fwht_only:
-        fwht_part(results, dev, save)
-        write_markdown(results, out, stem)
+        fwht_part(results, dev, save, args.fwht_sizes)
         return
 
     torch.manual_seed(0)
@@ -212,13 +214,13 @@ def main() -> None:
     results["memory"] = {"dense_bf16_bytes": dense, "after_release_bytes": after, "ratio": after / dense}
     print(json.dumps(results["memory"]), flush=True)
     save()
-    fwht_part(results, dev, save)
+    fwht_part(results, dev, save, args.fwht_sizes)
     write_markdown(results, out)
 
 
-def fwht_part(results, dev, save) -> None:
-    """FWHT bandwidth against a copy of the same bytes, every power of two from 64 to 32768 (64 MB of bf16)."""
-    for h in (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768):
+def fwht_part(results, dev, save, sizes) -> None:
+    """FWHT bandwidth against a copy of the same bytes (64 MB of bf16), for each Hadamard size in ``sizes``."""
+    for h in sizes:
         x = torch.randn(64 * 1024 * 1024 // 2 // h, h, device=dev, dtype=torch.bfloat16)  # 64 MB
         signs = (torch.randint(0, 2, (h,), device=dev) * 2 - 1).float()
         y = torch.ops.transfigure.fwht(x, signs, h, 1 / math.sqrt(h))
@@ -228,6 +230,14 @@ def fwht_part(results, dev, save) -> None:
         tc = bench(lambda: x.clone())
         row = {"h": h, "bytes": 2 * x.numel() * 2, "fwht_us": t, "copy_us": tc, "fraction_of_copy": tc / t,
                "GBps": 2 * x.numel() * 2 / t / 1e3, "relerr_bf16": err}
+        try:
+            from transfigure.kernels.fwht import _fwht_dot_tuner, _fwht_tuner
+
+            tuner = _fwht_dot_tuner if 16 <= h <= 16384 else _fwht_tuner
+            row["config"] = tuner.best_config(x, signs, h, 1 / math.sqrt(h)).describe()
+            row["timings"] = getattr(tuner, "last_timings", None)
+        except Exception as e:  # noqa: BLE001
+            row["config"] = f"? ({type(e).__name__})"
         results["fwht"].append(row)
         print(json.dumps(row), flush=True)
         save()
@@ -249,12 +259,14 @@ def write_markdown(results, out: Path, stem: str = "quant") -> None:
                      f"{f(r.get('lut3b_p1_us'))} | {g(r.get('lut3b_p1_speedup_vs_cublas'))} | {f(r.get('lut2b_p1_us'))} | "
                      f"{g(r.get('lut2b_p1_speedup_vs_cublas'))} | {f(r.get('lut4b_p2_us'))} | {g(r.get('lut4b_p2_speedup_vs_cublas'))} |")
     if not results["gemm"]:
-        lines = lines[:3]
-    lines += ["", "Full op with online FWHT (H=512), 4-bit, M=1: " + ", ".join(
-        f"{r['N']}x{r['K']}: {r['lut4b_H512_M1_us']:.1f} us" for r in results["gemm"] if "lut4b_H512_M1_us" in r)]
-    lines += ["", "| FWHT h | us | copy us | fraction of copy bandwidth | GB/s |", "|---|---|---|---|---|"]
+        lines = lines[:2] + ([meta["note"]] if meta.get("note") else [])
+    else:
+        lines += ["", "Full op with online FWHT (H=512), 4-bit, M=1: " + ", ".join(
+            f"{r['N']}x{r['K']}: {r['lut4b_H512_M1_us']:.1f} us" for r in results["gemm"] if "lut4b_H512_M1_us" in r)]
+    lines += ["", "| FWHT h | us | copy us | fraction of copy bandwidth | GB/s | config |", "|---|---|---|---|---|---|"]
     for r in results["fwht"]:
-        lines.append(f"| {r['h']} | {r['fwht_us']:.1f} | {r['copy_us']:.1f} | {r['fraction_of_copy']:.2f} | {r['GBps']:.0f} |")
+        lines.append(f"| {r['h']} | {r['fwht_us']:.1f} | {r['copy_us']:.1f} | {r['fraction_of_copy']:.2f} | {r['GBps']:.0f} | "
+                     f"{r.get('config', '')} |")
     if results["memory"]:
         m = results["memory"]
         lines += ["", f"Memory, Llama-3.2-1B-shaped linear weights: dense bf16 {m['dense_bf16_bytes'] / 2**20:.0f} MiB, "

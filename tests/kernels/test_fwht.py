@@ -42,11 +42,18 @@ def test_triton_matches_reference(log_h, blocks, rows, signed, dtype, scale, see
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * math.sqrt(h))
 
 
-def test_large_block_in_interpreter():
+@given(dtype=st.sampled_from([torch.float32, torch.float16]), signed=st.booleans(), seed=st.integers(0, 2**16))
+def test_largest_block_matches_reference(dtype, signed, seed):
+    """h = 32768: 16384-blocks on the tensor-core path, combined pairwise (two blocks per row, two rows)."""
     h = 32768
-    x = torch.randn(1, h)
-    torch.testing.assert_close(fwht_triton(x, None, h, 1 / math.sqrt(h)), fwht_reference(x, None, h, 1 / math.sqrt(h)),
-                               rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2 * h, generator=g).to(dtype)
+    signs = (torch.randint(0, 2, (2 * h,), generator=g) * 2 - 1).float() if signed else None
+    actual = fwht_triton(x, signs, h, 1 / math.sqrt(h))
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), fwht_reference(x, signs, h, 1 / math.sqrt(h)).float(), rtol=tol,
+                               atol=tol)
 
 
 def test_op_gradient_is_adjoint():
@@ -72,7 +79,7 @@ def test_rejects_bad_sizes():
        dtype=st.sampled_from([torch.float32, torch.float16]), which=st.integers(0, 50), seed=st.integers(0, 2**16))
 def test_every_kronecker_config_matches_reference(log_h, blocks, rows, signed, dtype, which, seed):
     """Large blocks: every config the tuner may pick, several rows per program included (with a partial last
-    program when ROWS does not divide the rows)."""
+    program when ROWS or BATCH does not divide the rows)."""
     from transfigure.kernels.fwht import _fwht_dot_tuner, _launch_dot
 
     h = 2**log_h
@@ -80,7 +87,8 @@ def test_every_kronecker_config_matches_reference(log_h, blocks, rows, signed, d
     x = torch.randn(rows, blocks * h, generator=g).to(dtype)
     signs = (torch.randint(0, 2, (blocks * h,), generator=g) * 2 - 1).float() if signed else None
     candidates = _fwht_dot_tuner.prune(_fwht_dot_tuner.configs, (x, signs, h, 0.5))
-    assert any(c.meta["ROWS"] > 1 for c in candidates) == (rows >= 4)
+    assert any(c.meta.get("ROWS", 1) > 1 for c in candidates) == (rows >= 4)
+    assert any("BATCH" in c.meta for c in candidates) == (rows >= 2)
     config = candidates[which % len(candidates)]
     actual = _launch_dot(config, x, signs, h, 0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-3

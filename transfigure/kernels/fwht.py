@@ -147,6 +147,34 @@ if triton_available():
                 y = tl.dot(ha, t, input_precision="ieee")
             tl.store(y_ptr + base + inner, (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _fwht_kron_batch_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr,
+                                LOG_A: tl.constexpr, LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr,
+                                BATCH: tl.constexpr):
+        """The Kronecker form over BATCH rows at once: X [BATCH, A, B] -> H_A X H_B per row, as ONE [BATCH*A, B]
+        tensor-core product for H_B and one batched product for H_A. The row-loop kernel above runs one small
+        (A x B) block per iteration, latency-bound for h <= 4096 (45-60% of copy bandwidth on the H100)."""
+        block = tl.program_id(1) * (A * B)
+        r = tl.program_id(0) * BATCH + tl.arange(0, BATCH)
+        inner = tl.arange(0, A)[:, None] * B + tl.arange(0, B)[None, :]
+        offs = r[:, None, None].to(tl.int64) * K + block + inner[None, :, :]
+        ok = (r[:, None, None] + inner[None, :, :] * 0) < rows
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        if HAS_SIGNS:
+            x = x * tl.load(s_ptr + block + inner)[None, :, :].to(x.dtype)
+        hb = _hadamard(B, LOG_B)
+        ha = tl.broadcast_to(_hadamard(A, LOG_A)[None, :, :], [BATCH, A, A])
+        x2 = tl.reshape(x, [BATCH * A, B])
+        if LOWP:
+            t = tl.reshape(tl.dot(x2, hb.to(x.dtype)), [BATCH, A, B])  # exact products, fp32 sums
+            t_hi = t.to(x.dtype)
+            t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)  # keep fp32 accuracy through the second factor
+            y = tl.dot(ha.to(x.dtype), t_hi) + tl.dot(ha.to(x.dtype), t_lo)
+        else:
+            t = tl.reshape(tl.dot(x2, hb, input_precision="ieee"), [BATCH, A, B])
+            y = tl.dot(ha, t, input_precision="ieee")
+        tl.store(y_ptr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
+
     def _split(h: int) -> tuple[int, int]:
         log = int(math.log2(h))
         log_b = min(7, log - 4)
@@ -167,6 +195,13 @@ if triton_available():
             _fwht_rows_kernel[(triton.cdiv(n_blocks, r),)](
                 x2, s, y, n_blocks, K // h, float(scale), R=r, H=h, LOG_H=int(math.log2(h)),
                 HAS_SIGNS=signs is not None, LOWP=lowp, num_warps=config.num_warps, num_stages=config.num_stages)
+        elif "BATCH" in config.meta:
+            a, b = _split(h)
+            batch = config.meta["BATCH"]
+            _fwht_kron_batch_kernel[(triton.cdiv(x2.shape[0], batch), K // h)](
+                x2, s, y, x2.shape[0], K, float(scale), A=a, B=b, LOG_A=int(math.log2(a)), LOG_B=int(math.log2(b)),
+                HAS_SIGNS=signs is not None, LOWP=lowp, BATCH=batch, num_warps=config.num_warps,
+                num_stages=config.num_stages)
         else:
             a, b = _split(h)
             rows_per_program = config.meta.get("ROWS", 1)
@@ -210,6 +245,9 @@ if triton_available():
         # Kronecker kernel: several rows per program only pay off with many rows (prefill); never more than rows
         keep = [c for c in configs if "ROWS" in c.meta and c.num_warps == (4 if h <= 2048 else 8)
                 and (c.meta["ROWS"] == 1 or c.meta["ROWS"] <= rows)]
+        # batched Kronecker tiles: 2..16 rows, at most 16K values per program (registers), only with that many rows
+        keep += [c for c in configs if "BATCH" in c.meta and c.meta["BATCH"] <= rows
+                 and c.meta["BATCH"] * h <= (8192 if c.num_warps == 4 else 16384)]
         return keep
 
     _fwht_dot_tuner = Autotuner(
@@ -218,19 +256,32 @@ if triton_available():
          Config({"R": 128}, num_warps=8, num_stages=1), Config({"R": 64}, num_warps=8, num_stages=1),
          Config({"R": 16}, num_warps=2, num_stages=1)]
         + [Config({"ROWS": r}, num_warps=w, num_stages=st) for r in (1, 4, 16) for w in (4, 8)
-           for st in ((1,) if r == 1 else (1, 2))],
+           for st in ((1,) if r == 1 else (1, 2))]
+        + [Config({"BATCH": b}, num_warps=w, num_stages=1) for b in (2, 4, 8, 16, 32, 64) for w in (4, 8)],
         key=lambda x, signs, h, scale: (x.dtype, h, x.numel() // x.shape[-1] > 64, signs is not None),
         launch=_launch_dot,
         prune=_prune_dot,
     )
 
     def fwht_triton(x: torch.Tensor, signs: torch.Tensor | None, hadamard_size: int, scale: float) -> torch.Tensor:
-        """Tensor-core path (16 <= h <= 16384: ``X @ H_h`` or ``H_A X H_B``), butterflies otherwise."""
+        """Tensor-core path (16 <= h <= 16384: ``X @ H_h`` or ``H_A X H_B``; larger h: 16384-blocks combined
+        pairwise), butterflies below 16."""
         _check(x, hadamard_size)
         if signs is not None:
             signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
         if 16 <= hadamard_size <= 16384:
             return _fwht_dot_tuner(x, signs, hadamard_size, scale)
+        if hadamard_size > 16384:
+            # H_2n = [[H_n, H_n], [H_n, -H_n]]: transform 16384-blocks on tensor cores, then combine neighbours.
+            # A single-program butterfly over 32768 values took minutes to compile and tune on the H100.
+            y = _fwht_dot_tuner(x, signs, 16384, scale)
+            n = 16384
+            while n < hadamard_size:
+                pairs = y.view(*y.shape[:-1], y.shape[-1] // (2 * n), 2, n)
+                top, bottom = pairs.unbind(-2)
+                y = torch.stack((top + bottom, top - bottom), dim=-2).view(x.shape)
+                n *= 2
+            return y
         return _fwht_tuner(x, signs, hadamard_size, scale)
 
 else:  # pragma: no cover
