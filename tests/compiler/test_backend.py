@@ -86,3 +86,18 @@ def test_parameters_and_extra_inputs_are_static_for_cuda_graphs(monkeypatch):
     parameters = sum(1 for _ in model.parameters())
     assert len(static) == parameters + 1 + 1  # every parameter, the rotary buffer, the extra input
     assert count - 1 in static  # the extra input is the last placeholder
+
+
+def test_cpp_wrapper_lowering_with_trainable_extra_inputs():
+    """Inductor's cpp_wrapper takes the placeholders' meta["val"] as inputs once any has one: a pass adding inputs
+    must not leave Dynamo's own placeholders without (seen: 'embedding(): weight must be Tensor, not NoneType')."""
+    torch._dynamo.reset()
+    model = tiny_model("llama").requires_grad_(False)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids, labels=ids).loss
+    compiled = torch.compile(model, backend=transfigure.backend(
+        lora={"r": 2, "target_modules": ["q_proj"]}, inductor_config={"cpp_wrapper": True}))
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, expected)  # B starts at zero: the adapted model equals the base
+    assert all(p.grad is not None for p in transfigure.trainable_parameters(model))

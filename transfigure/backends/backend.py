@@ -116,6 +116,11 @@ def _lower(view: GraphView, lowering: str, compiler: CompilerOptions):
         return run_eager
     from torch._inductor.compile_fx import compile_fx
 
+    # Dynamo's placeholders carry only meta["example_value"], the ones passes add also "val". Inductor's
+    # cpp_wrapper path takes placeholder vals as its inputs once any exists, so give every placeholder one.
+    for node in view.gm.graph.find_nodes(op="placeholder"):
+        if "val" not in node.meta and "example_value" in node.meta:
+            node.meta["val"] = node.meta["example_value"]
     patches = dict(compiler.inductor_config) if compiler.inductor_config else None
     compiled = compile_fx(view.gm, view.inputs(), config_patches=patches)
     if not extras:
