@@ -73,3 +73,29 @@ def test_repeated_runs_are_summarized_by_their_median_and_range(tmp_path):
     assert "| transfigure | 320.0 [310.0-330.0, 3 runs, 1 failed] | 0.94x |" in text
     bench.save(result, tmp_path)
     assert (tmp_path / "e2e_decode.png").stat().st_size > 0
+
+
+def test_lora_training_profile_smoke_and_summary(tmp_path, monkeypatch):
+    """benchmarks/profile_training.py on CPU (tiny model): PEFT and our pass start from the same adapters (equal
+    first losses), kernel tables are written, and --summarize compares each mode against PEFT."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("peft")
+    path = Path(__file__).parents[1] / "benchmarks" / "profile_training.py"
+    spec = importlib.util.spec_from_file_location("profile_training", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["profile_training.py", "--smoke", "--out", str(tmp_path),
+                                      "--variants", "peft+inductor,lora-unfused"])
+    module.main()
+    result = json.loads((tmp_path / "profile_training.json").read_text())
+    rows = {v["name"]: v for v in result["variants"]}
+    assert set(rows) == {"peft+inductor", "lora-unfused"} and all("error" not in v for v in rows.values()), rows
+    assert abs(rows["peft+inductor"]["first_loss"] - rows["lora-unfused"]["first_loss"]) < 1e-4
+    assert rows["lora-unfused"]["kernels"]
+    summary = module.summarize([str(tmp_path / "profile_training.json")], str(tmp_path))
+    assert "| default | lora-unfused |" in summary and (tmp_path / "lora_training.png").stat().st_size > 0
