@@ -233,10 +233,8 @@ def fwht_part(results, dev, save, sizes) -> None:
         try:
             from transfigure.kernels.fwht import _fwht_dot_tuner, _fwht_tuner
 
-            tuner = _fwht_dot_tuner if h >= 16 else _fwht_tuner
-            row["config"] = tuner.best_config(x, signs, min(h, 16384), 1 / math.sqrt(h)).describe()
-            if h > 16384:
-                row["config"] += " (16384-blocks) + pairwise combine"
+            tuner = _fwht_dot_tuner if 16 <= h <= 32768 else _fwht_tuner
+            row["config"] = tuner.best_config(x, signs, h, 1 / math.sqrt(h)).describe()
             row["timings"] = getattr(tuner, "last_timings", None)
         except Exception as e:  # noqa: BLE001
             row["config"] = f"? ({type(e).__name__})"

@@ -94,3 +94,24 @@ def test_every_kronecker_config_matches_reference(log_h, blocks, rows, signed, d
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(actual.float(), fwht_reference(x, signs, h, 0.5).float(), rtol=tol,
                                atol=tol * math.sqrt(h), msg=config.describe())
+
+
+@given(log_h=st.integers(12, 15), rows=st.integers(1, 5), signed=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), which=st.integers(0, 50), seed=st.integers(0, 2**16))
+def test_every_large_block_config_matches_reference(log_h, rows, signed, dtype, which, seed):
+    """h = 4096 ... 32768: the three-factor kernel (H_A (x) H_B (x) H_C), the two-factor ones, and for 32768 the
+    combination of 16384-blocks -- every config the tuner may pick."""
+    from transfigure.kernels.fwht import _fwht_dot_tuner, _launch_dot
+
+    h = 2**log_h
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, h, generator=g).to(dtype)
+    signs = (torch.randint(0, 2, (h,), generator=g) * 2 - 1).float() if signed else None
+    candidates = _fwht_dot_tuner.prune(_fwht_dot_tuner.configs, (x, signs, h, 0.5))
+    assert any(c.meta.get("KRON3") for c in candidates)
+    assert any(c.meta.get("COMBINE") for c in candidates) == (h > 16384)
+    config = candidates[which % len(candidates)]
+    actual = _launch_dot(config, x, signs, h, 0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(actual.float(), fwht_reference(x, signs, h, 0.5).float(), rtol=tol,
+                               atol=tol * math.sqrt(h), msg=config.describe())

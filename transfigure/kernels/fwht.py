@@ -175,6 +175,60 @@ if triton_available():
             y = tl.dot(ha, t, input_precision="ieee")
         tl.store(y_ptr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _fwht_kron3_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
+                           LOG_A: tl.constexpr, LOG_B: tl.constexpr, LOG_C: tl.constexpr, HAS_SIGNS: tl.constexpr,
+                           LOWP: tl.constexpr, ROWS: tl.constexpr):
+        """h = A * B * C (4096..32768, each factor 16 or 32): H_h = H_A (x) H_B (x) H_C, a block seen as X [A, B, C].
+        H_C acts on the last axis ([A*B, C] @ H_C), H_B as one batched product over A, H_A on the first axis
+        (H_A @ [A, B*C]) -- three tensor-core products with no transposes, where the two-factor split needs
+        64..128-wide factors that held these sizes at 33-50% of copy bandwidth."""
+        block = tl.program_id(1) * (A * B * C)
+        inner = (tl.arange(0, A)[:, None, None] * (B * C) + tl.arange(0, B)[None, :, None] * C
+                 + tl.arange(0, C)[None, None, :])
+        hc = _hadamard(C, LOG_C)
+        hb = tl.broadcast_to(_hadamard(B, LOG_B)[None, :, :], [A, B, B])
+        ha = _hadamard(A, LOG_A)
+        if HAS_SIGNS:
+            signs = tl.load(s_ptr + block + inner)
+        for i in range(ROWS):
+            row = tl.program_id(0) * ROWS + i
+            ok = (row + inner * 0) < rows  # a tensor mask (the interpreter takes no scalar one)
+            base = row.to(tl.int64) * K + block
+            x = tl.load(x_ptr + base + inner, mask=ok, other=0.0)
+            if HAS_SIGNS:
+                x = x * signs.to(x.dtype)
+            if LOWP:
+                # exact products of the 16-bit input, fp32 sums; later factors see hi + lo 16-bit parts of fp32
+                t = tl.reshape(tl.dot(tl.reshape(x, [A * B, C]), hc.to(x.dtype)), [A, B, C])
+                t_hi = t.to(x.dtype)
+                t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)
+                hb16 = hb.to(x.dtype)
+                u = tl.dot(hb16, t_hi) + tl.dot(hb16, t_lo)
+                u2 = tl.reshape(u, [A, B * C])
+                u_hi = u2.to(x.dtype)
+                u_lo = (u2 - u_hi.to(tl.float32)).to(x.dtype)
+                ha16 = ha.to(x.dtype)
+                y = tl.dot(ha16, u_hi) + tl.dot(ha16, u_lo)
+            else:
+                t = tl.reshape(tl.dot(tl.reshape(x, [A * B, C]), hc, input_precision="ieee"), [A, B, C])
+                u = tl.dot(hb, t, input_precision="ieee")
+                y = tl.dot(ha, tl.reshape(u, [A, B * C]), input_precision="ieee")
+            tl.store(y_ptr + base + inner, tl.reshape(y * scale, [A, B, C]).to(y_ptr.dtype.element_ty), mask=ok)
+
+    def _split3(h: int) -> tuple[int, int, int]:
+        log = int(math.log2(h))
+        log_c = min(5, log - 8)
+        log_b = min(5, log - 4 - log_c)
+        return h >> (log_b + log_c), 1 << log_b, 1 << log_c
+
+    def _combine_halves(tuner, x: torch.Tensor, signs: torch.Tensor | None, h: int, scale: float) -> torch.Tensor:
+        """H_2n = [[H_n, H_n], [H_n, -H_n]]: transform h/2-blocks, then combine neighbours (in torch)."""
+        y = tuner(x, signs, h // 2, scale) if h // 2 <= 32768 else _combine_halves(tuner, x, signs, h // 2, scale)
+        pairs = y.view(*y.shape[:-1], y.shape[-1] // h, 2, h // 2)
+        top, bottom = pairs.unbind(-2)
+        return torch.stack((top + bottom, top - bottom), dim=-2).view(x.shape)
+
     def _split(h: int) -> tuple[int, int]:
         log = int(math.log2(h))
         log_b = min(7, log - 4)
@@ -189,12 +243,21 @@ if triton_available():
         s = signs if signs is not None else x2
         if x2.numel() == 0:
             return y.view(x.shape)
+        if config.meta.get("COMBINE"):
+            return _combine_halves(_fwht_dot_tuner, x, signs, h, scale)
         if h <= 128:
             n_blocks = x2.numel() // h
             r = config.meta["R"]
             _fwht_rows_kernel[(triton.cdiv(n_blocks, r),)](
                 x2, s, y, n_blocks, K // h, float(scale), R=r, H=h, LOG_H=int(math.log2(h)),
                 HAS_SIGNS=signs is not None, LOWP=lowp, num_warps=config.num_warps, num_stages=config.num_stages)
+        elif config.meta.get("KRON3"):
+            a, b, c = _split3(h)
+            rows_per_program = config.meta.get("ROWS", 1)
+            _fwht_kron3_kernel[(triton.cdiv(x2.shape[0], rows_per_program), K // h)](
+                x2, s, y, x2.shape[0], K, float(scale), A=a, B=b, C=c, LOG_A=int(math.log2(a)),
+                LOG_B=int(math.log2(b)), LOG_C=int(math.log2(c)), HAS_SIGNS=signs is not None, LOWP=lowp,
+                ROWS=rows_per_program, num_warps=config.num_warps, num_stages=config.num_stages)
         elif "BATCH" in config.meta:
             a, b = _split(h)
             batch = config.meta["BATCH"]
@@ -242,9 +305,15 @@ if triton_available():
         if h <= 128:
             return [c for c in configs if "R" in c.meta]
         rows = x.numel() // max(x.shape[-1], 1)
+        if h > 16384:  # two factors would need a 256-wide one: three factors, or 16384-blocks combined
+            return [c for c in configs if c.meta.get("COMBINE")
+                    or (c.meta.get("KRON3") and c.num_warps >= 8 and c.meta["ROWS"] <= max(rows, 1))]
         # Kronecker kernel: several rows per program only pay off with many rows (prefill); never more than rows
-        keep = [c for c in configs if "ROWS" in c.meta and c.num_warps == (4 if h <= 2048 else 8)
+        keep = [c for c in configs if "ROWS" in c.meta and not c.meta.get("KRON3") and c.num_warps == (4 if h <= 2048 else 8)
                 and (c.meta["ROWS"] == 1 or c.meta["ROWS"] <= rows)]
+        # three factors of 16..32 from h = 4096 on
+        keep += [c for c in configs if c.meta.get("KRON3") and h >= 4096 and c.meta["ROWS"] <= max(rows, 1)
+                 and c.num_warps >= (8 if h >= 16384 else 4)]
         # batched Kronecker tiles: 2..16 rows, at most 16K values per program (registers), only with that many rows
         keep += [c for c in configs if "BATCH" in c.meta and c.meta["BATCH"] <= rows
                  and c.meta["BATCH"] * h <= (8192 if c.num_warps == 4 else 16384)]
@@ -257,31 +326,24 @@ if triton_available():
          Config({"R": 16}, num_warps=2, num_stages=1)]
         + [Config({"ROWS": r}, num_warps=w, num_stages=st) for r in (1, 4, 16) for w in (4, 8)
            for st in ((1,) if r == 1 else (1, 2))]
-        + [Config({"BATCH": b}, num_warps=w, num_stages=1) for b in (2, 4, 8, 16, 32, 64) for w in (4, 8)],
+        + [Config({"BATCH": b}, num_warps=w, num_stages=1) for b in (2, 4, 8, 16, 32, 64) for w in (4, 8)]
+        + [Config({"KRON3": 1, "ROWS": r}, num_warps=w, num_stages=1) for r in (1, 4) for w in (4, 8, 16)]
+        + [Config({"COMBINE": 1})],
         key=lambda x, signs, h, scale: (x.dtype, h, x.numel() // x.shape[-1] > 64, signs is not None),
         launch=_launch_dot,
         prune=_prune_dot,
     )
 
     def fwht_triton(x: torch.Tensor, signs: torch.Tensor | None, hadamard_size: int, scale: float) -> torch.Tensor:
-        """Tensor-core path (16 <= h <= 16384: ``X @ H_h`` or ``H_A X H_B``; larger h: 16384-blocks combined
-        pairwise), butterflies below 16."""
+        """Tensor-core path (16 <= h <= 32768: ``X @ H_h``, ``H_A X H_B`` or three factors; 32768 may also be
+        16384-blocks combined pairwise; larger h: combined halves), butterflies below 16."""
         _check(x, hadamard_size)
         if signs is not None:
             signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
-        if 16 <= hadamard_size <= 16384:
+        if 16 <= hadamard_size <= 32768:
             return _fwht_dot_tuner(x, signs, hadamard_size, scale)
-        if hadamard_size > 16384:
-            # H_2n = [[H_n, H_n], [H_n, -H_n]]: transform 16384-blocks on tensor cores, then combine neighbours.
-            # A single-program butterfly over 32768 values took minutes to compile and tune on the H100.
-            y = _fwht_dot_tuner(x, signs, 16384, scale)
-            n = 16384
-            while n < hadamard_size:
-                pairs = y.view(*y.shape[:-1], y.shape[-1] // (2 * n), 2, n)
-                top, bottom = pairs.unbind(-2)
-                y = torch.stack((top + bottom, top - bottom), dim=-2).view(x.shape)
-                n *= 2
-            return y
+        if hadamard_size > 32768:
+            return _combine_halves(_fwht_dot_tuner, x, signs, hadamard_size, scale)
         return _fwht_tuner(x, signs, hadamard_size, scale)
 
 else:  # pragma: no cover
