@@ -98,6 +98,15 @@ if triton_available():
         return 1.0 - 2.0 * parity.to(tl.float32)
 
     @triton.jit
+    def _dot_fp32_accurate(h, t, dtype: tl.constexpr):
+        """``h @ t`` for a +-1 matrix ``h`` and fp32 ``t`` on 16-bit tensor cores, to about fp32 accuracy: ``t``
+        is split into hi + lo 16-bit parts (the products by +-1 are exact, the sums fp32)."""
+        t_hi = t.to(dtype)
+        t_lo = (t - t_hi.to(tl.float32)).to(dtype)
+        h16 = h.to(dtype)
+        return tl.dot(h16, t_hi) + tl.dot(h16, t_lo)
+
+    @triton.jit
     def _fwht_rows_kernel(x_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, scale, R: tl.constexpr, H: tl.constexpr,
                           LOG_H: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr):
         """Small blocks (16 <= h <= 128): R consecutive blocks as an [R, h] tile, Y = X @ H_h (tensor cores)."""
@@ -139,9 +148,7 @@ if triton_available():
                 x = x * signs.to(x.dtype)
             if LOWP:
                 t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
-                t_hi = t.to(x.dtype)
-                t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)  # keep fp32 accuracy through the second factor
-                y = tl.dot(ha.to(x.dtype), t_hi) + tl.dot(ha.to(x.dtype), t_lo)
+                y = _dot_fp32_accurate(ha, t, x.dtype)
             else:
                 t = tl.dot(x, hb, input_precision="ieee")
                 y = tl.dot(ha, t, input_precision="ieee")
@@ -167,9 +174,7 @@ if triton_available():
         x2 = tl.reshape(x, [BATCH * A, B])
         if LOWP:
             t = tl.reshape(tl.dot(x2, hb.to(x.dtype)), [BATCH, A, B])  # exact products, fp32 sums
-            t_hi = t.to(x.dtype)
-            t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)  # keep fp32 accuracy through the second factor
-            y = tl.dot(ha.to(x.dtype), t_hi) + tl.dot(ha.to(x.dtype), t_lo)
+            y = _dot_fp32_accurate(ha, t, x.dtype)
         else:
             t = tl.reshape(tl.dot(x2, hb, input_precision="ieee"), [BATCH, A, B])
             y = tl.dot(ha, t, input_precision="ieee")
@@ -199,17 +204,9 @@ if triton_available():
             if HAS_SIGNS:
                 x = x * signs.to(x.dtype)
             if LOWP:
-                # exact products of the 16-bit input, fp32 sums; later factors see hi + lo 16-bit parts of fp32
-                t = tl.reshape(tl.dot(tl.reshape(x, [A * B, C]), hc.to(x.dtype)), [A, B, C])
-                t_hi = t.to(x.dtype)
-                t_lo = (t - t_hi.to(tl.float32)).to(x.dtype)
-                hb16 = hb.to(x.dtype)
-                u = tl.dot(hb16, t_hi) + tl.dot(hb16, t_lo)
-                u2 = tl.reshape(u, [A, B * C])
-                u_hi = u2.to(x.dtype)
-                u_lo = (u2 - u_hi.to(tl.float32)).to(x.dtype)
-                ha16 = ha.to(x.dtype)
-                y = tl.dot(ha16, u_hi) + tl.dot(ha16, u_lo)
+                t = tl.reshape(tl.dot(tl.reshape(x, [A * B, C]), hc.to(x.dtype)), [A, B, C])  # exact, fp32 sums
+                u = _dot_fp32_accurate(hb, t, x.dtype)
+                y = _dot_fp32_accurate(ha, tl.reshape(u, [A, B * C]), x.dtype)
             else:
                 t = tl.reshape(tl.dot(tl.reshape(x, [A * B, C]), hc, input_precision="ieee"), [A, B, C])
                 u = tl.dot(hb, t, input_precision="ieee")
