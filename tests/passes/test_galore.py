@@ -166,9 +166,11 @@ def test_galore_graphs_are_marked_not_cuda_graphable():
             return PassResult(self.name)
 
     ours = tiny_model("llama").requires_grad_(False)
-    compiled = torch.compile(ours, backend=transfigure.backend(passes=[CaptureGraph()], lowering="eager",
-                                                               galore={"rank": RANK, "update_proj_gap": GAP}))
+    backend = transfigure.backend(passes=[CaptureGraph()], lowering="eager", galore={"rank": RANK, "update_proj_gap": GAP})
+    compiled = torch.compile(ours, backend=backend)
     compiled(input_ids=_ids(0))
     node = get_first_incompatible_cudagraph_node(torch.fx.GraphModule(torch.nn.Module(), captured[0]))
     assert node is not None and node.target is torch.ops.transfigure.galore_linear.default
     assert torch.Tag.cudagraph_unsafe in torch.ops.transfigure.grad_stash.default.tags
+    notes = [n for g in backend.report.graphs for p in g.passes if p.name == "galore" for n in p.result.notes]
+    assert any("without CUDA graphs" in n for n in notes)

@@ -181,6 +181,9 @@ class GaLorePass(Pass):
                 )
             graph.replace_linear(call, new)
             result.rewrote(call, f"rank={state.rank} {state.side} projector, scale={state.scale:g}, T={state.update_proj_gap}")
+        if result.rewritten:
+            result.note("this graph runs without CUDA graphs even under mode='reduce-overhead': the projector refresh "
+                        "is driven from the host (galore_linear is tagged cudagraph_unsafe)")
         return result
 
 
