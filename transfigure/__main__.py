@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--train-variants", nargs="*", default=list(TRAINING_VARIANTS))
     p_bench.add_argument("--train-batch", type=int, default=8)
     p_bench.add_argument("--seq-len", type=int, default=512)
-    p_bench.add_argument("--steps", type=int, default=5, help="timed training steps after the compiling one")
+    p_bench.add_argument("--steps", type=int, default=5, help="timed training steps after the compiling one and two warm-up steps")
     p_bench.add_argument("--lora-rank", type=int, default=16)
     p_bench.add_argument("--galore-rank", type=int, default=128)
     p_bench.add_argument("--mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),

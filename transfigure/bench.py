@@ -353,7 +353,8 @@ def _training_setup(variant: str, model, lowering: str, lora_rank: int, galore_r
 def run_training_variant(model_name: str, variant: str, batch: int, seq_len: int, steps: int, device: str,
                          dtype: torch.dtype, lowering: str = "inductor", lora_rank: int = 16,
                          galore_rank: int = 128, mode: str | None = None) -> TrainingRow:
-    """Time ``steps`` optimizer steps (forward, backward, ``optimizer.step()``) after a first, compiling one."""
+    """Time ``steps`` optimizer steps (forward, backward, ``optimizer.step()``) after a compiling one and two warm-up
+    steps (under CUDA graphs the second call records)."""
     row = TrainingRow(model_name, variant, batch, seq_len)
     torch._dynamo.reset()
     model = build_model(model_name, device, dtype)
@@ -417,14 +418,15 @@ def run_training(models: Sequence[str] = ("llama-1b",), variants: Sequence[str] 
             rows.append(TrainingRow(model_name, variant, batch, seq_len, error=_error_text(error)))
         print(rows[-1], flush=True)
     result = {**environment(device), "lowering": lowering, "steps": steps, "lora_rank": lora_rank,
-              "galore_rank": galore_rank, "mode": mode, "rows": [dataclasses.asdict(r) for r in rows]}
+              "galore_rank": galore_rank, "mode": mode, "warmup_steps": 2, "rows": [dataclasses.asdict(r) for r in rows]}
     if out_dir:
         save_training(result, out_dir, stem="training" if mode in (None, "default") else f"training_{mode.replace('-', '_')}")
     return result
 
 
 def training_markdown(result: dict[str, Any]) -> str:
-    lines = [f"Training step (forward + backward + optimizer.step), {result['steps']} timed steps after a compiling one, "
+    lines = [f"Training step (forward + backward + optimizer.step), {result['steps']} timed steps after a compiling one"
+             f"{' and %d warm-up ones' % result['warmup_steps'] if result.get('warmup_steps') else ''}, "
              f"torch.compile mode={result.get('mode') or 'default'} — "
              f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}", "",
              "| model | batch x seq | variant | tokens/s | vs inductor-full | step ms | peak GiB | optimizer state GiB | trainable params | first step s |",
