@@ -101,3 +101,33 @@ def test_cpp_wrapper_lowering_with_trainable_extra_inputs():
     loss.backward()
     torch.testing.assert_close(loss, expected)  # B starts at zero: the adapted model equals the base
     assert all(p.grad is not None for p in transfigure.trainable_parameters(model))
+
+
+@pytest.mark.parametrize("how", ["option", "torch.compile mode"])
+def test_mode_reaches_inductor_as_config(monkeypatch, how):
+    """torch.compile refuses mode= beside options=, so `mode` is also an option; both forms give Inductor the
+    config torch.compile's own mode would (CUDA graphs for reduce-overhead), under the user's inductor_config."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = []
+    real = compile_fx_module.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return real(gm, inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    inputs = example_inputs("llama")
+    if how == "option":
+        compiled = torch.compile(model, backend="transfigure",
+                                 options={"mode": "reduce-overhead", "inductor_config": {"max_autotune": False}})
+    else:
+        compiled = torch.compile(model, backend=transfigure.backend(inductor_config={"max_autotune": False}),
+                                 mode="max-autotune")
+    torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-5)
+    expected = {"triton.cudagraphs": True, "max_autotune": False}
+    assert seen and seen[0] == expected
+    with pytest.raises(transfigure.OptionError, match="'mode'"):
+        transfigure.backend(mode="fastest")

@@ -55,8 +55,8 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
                  mode: str | None = None):
-        if mode:
-            options = {**dict(options or {}), "inductor_config": {**_mode_config(mode), **dict((options or {}).get("inductor_config") or self.raw_options.get("inductor_config") or {})}}
+        if mode:  # torch.compile(..., mode=) on a backend object, or transformers' CompileConfig(mode=...)
+            options = {**dict(options or {}), "mode": mode}
         if options:
             return self.with_options(options)(gm, example_inputs)
         return compile_graph(self, gm, example_inputs)
@@ -121,7 +121,7 @@ def _lower(view: GraphView, lowering: str, compiler: CompilerOptions):
     for node in view.gm.graph.find_nodes(op="placeholder"):
         if "val" not in node.meta and "example_value" in node.meta:
             node.meta["val"] = node.meta["example_value"]
-    patches = dict(compiler.inductor_config) if compiler.inductor_config else None
+    patches = {**_mode_config(compiler.mode or "default"), **dict(compiler.inductor_config or {})} or None
     compiled = compile_fx(view.gm, view.inputs(), config_patches=patches)
     if not extras:
         return compiled

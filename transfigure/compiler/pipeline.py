@@ -27,6 +27,10 @@ class CompilerOptions:
         "error", "when a parameter a pass packed at compile time changes in place: raise, recompile, or ignore"
     )
     inductor_config: Mapping[str, Any] | None = option(None, "Inductor config patches passed to compile_fx (transfigure backend only)")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = option(
+        None, "torch.compile's mode as an option (torch.compile refuses mode= beside options=); 'reduce-overhead' "
+        "turns on CUDA graphs, which training steps need (a 1B step is host-bound without them)"
+    )
 
 
 def parse_compile_options(
