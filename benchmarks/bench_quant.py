@@ -281,7 +281,19 @@ def write_markdown(results, out: Path, stem: str = "quant") -> None:
         import matplotlib.pyplot as plt
 
         measured = list(dict.fromkeys((r["N"], r["K"]) for r in results["gemm"]))
-        if not measured:
+        if not measured:  # the FWHT-only run: bandwidth against a copy, per Hadamard size
+            rows = sorted(results["fwht"], key=lambda r: r["h"])
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot([r["h"] for r in rows], [r["fraction_of_copy"] for r in rows], marker="o", label="FWHT")
+            ax.axhline(0.7, color="k", lw=0.5, ls="--", label="target 0.7")
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("Hadamard size h")
+            ax.set_ylabel("fraction of copy bandwidth")
+            ax.set_title(f"FWHT, 64 MB bf16, {meta['device']}", fontsize=9)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out / f"{stem}.png", dpi=100)
             return
         fig, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 3.5), sharey=True, squeeze=False)
         axes = axes[0]
