@@ -229,3 +229,35 @@ def test_segment_configs_are_tuned_only_for_long_ungated_sequences():
 
     assert seg_count(64 * SEG_MIN_CHUNKS, False) > 0
     assert seg_count(64 * SEG_MIN_CHUNKS - 64, False) == 0 and seg_count(64 * SEG_MIN_CHUNKS, True) == 0
+
+
+@settings(max_examples=4)
+@given(**shapes)
+def test_every_backward_config_matches_reference(B, Hk, G, T, K, V, chunk, gated, seed):
+    """Segment-parallel state walks (prefix of totals for h, suffix for dh) and the sequential ones give the
+    reference gradients; gated inputs run SEG configs with one segment."""
+    from transfigure.kernels.linear_attention import _all_bwd_configs, _bwd_launch
+
+    q, k, v, g = make(seed, B, Hk, G, T + 3 * chunk, K, V, gated)
+    do = torch.randn(q.shape[:3] + (V,), generator=torch.Generator().manual_seed(seed + 1))
+    expected = _linear_attn_bwd_reference(q.double(), k.double(), v.double(), None if g is None else g.double(), do.double(),
+                                          0.5, chunk)
+    assert any(c.meta.get("SEG", 1) > 1 for c in _all_bwd_configs)
+    for config in _all_bwd_configs:
+        for got, want in zip(_bwd_launch(config, q, k, v, g, do, 0.5, chunk), expected):
+            assert rel(got, want) < 1e-4, config.describe()
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_fused_forward_segments_fp16(gated):
+    """The fused forward (state in registers, segments from the prefix of totals) in fp16 over many segments,
+    gated inputs through the fp32-dot path; every fused config agrees with the fp64 definition."""
+    from transfigure.kernels.linear_attention import _all_fwd_configs, _fwd_launch
+
+    q, k, v, g = make(3, 1, 2, 2, 300, 32, 16, gated)
+    expected, _ = linear_attention_recurrent(q.double(), k.double(), v.double(), None if g is None else g.double(), 0.25)
+    fused = [c for c in _all_fwd_configs if c.meta.get("FUSED")]
+    assert fused and min(c.meta["CPS"] for c in fused) * 16 < 300  # some config runs several segments
+    for config in fused:
+        cast = lambda x: None if x is None else x.half()  # noqa: E731
+        assert rel(_fwd_launch(config, cast(q), cast(k), cast(v), cast(g), 0.25, 16), expected) < 3e-3, config.describe()

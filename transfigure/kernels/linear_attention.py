@@ -24,6 +24,9 @@ Kernels (two phases, as in fla's chunk algorithm, so the output phase is paralle
 * ``_chunk_state_fwd``: one program per (key block, value block, key/value head) walks the chunks and
   stores ``h_n`` for every chunk (fp32 accumulation; stored in the compute dtype).
 * ``_chunk_output_fwd``: one program per (value block, chunk, query head): ``o_n`` above.
+* ``_fused_segment_fwd`` (the forward autotuner's other family): output and state in one walk over a segment
+  of chunks, the state kept in registers, so no per-chunk state goes through memory; segments start from the
+  prefix of per-segment totals (ungated) and run in parallel.
 * ``_chunk_state_bwd``: reverse walk accumulating ``dh`` (gradient of the state after chunk n), summed over
   the query heads of a group.
 * ``_chunk_dqkv_bwd``: one program per (chunk, key/value head), looping over the group's query heads:
@@ -191,12 +194,14 @@ if triton_available():
     def _chunk_state_fwd(
         k_ptr, v_ptr, g_ptr, h_ptr, tot_ptr, T, NT, K, V, CPS,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, NSEG: tl.constexpr,
+        STORE_H: tl.constexpr = True,
     ):
         """State before each chunk, ``h[n] = sum_{t < n*BT} k_t v_t^T`` (gated: decayed), one program per
         (K block, V block, head, segment). With NSEG > 1 (ungated) the chunks are cut into NSEG segments of CPS
         chunks that run in parallel from a zero state; each also stores its segment's total (``tot``), and the
         output kernel adds the exclusive prefix of those totals. At B1 H16 a single sequential chain over 512
-        chunks (T = 32K) left most of the GPU idle."""
+        chunks (T = 32K) left most of the GPU idle. STORE_H=False stores only the totals (the fused forward
+        needs nothing else)."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
         i_bh = tl.program_id(2) // NSEG
@@ -214,11 +219,12 @@ if triton_available():
         first = seg * CPS
         last = tl.minimum(first + CPS, NT)
         for n in range(first, last):
-            tl.store(
-                h_base + n * K * V + offs_k[:, None] * V + offs_v[None, :],
-                acc.to(h_ptr.dtype.element_ty),
-                mask=mk[:, None] & mv[None, :],
-            )
+            if STORE_H:
+                tl.store(
+                    h_base + n * K * V + offs_k[:, None] * V + offs_v[None, :],
+                    acc.to(h_ptr.dtype.element_ty),
+                    mask=mk[:, None] & mv[None, :],
+                )
             t = n * BT + offs_t
             mt = t < T
             kt = tl.load(k_base + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
@@ -278,13 +284,81 @@ if triton_available():
         )
 
     @triton.jit
-    def _chunk_state_bwd(
-        q_ptr, g_ptr, do_ptr, dh_ptr, scale, T, NT, G, K, V,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+    def _fused_segment_fwd(
+        q_ptr, k_ptr, v_ptr, g_ptr, p_ptr, o_ptr, scale, T, NT, G, K, V, CPS, NSEG,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, HAS_PREFIX: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
+        """Output and state in one pass, no per-chunk state in memory: one program per (value block, segment
+        of CPS chunks, key/value head) carries its slice of the state (fp32, registers) through its chunks and
+        writes ``o_n`` for every query head of the group on the way. The two-phase kernels above write a
+        d_k x d_v state per chunk and read it back (bf16: 2 x 268 MB at B1 H16 T32K D128, as much traffic as
+        q, k, v and o together); here the only extra traffic is the segment totals of ``_chunk_state_fwd``
+        (``STORE_H=False``) whose inclusive prefix ``p`` gives each segment its starting state (ungated; gated
+        inputs run one segment per sequence, ``HAS_PREFIX=False``)."""
+        i_v = tl.program_id(0)
+        seg = tl.program_id(1)
+        i_kvh = tl.program_id(2)
+        offs_k = tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        offs_t = tl.arange(0, BT)
+        mk = offs_k < K
+        mv = offs_v < V
+        mkv = mk[:, None] & mv[None, :]
+        kv_off = i_kvh.to(tl.int64) * T
+        if HAS_PREFIX:
+            before = tl.maximum(seg - 1, 0)
+            S = tl.load(p_ptr + (i_kvh.to(tl.int64) * NSEG + before) * K * V + offs_k[:, None] * V + offs_v[None, :],
+                        mask=mkv & ((offs_v * 0 + seg) > 0)[None, :], other=0.0)
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+        causal = offs_t[:, None] >= offs_t[None, :]
+        first = seg * CPS
+        last = tl.minimum(first + CPS, NT)
+        for n in range(first, last):
+            t = n * BT + offs_t
+            mt = t < T
+            mtk = mt[:, None] & mk[None, :]
+            k = tl.load(k_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
+            v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+            if DOT_FP32:
+                v = v.to(tl.float32)
+            if USE_G:
+                gg = tl.load(g_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+                b = tl.cumsum(gg, axis=0)
+                b_last = tl.sum(gg, axis=0)
+                k_tilde = (k.to(tl.float32) * tl.exp(-b)).to(v.dtype)
+                k_hat = (k.to(tl.float32) * tl.exp(b_last[None, :] - b)).to(v.dtype)
+            else:
+                k_tilde = k.to(v.dtype)
+                k_hat = k_tilde
+            state = S.to(v.dtype)
+            for j in range(G):
+                i_bh = i_kvh * G + j
+                q = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
+                if USE_G:
+                    q = (q.to(tl.float32) * tl.exp(b)).to(v.dtype)
+                q = q.to(v.dtype)
+                A = tl.where(causal, tl.dot(q, tl.trans(k_tilde)), 0.0)
+                o = tl.dot(q, state) + tl.dot(A.to(v.dtype), v)
+                tl.store(o_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :],
+                         (o * scale).to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            if USE_G:
+                S = S * tl.exp(b_last)[:, None]
+            S += tl.dot(tl.trans(k_hat), v)
+
+    @triton.jit
+    def _chunk_state_bwd(
+        q_ptr, g_ptr, do_ptr, dh_ptr, dtot_ptr, scale, T, NT, G, K, V, CPS,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, NSEG: tl.constexpr,
+    ):
+        """Reverse walk: ``dh[n] = sum_{t >= (n+1)*BT} scale * q_t^T do_t`` (gated: decayed), one program per
+        (K block, V block, key/value head, segment). With NSEG > 1 (ungated) each segment of CPS chunks starts
+        from zero and stores its total in ``dtot``; ``_chunk_dqkv_bwd`` adds the suffix of the later segments."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
-        i_kvh = tl.program_id(2)
+        i_kvh = tl.program_id(2) // NSEG
+        seg = tl.program_id(2) % NSEG
         offs_k = i_k * BK + tl.arange(0, BK)
         offs_v = i_v * BV + tl.arange(0, BV)
         offs_t = tl.arange(0, BT)
@@ -293,8 +367,10 @@ if triton_available():
         g_base = g_ptr + i_kvh.to(tl.int64) * T * K
         dh_base = dh_ptr + i_kvh.to(tl.int64) * NT * K * V
         acc = tl.zeros([BK, BV], dtype=tl.float32)
-        for i in range(NT):
-            n = NT - 1 - i
+        first = seg * CPS
+        last = tl.minimum(first + CPS, NT)
+        for i in range(first, last):
+            n = first + last - 1 - i
             tl.store(
                 dh_base + n * K * V + offs_k[:, None] * V + offs_v[None, :],
                 acc.to(dh_ptr.dtype.element_ty),
@@ -313,11 +389,28 @@ if triton_available():
                 if USE_G:
                     qt = (qt.to(tl.float32) * tl.exp(b)).to(do.dtype)
                 acc += tl.dot(qt.to(do.dtype), do) * scale
+        if NSEG > 1:
+            tl.store(dtot_ptr + (i_kvh.to(tl.int64) * NSEG + seg) * K * V + offs_k[:, None] * V + offs_v[None, :], acc,
+                     mask=mk[:, None] & mv[None, :])
+
+    @triton.jit
+    def _load_state(base_ptr, st_base, p_ptr, i_kvh, seg, NSEG, offs_k, offs_v, mk, mv, K, V, HAS_SEG: tl.constexpr):
+        """A stored per-chunk state slice plus, with segments, ``p[seg]`` (fp32; masked off when ``seg`` is
+        outside ``[0, NSEG)``): the prefix of the earlier segments' totals for ``h``, the suffix of the later
+        ones for ``dh``."""
+        x = tl.load(base_ptr + st_base + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if HAS_SEG:
+            inside = ((offs_v * 0 + seg) >= 0) & ((offs_v * 0 + seg) < NSEG)
+            at = tl.minimum(tl.maximum(seg, 0), NSEG - 1)
+            extra = tl.load(p_ptr + (i_kvh.to(tl.int64) * NSEG + at) * K * V + offs_k[:, None] * V + offs_v[None, :],
+                            mask=mk[:, None] & (mv & inside)[None, :], other=0.0)
+            x = (x.to(tl.float32) + extra).to(base_ptr.dtype.element_ty)
+        return x
 
     @triton.jit
     def _chunk_dqkv_bwd(
-        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, scale, T, NT, G, K, V,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, p_ptr, r_ptr, scale, T, NT, G, K, V,
+        CPS, NSEG, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, HAS_SEG: tl.constexpr,
     ):
         # one program per (chunk, key/value head); the value dimension is walked in blocks of BV so that
         # only [BK, BV] slices of the states are live at once (full 128x128 fp32 tiles exceed shared memory)
@@ -344,6 +437,7 @@ if triton_available():
             k_hat = k.to(dt)
         causal = t[:, None] >= t[None, :]
         NV = tl.cdiv(V, BV)
+        seg = n // CPS
         dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
         # phase 1: per query head, dA = do v^T and dq; dk's intra part
         for j in range(G):
@@ -360,7 +454,7 @@ if triton_available():
                 mtv = mt[:, None] & mv[None, :]
                 v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
                 do = tl.load(do_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
-                h = tl.load(h_ptr + st_base + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+                h = _load_state(h_ptr, st_base, p_ptr, i_kvh, seg - 1, NSEG, offs_k, offs_v, mk, mv, K, V, HAS_SEG)
                 dA += tl.dot(do, tl.trans(v))
                 dq += tl.dot(do, tl.trans(h))
             dA = tl.where(causal, dA, 0.0) * scale
@@ -376,7 +470,7 @@ if triton_available():
             mv = offs_v < V
             mtv = mt[:, None] & mv[None, :]
             v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
-            dh = tl.load(dh_ptr + st_base + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            dh = _load_state(dh_ptr, st_base, r_ptr, i_kvh, seg + 1, NSEG, offs_k, offs_v, mk, mv, K, V, HAS_SEG)
             dv = tl.dot(k_hat, dh)
             dk_inter += tl.dot(v, tl.trans(dh))
             for j in range(G):
@@ -408,7 +502,36 @@ if triton_available():
         return min(_pow2(D), block)
 
     # ---- forward launch ----
+    def _fused_fwd_launch(config: Config, q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
+        B, H, T, K = q.shape
+        Hk, V = k.shape[1], v.shape[-1]
+        BT = _pow2(chunk_size)
+        NT = triton.cdiv(T, BT)
+        gated = g is not None
+        o = torch.empty(B, H, T, V, device=q.device, dtype=q.dtype)
+        g_arg = g if gated else k
+        cps = NT if gated else max(1, min(config.meta["CPS"], NT))
+        nseg = triton.cdiv(NT, cps)
+        prefix = o
+        if nseg > 1:
+            tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32)
+            BKs, BVs = _split_block(K, 64), _split_block(V, 64)
+            _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)](
+                k, v, g_arg, tot, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=False, NSEG=nseg, STORE_H=False,
+                num_warps=4, num_stages=2,
+            )
+            prefix = torch.cumsum(tot, 1)  # inclusive: segment s starts from prefix[s - 1]
+        BV = _split_block(V, config.meta["BV_FUSED"])
+        _fused_segment_fwd[(triton.cdiv(V, BV), nseg, B * Hk)](
+            q, k, v, g_arg, prefix, o, float(scale), T, NT, H // Hk, K, V, cps, nseg, BT=BT, BK=_pow2(K), BV=BV,
+            USE_G=gated, HAS_PREFIX=nseg > 1, DOT_FP32=_state_dtype(q, gated) == torch.float32,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return o
+
     def _fwd_launch(config: Config, q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
+        if config.meta.get("FUSED"):
+            return _fused_fwd_launch(config, q, k, v, g, scale, chunk_size)
         B, H, T, K = q.shape
         Hk, V = k.shape[1], v.shape[-1]
         BT = _pow2(chunk_size)
@@ -448,6 +571,15 @@ if triton_available():
         Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 128, "OUT_WARPS": 8, "OUT_STAGES": 2, "SEG": 16}, num_warps=4, num_stages=3),
         Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 32}, num_warps=4, num_stages=2),
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 4}, num_warps=4, num_stages=3),
+        # fused output + state (no per-chunk states in memory), CPS chunks per segment. Compiled for sm_90
+        # (triton 3.6, bf16, D=128): BV 64 x 8 warps 232 registers and BV 32 x 4 warps 207, no spills;
+        # BV 64 x 4 warps and BV 128 x 8 warps spill, so they are not candidates.
+        Config({"FUSED": 1, "CPS": 4, "BV_FUSED": 64}, num_warps=8, num_stages=2),
+        Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 64}, num_warps=8, num_stages=2),
+        Config({"FUSED": 1, "CPS": 64, "BV_FUSED": 64}, num_warps=8, num_stages=2),
+        Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 64}, num_warps=8, num_stages=3),
+        Config({"FUSED": 1, "CPS": 4, "BV_FUSED": 32}, num_warps=4, num_stages=2),
+        Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 32}, num_warps=4, num_stages=2),
     ]
 
     def _key(q, k, v, g, scale, chunk_size, *rest):
@@ -481,21 +613,33 @@ if triton_available():
         dh = torch.empty(B, Hk, NT, K, V, device=q.device, dtype=sd)
         BKs = _split_block(K, config.meta["BK_STATE"])
         BVs = _split_block(V, config.meta["BV_STATE"])
-        grid = (triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk)
+        # segments: both state walks run in parallel from zero; dqkv adds the other segments' totals
+        nseg = 1 if gated else max(1, min(config.meta.get("SEG", 1), NT))
+        cps = triton.cdiv(NT, nseg)
+        nseg = triton.cdiv(NT, cps)
+        tot = dtot = h
+        if nseg > 1:
+            tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32)
+            dtot = torch.empty_like(tot)
+        grid = (triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)
         _chunk_state_fwd[grid](
-            k, v, g_arg, h, h, T, NT, K, V, NT, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=1,
+            k, v, g_arg, h, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         _chunk_state_bwd[grid](
-            q, g_arg, do, dh, float(scale), T, NT, G, K, V, BT=BT, BK=BKs, BV=BVs, USE_G=gated,
+            q, g_arg, do, dh, dtot, float(scale), T, NT, G, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
+        prefix = suffix = h
+        if nseg > 1:
+            prefix = torch.cumsum(tot, 1)  # segment s adds prefix[s - 1]
+            suffix = torch.cumsum(dtot.flip(1), 1).flip(1)  # and suffix[s + 1]
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         _chunk_dqkv_bwd[(NT, B * Hk)](
-            q, k, v, g_arg, h, dh, do, dq, dk, dv, float(scale), T, NT, G, K, V,
-            BT=BT, BK=_pow2(K), BV=_split_block(V, config.meta["BV_DQKV"]), USE_G=gated,
+            q, k, v, g_arg, h, dh, do, dq, dk, dv, prefix, suffix, float(scale), T, NT, G, K, V, cps, nseg,
+            BT=BT, BK=_pow2(K), BV=_split_block(V, config.meta["BV_DQKV"]), USE_G=gated, HAS_SEG=nseg > 1,
             num_warps=config.meta["DQKV_WARPS"], num_stages=config.meta["DQKV_STAGES"],
         )
         return dq, dk, dv
@@ -506,6 +650,10 @@ if triton_available():
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=3),
         Config({"BK_STATE": 32, "BV_STATE": 32, "BV_DQKV": 32, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=2, num_stages=3),
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 2}, num_warps=4, num_stages=3),
+        # segment-parallel state walks (ungated; gated inputs run these with one segment)
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1, "SEG": 8}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1, "SEG": 32}, num_warps=4, num_stages=2),
+        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 2, "SEG": 16}, num_warps=4, num_stages=3),
     ]
     _SUSPECT: dict[str, set[int]] = {"fwd": set(), "bwd": set()}
 
