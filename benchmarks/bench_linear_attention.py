@@ -140,7 +140,7 @@ class Worker:
         else:
             grads = la._bwd_launch(config, c(q), c(k), c(v), c(g), c(do), 1.0, 64)
             sync()
-            for name, a, e in zip(["dq", "dk", "dv"], grads, ref_g):
+            for name, a, e in zip(["dq", "dk", "dv", "dg"] if gated else ["dq", "dk", "dv"], grads, ref_g):
                 row[name] = rel(a, e)
         row["ok"] = all(val < 3e-2 for key, val in row.items() if key not in ("config",))
         return row

@@ -235,7 +235,7 @@ def test_segment_configs_are_tuned_only_for_long_ungated_sequences():
 @given(**shapes)
 def test_every_backward_config_matches_reference(B, Hk, G, T, K, V, chunk, gated, seed):
     """Segment-parallel state walks (prefix of totals for h, suffix for dh) and the sequential ones give the
-    reference gradients; gated inputs run SEG configs with one segment."""
+    reference gradients, gated (decays carried across segment boundaries) or not."""
     from transfigure.kernels.linear_attention import _all_bwd_configs, _bwd_launch
 
     q, k, v, g = make(seed, B, Hk, G, T + 3 * chunk, K, V, gated)

@@ -32,8 +32,11 @@ Kernels (two phases, as in fla's chunk algorithm, so the output phase is paralle
 * ``_chunk_dqkv_bwd``: one program per (chunk, key/value head), looping over the group's query heads:
   ``dq`` for each, ``dk``/``dv`` summed over the group.
 
-The gate gradient needs no kernel: the loss depends on ``g`` only through ``q * e^B`` and ``k * e^-B`` with
-``B`` the global cumulative sum, so ``dB = q ⊙ dq - k ⊙ dk`` and ``dg`` is its reverse cumulative sum.
+The gate gradient: the loss depends on ``g`` only through ``q * e^B`` and ``k * e^-B`` with ``B`` the global
+cumulative sum, so ``dB = q ⊙ dq - k ⊙ dk`` and ``dg`` is its reverse cumulative sum. ``_chunk_dqkv_bwd``
+forms ``dB`` while ``dq``/``dk`` are still in registers and stores its reverse cumulative sum inside the chunk
+plus the chunk's total; the launcher adds the suffix of the later chunks' totals (a scan over chunks, not over
+tokens: ``cumsum`` over a 32K-long non-innermost dimension cost more than the whole backward).
 
 References: :func:`linear_attention_recurrent` (the definition, token by token, the oracle) and
 :func:`linear_attention_reference` (the same chunked algorithm in PyTorch, exact exponentials, the CPU
@@ -192,16 +195,18 @@ if triton_available():
 
     @triton.jit
     def _chunk_state_fwd(
-        k_ptr, v_ptr, g_ptr, h_ptr, tot_ptr, T, NT, K, V, CPS,
+        k_ptr, v_ptr, g_ptr, h_ptr, tot_ptr, dec_ptr, lsum_ptr, T, NT, K, V, CPS,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, NSEG: tl.constexpr,
-        STORE_H: tl.constexpr = True,
+        STORE_H: tl.constexpr = True, SEG_DECAY: tl.constexpr = False,
     ):
         """State before each chunk, ``h[n] = sum_{t < n*BT} k_t v_t^T`` (gated: decayed), one program per
         (K block, V block, head, segment). With NSEG > 1 (ungated) the chunks are cut into NSEG segments of CPS
         chunks that run in parallel from a zero state; each also stores its segment's total (``tot``), and the
         output kernel adds the exclusive prefix of those totals. At B1 H16 a single sequential chain over 512
         chunks (T = 32K) left most of the GPU idle. STORE_H=False stores only the totals (the fused forward
-        needs nothing else)."""
+        needs nothing else). Gated segments (SEG_DECAY) also store, per chunk, the decay from the segment's start
+        (``dec``, to carry the earlier segments' state to that chunk) and per segment its total log decay
+        (``lsum``, for the scan over segments)."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
         i_bh = tl.program_id(2) // NSEG
@@ -216,6 +221,7 @@ if triton_available():
         g_base = g_ptr + i_bh.to(tl.int64) * T * K
         h_base = h_ptr + i_bh.to(tl.int64) * NT * K * V
         acc = tl.zeros([BK, BV], dtype=tl.float32)
+        run = tl.zeros([BK], dtype=tl.float32)  # log decay since the segment's start
         first = seg * CPS
         last = tl.minimum(first + CPS, NT)
         for n in range(first, last):
@@ -225,6 +231,8 @@ if triton_available():
                     acc.to(h_ptr.dtype.element_ty),
                     mask=mk[:, None] & mv[None, :],
                 )
+            if SEG_DECAY:
+                tl.store(dec_ptr + (i_bh.to(tl.int64) * NT + n) * K + offs_k, tl.exp(run), mask=mk)
             t = n * BT + offs_t
             mt = t < T
             kt = tl.load(k_base + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
@@ -235,10 +243,39 @@ if triton_available():
                 b_last = tl.sum(gt, axis=1)
                 acc = acc * tl.exp(b_last)[:, None]
                 kt = (kt.to(tl.float32) * tl.exp(b_last[:, None] - b)).to(vt.dtype)
+                run += b_last
             acc += tl.dot(kt.to(vt.dtype), vt)
         if NSEG > 1:
             tl.store(tot_ptr + (i_bh.to(tl.int64) * NSEG + seg) * K * V + offs_k[:, None] * V + offs_v[None, :], acc,
                      mask=mk[:, None] & mv[None, :])
+        if SEG_DECAY:
+            tl.store(lsum_ptr + (i_bh.to(tl.int64) * NSEG + seg) * K + offs_k, run, mask=mk)
+
+    @triton.jit
+    def _segment_scan(tot_ptr, lsum_ptr, out_ptr, NSEG, K, V, BK: tl.constexpr, BV: tl.constexpr,
+                      USE_G: tl.constexpr, REVERSE: tl.constexpr):
+        """Inclusive scan of per-segment states over segments, ``acc <- exp(lsum_s) * acc + tot_s``, forward
+        (the state after each segment) or reversed (the state gradient before each segment); one program per
+        (K block, V block, head). Gated segments need it; ungated ones use ``torch.cumsum``."""
+        i_k = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_bh = tl.program_id(2)
+        offs_k = i_k * BK + tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mk = offs_k < K
+        mkv = mk[:, None] & (offs_v < V)[None, :]
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for i in range(NSEG):
+            if REVERSE:
+                at = NSEG - 1 - i
+            else:
+                at = i
+            base = (i_bh.to(tl.int64) * NSEG + at)
+            x = tl.load(tot_ptr + base * K * V + offs_k[:, None] * V + offs_v[None, :], mask=mkv, other=0.0)
+            if USE_G:
+                acc = acc * tl.exp(tl.load(lsum_ptr + base * K + offs_k, mask=mk, other=0.0))[:, None]
+            acc += x
+            tl.store(out_ptr + base * K * V + offs_k[:, None] * V + offs_v[None, :], acc, mask=mkv)
 
     @triton.jit
     def _chunk_output_fwd(
@@ -349,12 +386,14 @@ if triton_available():
 
     @triton.jit
     def _chunk_state_bwd(
-        q_ptr, g_ptr, do_ptr, dh_ptr, dtot_ptr, scale, T, NT, G, K, V, CPS,
+        q_ptr, g_ptr, do_ptr, dh_ptr, dtot_ptr, rdec_ptr, scale, T, NT, G, K, V, CPS,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, NSEG: tl.constexpr,
+        SEG_DECAY: tl.constexpr = False,
     ):
         """Reverse walk: ``dh[n] = sum_{t >= (n+1)*BT} scale * q_t^T do_t`` (gated: decayed), one program per
         (K block, V block, key/value head, segment). With NSEG > 1 (ungated) each segment of CPS chunks starts
-        from zero and stores its total in ``dtot``; ``_chunk_dqkv_bwd`` adds the suffix of the later segments."""
+        from zero and stores its total in ``dtot``; ``_chunk_dqkv_bwd`` adds the suffix of the later segments,
+        gated ones (SEG_DECAY) decayed by ``rdec``, the decay from the end of each chunk to its segment's end."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
         i_kvh = tl.program_id(2) // NSEG
@@ -367,6 +406,7 @@ if triton_available():
         g_base = g_ptr + i_kvh.to(tl.int64) * T * K
         dh_base = dh_ptr + i_kvh.to(tl.int64) * NT * K * V
         acc = tl.zeros([BK, BV], dtype=tl.float32)
+        run = tl.zeros([BK], dtype=tl.float32)  # log decay from the end of chunk n to the segment's end
         first = seg * CPS
         last = tl.minimum(first + CPS, NT)
         for i in range(first, last):
@@ -376,12 +416,15 @@ if triton_available():
                 acc.to(dh_ptr.dtype.element_ty),
                 mask=mk[:, None] & mv[None, :],
             )
+            if SEG_DECAY:
+                tl.store(rdec_ptr + (i_kvh.to(tl.int64) * NT + n) * K + offs_k, tl.exp(run), mask=mk)
             t = n * BT + offs_t
             mt = t < T
             if USE_G:
                 gt = tl.load(g_base + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0).to(tl.float32)
                 b = tl.cumsum(gt, axis=1)
                 acc = acc * tl.exp(tl.sum(gt, axis=1))[:, None]
+                run += tl.sum(gt, axis=1)
             for j in range(G):
                 i_bh = i_kvh * G + j
                 qt = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[None, :] * K + offs_k[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
@@ -394,23 +437,28 @@ if triton_available():
                      mask=mk[:, None] & mv[None, :])
 
     @triton.jit
-    def _load_state(base_ptr, st_base, p_ptr, i_kvh, seg, NSEG, offs_k, offs_v, mk, mv, K, V, HAS_SEG: tl.constexpr):
+    def _load_state(base_ptr, st_base, p_ptr, dec_ptr, i_kvh, n, NT, seg, NSEG, offs_k, offs_v, mk, mv, K, V,
+                    HAS_SEG: tl.constexpr, USE_G: tl.constexpr):
         """A stored per-chunk state slice plus, with segments, ``p[seg]`` (fp32; masked off when ``seg`` is
         outside ``[0, NSEG)``): the prefix of the earlier segments' totals for ``h``, the suffix of the later
-        ones for ``dh``."""
+        ones for ``dh``; gated, scaled per key by the decay ``dec[n]`` between chunk n and that boundary."""
         x = tl.load(base_ptr + st_base + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if HAS_SEG:
             inside = ((offs_v * 0 + seg) >= 0) & ((offs_v * 0 + seg) < NSEG)
             at = tl.minimum(tl.maximum(seg, 0), NSEG - 1)
             extra = tl.load(p_ptr + (i_kvh.to(tl.int64) * NSEG + at) * K * V + offs_k[:, None] * V + offs_v[None, :],
                             mask=mk[:, None] & (mv & inside)[None, :], other=0.0)
+            if USE_G:
+                extra = extra * tl.load(dec_ptr + (i_kvh.to(tl.int64) * NT + n) * K + offs_k, mask=mk, other=0.0)[:, None]
             x = (x.to(tl.float32) + extra).to(base_ptr.dtype.element_ty)
         return x
 
     @triton.jit
     def _chunk_dqkv_bwd(
-        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, p_ptr, r_ptr, scale, T, NT, G, K, V,
-        CPS, NSEG, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, HAS_SEG: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, p_ptr, r_ptr, dec_ptr, rdec_ptr,
+        dgl_ptr, dgt_ptr, scale,
+        T, NT, G, K, V, CPS, NSEG, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+        HAS_SEG: tl.constexpr,
     ):
         # one program per (chunk, key/value head); the value dimension is walked in blocks of BV so that
         # only [BK, BV] slices of the states are live at once (full 128x128 fp32 tiles exceed shared memory)
@@ -439,12 +487,14 @@ if triton_available():
         NV = tl.cdiv(V, BV)
         seg = n // CPS
         dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
+        dB = tl.zeros([BT, BK], dtype=tl.float32)  # gates: q ⊙ dq summed over the group, minus k ⊙ dk
         # phase 1: per query head, dA = do v^T and dq; dk's intra part
         for j in range(G):
             i_bh = i_kvh * G + j
             q = tl.load(q_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mtk, other=0.0)
             if USE_G:
-                q = (q.to(tl.float32) * tl.exp(b)).to(dt)
+                q_raw = q.to(tl.float32)
+                q = (q_raw * tl.exp(b)).to(dt)
             q = q.to(dt)
             dA = tl.zeros([BT, BT], dtype=tl.float32)
             dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -454,13 +504,15 @@ if triton_available():
                 mtv = mt[:, None] & mv[None, :]
                 v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
                 do = tl.load(do_ptr + i_bh.to(tl.int64) * T * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
-                h = _load_state(h_ptr, st_base, p_ptr, i_kvh, seg - 1, NSEG, offs_k, offs_v, mk, mv, K, V, HAS_SEG)
+                h = _load_state(h_ptr, st_base, p_ptr, dec_ptr, i_kvh, n, NT, seg - 1, NSEG, offs_k, offs_v, mk, mv, K, V,
+                                HAS_SEG, USE_G)
                 dA += tl.dot(do, tl.trans(v))
                 dq += tl.dot(do, tl.trans(h))
             dA = tl.where(causal, dA, 0.0) * scale
             dq = tl.dot(dA.to(dt), k_tilde) + dq * scale
             if USE_G:
                 dq = dq * tl.exp(b)
+                dB += q_raw * dq
             tl.store(dq_ptr + i_bh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mtk)
             dk_acc += tl.dot(tl.trans(dA).to(dt), q)
         # phase 2: per value block, dv (intra summed over the group + inter) and dk's inter part
@@ -470,7 +522,8 @@ if triton_available():
             mv = offs_v < V
             mtv = mt[:, None] & mv[None, :]
             v = tl.load(v_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], mask=mtv, other=0.0).to(dt)
-            dh = _load_state(dh_ptr, st_base, r_ptr, i_kvh, seg + 1, NSEG, offs_k, offs_v, mk, mv, K, V, HAS_SEG)
+            dh = _load_state(dh_ptr, st_base, r_ptr, rdec_ptr, i_kvh, n, NT, seg + 1, NSEG, offs_k, offs_v, mk, mv, K, V,
+                             HAS_SEG, USE_G)
             dv = tl.dot(k_hat, dh)
             dk_inter += tl.dot(v, tl.trans(dh))
             for j in range(G):
@@ -485,6 +538,11 @@ if triton_available():
             tl.store(dv_ptr + kv_off * V + t[:, None] * V + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mtv)
         if USE_G:
             dk = dk_acc * tl.exp(-b) + dk_inter * tl.exp(b_last[None, :] - b)
+            dB -= k.to(tl.float32) * dk
+            # rows past T hold zeros, so the padded tail of the last chunk adds nothing
+            tl.store(dgl_ptr + (i_kvh.to(tl.int64) * NT * BT + t[:, None]) * K + offs_k[None, :],
+                     tl.cumsum(dB, axis=0, reverse=True), mask=mk[None, :])
+            tl.store(dgt_ptr + (i_kvh.to(tl.int64) * NT + n) * K + offs_k, tl.sum(dB, axis=0), mask=mk)
         else:
             dk = dk_acc + dk_inter
         tl.store(dk_ptr + kv_off * K + t[:, None] * K + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mtk)
@@ -502,6 +560,18 @@ if triton_available():
         return min(_pow2(D), block)
 
     # ---- forward launch ----
+    def _scan_segments(tot: torch.Tensor, lsum: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+        """Inclusive scan over segments (dim 1): plain sums (``torch.cumsum``) or, with gates, decayed ones."""
+        if lsum is None:
+            return torch.cumsum(tot.flip(1), 1).flip(1) if reverse else torch.cumsum(tot, 1)
+        rows, nseg, K, V = tot.shape
+        out = torch.empty_like(tot)
+        BK, BV = _split_block(K, 32), _split_block(V, 32)
+        _segment_scan[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows)](
+            tot, lsum, out, nseg, K, V, BK=BK, BV=BV, USE_G=True, REVERSE=reverse, num_warps=2, num_stages=2,
+        )
+        return out
+
     def _fused_fwd_launch(config: Config, q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
         B, H, T, K = q.shape
         Hk, V = k.shape[1], v.shape[-1]
@@ -510,17 +580,22 @@ if triton_available():
         gated = g is not None
         o = torch.empty(B, H, T, V, device=q.device, dtype=q.dtype)
         g_arg = g if gated else k
-        cps = NT if gated else max(1, min(config.meta["CPS"], NT))
+        cps = max(1, min(config.meta["CPS"], NT))
         nseg = triton.cdiv(NT, cps)
         prefix = o
         if nseg > 1:
             tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32)
+            lsum = dec = tot
+            if gated:  # per-segment log decays for the scan (the per-chunk ones are a by-product, unused here)
+                lsum = torch.empty(B * Hk, nseg, K, device=q.device, dtype=torch.float32)
+                dec = torch.empty(B * Hk, NT, K, device=q.device, dtype=torch.float32)
             BKs, BVs = _split_block(K, 64), _split_block(V, 64)
             _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)](
-                k, v, g_arg, tot, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=False, NSEG=nseg, STORE_H=False,
-                num_warps=4, num_stages=2,
+                k, v, g_arg, tot, tot, dec, lsum, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
+                STORE_H=False, SEG_DECAY=gated, num_warps=4, num_stages=2,
             )
-            prefix = torch.cumsum(tot, 1)  # inclusive: segment s starts from prefix[s - 1]
+            # inclusive: segment s starts from prefix[s - 1]
+            prefix = _scan_segments(tot, lsum if gated else None, reverse=False)
         BV = _split_block(V, config.meta["BV_FUSED"])
         _fused_segment_fwd[(triton.cdiv(V, BV), nseg, B * Hk)](
             q, k, v, g_arg, prefix, o, float(scale), T, NT, H // Hk, K, V, cps, nseg, BT=BT, BK=_pow2(K), BV=BV,
@@ -549,7 +624,7 @@ if triton_available():
         nseg = triton.cdiv(NT, cps)
         tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32) if nseg > 1 else h
         _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)](
-            k, v, g_arg, h, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
+            k, v, g_arg, h, tot, tot, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         prefix = (torch.cumsum(tot, 1) - tot).contiguous() if nseg > 1 else h
@@ -613,36 +688,50 @@ if triton_available():
         dh = torch.empty(B, Hk, NT, K, V, device=q.device, dtype=sd)
         BKs = _split_block(K, config.meta["BK_STATE"])
         BVs = _split_block(V, config.meta["BV_STATE"])
-        # segments: both state walks run in parallel from zero; dqkv adds the other segments' totals
-        nseg = 1 if gated else max(1, min(config.meta.get("SEG", 1), NT))
+        # segments: both state walks run in parallel from zero; dqkv adds the other segments' totals (gated:
+        # carried to each chunk by the decays the walks store)
+        nseg = max(1, min(config.meta.get("SEG", 1), NT))
         cps = triton.cdiv(NT, nseg)
         nseg = triton.cdiv(NT, cps)
-        tot = dtot = h
+        seg_decay = gated and nseg > 1
+        tot = dtot = dec = rdec = lsum = h
         if nseg > 1:
             tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32)
             dtot = torch.empty_like(tot)
+        if seg_decay:
+            dec = torch.empty(B * Hk, NT, K, device=q.device, dtype=torch.float32)
+            rdec = torch.empty_like(dec)
+            lsum = torch.empty(B * Hk, nseg, K, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)
         _chunk_state_fwd[grid](
-            k, v, g_arg, h, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            k, v, g_arg, h, tot, dec, lsum, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
+            SEG_DECAY=seg_decay, num_warps=config.num_warps, num_stages=config.num_stages,
         )
         _chunk_state_bwd[grid](
-            q, g_arg, do, dh, dtot, float(scale), T, NT, G, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            q, g_arg, do, dh, dtot, rdec, float(scale), T, NT, G, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated,
+            NSEG=nseg, SEG_DECAY=seg_decay, num_warps=config.num_warps, num_stages=config.num_stages,
         )
         prefix = suffix = h
         if nseg > 1:
-            prefix = torch.cumsum(tot, 1)  # segment s adds prefix[s - 1]
-            suffix = torch.cumsum(dtot.flip(1), 1).flip(1)  # and suffix[s + 1]
+            prefix = _scan_segments(tot, lsum if seg_decay else None, reverse=False)  # segment s adds prefix[s - 1]
+            suffix = _scan_segments(dtot, lsum if seg_decay else None, reverse=True)  # and suffix[s + 1]
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
+        dg_local = dg_totals = h
+        if gated:
+            dg_local = torch.empty(B * Hk, NT * BT, K, device=q.device, dtype=torch.float32)
+            dg_totals = torch.empty(B * Hk, NT, K, device=q.device, dtype=torch.float32)
         _chunk_dqkv_bwd[(NT, B * Hk)](
-            q, k, v, g_arg, h, dh, do, dq, dk, dv, prefix, suffix, float(scale), T, NT, G, K, V, cps, nseg,
-            BT=BT, BK=_pow2(K), BV=_split_block(V, config.meta["BV_DQKV"]), USE_G=gated, HAS_SEG=nseg > 1,
+            q, k, v, g_arg, h, dh, do, dq, dk, dv, prefix, suffix, dec, rdec, dg_local, dg_totals, float(scale), T, NT, G, K, V,
+            cps, nseg, BT=BT, BK=_pow2(K), BV=_split_block(V, config.meta["BV_DQKV"]), USE_G=gated, HAS_SEG=nseg > 1,
             num_warps=config.meta["DQKV_WARPS"], num_stages=config.meta["DQKV_STAGES"],
         )
-        return dq, dk, dv
+        if not gated:
+            return dq, dk, dv, q.new_empty(0)
+        later = torch.cumsum(dg_totals.flip(1), 1).flip(1) - dg_totals  # the chunks after each chunk
+        dg = (dg_local.view(B * Hk, NT, BT, K) + later[:, :, None, :]).view(B, Hk, NT * BT, K)[:, :, :T]
+        return dq, dk, dv, dg.to(g.dtype).contiguous()
 
     _bwd_configs = [
         Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 32, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=2),
@@ -650,7 +739,7 @@ if triton_available():
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 1}, num_warps=4, num_stages=3),
         Config({"BK_STATE": 32, "BV_STATE": 32, "BV_DQKV": 32, "DQKV_WARPS": 8, "DQKV_STAGES": 1}, num_warps=2, num_stages=3),
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 2}, num_warps=4, num_stages=3),
-        # segment-parallel state walks (ungated; gated inputs run these with one segment)
+        # segment-parallel state walks (gated ones carry the decays between segments)
         Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1, "SEG": 8}, num_warps=4, num_stages=2),
         Config({"BK_STATE": 64, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 8, "DQKV_STAGES": 1, "SEG": 32}, num_warps=4, num_stages=2),
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_DQKV": 64, "DQKV_WARPS": 4, "DQKV_STAGES": 2, "SEG": 16}, num_warps=4, num_stages=3),
@@ -713,8 +802,7 @@ if triton_available():
         if q.shape[2] == 0:
             return [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                     torch.zeros_like(g) if g is not None else q.new_empty(0)]
-        dq, dk, dv = _bwd_tuner(q, k, v, g, do, scale, chunk_size)
-        return [dq, dk, dv, _gate_grad(q, k, g, dq, dk)]
+        return list(_bwd_tuner(q, k, v, g, do, scale, chunk_size))
 
     # ---- recurrent single-token decode step ----
     @triton.jit
