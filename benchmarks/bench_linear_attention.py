@@ -72,7 +72,7 @@ def stage_tasks(stage: str) -> list[str]:
         B, H, D = SHAPES[int(stage[4:])]
         # ours first over every T (cheap: our autotune), then SDPA, then fla (its first call per shape runs fla's
         # own autotuning, 20-100 s each on the H100 in our first run)
-        order = sorted(VARIANTS, key=lambda v: (v.startswith("sdpa"), v.startswith("fla") or v == "rel_vs_fla"))
+        order = sorted(VARIANTS, key=lambda v: (v.startswith("fla") or v == "rel_vs_fla", v.startswith("sdpa")))
         return [f"{B}:{H}:{D}:{T}:{v}" for v in order for T in TS if not (B > 1 and v in ("ours_liger_fwd", "ours_hybrid_fwd"))]
     raise ValueError(stage)
 
