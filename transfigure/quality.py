@@ -107,6 +107,9 @@ COMBINATIONS: dict[str, tuple[tuple[str, ...], Callable[[Context], dict]]] = {
     "lut-4bit": (("lut_quant",), lambda ctx: {"lut_quant": {"bits": 4}}),
     "lut-3bit": (("lut_quant",), lambda ctx: {"lut_quant": {"bits": 3}}),
     "lut-2bit": (("lut_quant",), lambda ctx: {"lut_quant": {"bits": 2}}),
+    # the output layer too (excluded by default): on the 1B shape its 128256 x 2048 bf16 weight is 0.5 GB, as much
+    # as every other linear together once they are 4-bit
+    "lut-4bit+lm_head": (("lut_quant",), lambda ctx: {"lut_quant": {"bits": 4, "exclude": ("*embed*", "embed_out")}}),
     "sparsity-40": (("sparsity",), lambda ctx: {"sparsity": _sparsity(ctx, 0.4)}),
     "sparsity-50": (("sparsity",), lambda ctx: {"sparsity": _sparsity(ctx, 0.5)}),
     "lut-4bit+sparsity-50": (("lut_quant", "sparsity"), lambda ctx: {"lut_quant": {"bits": 4}, "sparsity": _sparsity(ctx, 0.5)}),

@@ -82,6 +82,15 @@ def test_torch_compile_options_error_names_the_key_before_compiling():
     assert "built-in passes" in str(error.value)
 
 
+@pytest.mark.parametrize("backend_name", ["transfigure", "transfigure_eager"])
+def test_lowering_in_options_is_a_clear_error(backend_name):
+    """``options={"lowering": ...}`` used to fail inside Backend() with "got multiple values for keyword argument"."""
+    compiled = torch.compile(tiny_model("llama"), backend=backend_name, options={"lowering": "eager"})
+    with pytest.raises(Exception, match="'lowering'.*backend='transfigure_eager'") as error:
+        compiled(**example_inputs("llama"))
+    assert "multiple values" not in str(error.value)
+
+
 def test_user_passes_must_be_pass_instances_and_unique():
     with pytest.raises(OptionError, match="'passes'"):
         transfigure.backend(passes=[object()])

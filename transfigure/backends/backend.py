@@ -176,13 +176,27 @@ def backend(passes: Sequence[Pass] = (), *, lowering: str = "inductor", **option
     return Backend(passes, lowering, **options)
 
 
+def _options_without_lowering(options: Mapping[str, Any] | None, backend_name: str) -> dict[str, Any]:
+    from transfigure.compiler import OptionError
+
+    options = dict(options or {})
+    if "lowering" in options:
+        raise OptionError(
+            "lowering",
+            f"got {options['lowering']!r}, but the lowering is chosen by the backend name, not by an option of "
+            f"backend={backend_name!r}: use backend='transfigure' (Inductor) or backend='transfigure_eager' (plain "
+            "PyTorch), or backend=transfigure.backend(lowering=...).",
+        )
+    return options
+
+
 def transfigure(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
                 mode: str | None = None):
     """``backend="transfigure"``: the pass pipeline, then Inductor (``mode`` as in torch.compile)."""
-    return Backend(lowering="inductor", **dict(options or {}))(gm, example_inputs, mode=mode)
+    return Backend(lowering="inductor", **_options_without_lowering(options, "transfigure"))(gm, example_inputs, mode=mode)
 
 
 def transfigure_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
                       mode: str | None = None):
     """``backend="transfigure_eager"``: the pass pipeline, then the rewritten graph runs as plain PyTorch."""
-    return Backend(lowering="eager", **dict(options or {}))(gm, example_inputs)
+    return Backend(lowering="eager", **_options_without_lowering(options, "transfigure_eager"))(gm, example_inputs)
