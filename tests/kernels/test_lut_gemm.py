@@ -196,3 +196,16 @@ def test_no_register_configs_where_inline_ptx_cannot_run(monkeypatch):
         assert candidates and not [c for c in candidates if c.meta.get("REGISTER") or c.meta.get("MODE") == "register_mm"]
     monkeypatch.setattr(torch.version, "hip", None)
     assert all(c.meta.get("REGISTER") for c in configs_for(1, 1024, 1, 128, 4, torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits,p", [(4, 1), (3, 1), (2, 2)])
+def test_packing_in_row_blocks_equals_one_piece(monkeypatch, bits, p):
+    """Large weights are packed a block of rows at a time (bounded temporaries): same codes and scales."""
+    from transfigure.kernels import lut_format
+
+    w = torch.randn(37, 300, generator=torch.Generator().manual_seed(bits)) * 0.02
+    table = torch.randn(2 ** (bits * p), p, generator=torch.Generator().manual_seed(7))
+    whole = lut_format.pack(w, table, bits=bits, p=p, group_size=64, hadamard_size=128, scale_search=5)
+    monkeypatch.setattr(lut_format, "PACK_BLOCK_ELEMENTS", 5 * 384)  # 5 rows (K padded to 384) per block
+    blocks = lut_format.pack(w, table, bits=bits, p=p, group_size=64, hadamard_size=128, scale_search=5)
+    assert torch.equal(whole.codes, blocks.codes) and torch.equal(whole.scales, blocks.scales)

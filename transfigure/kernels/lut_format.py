@@ -212,6 +212,9 @@ def _search_scales(groups: torch.Tensor, base: torch.Tensor, table: torch.Tensor
     return best
 
 
+PACK_BLOCK_ELEMENTS = 1 << 24
+
+
 def pack(
     weight: torch.Tensor,
     table: torch.Tensor,
@@ -249,18 +252,27 @@ def pack(
     signs = None
     if hadamard_size and signs_seed is not None:
         signs = random_signs(kp, signs_seed).to(device)
-    w = rotate_input(weight.detach().to(torch.float32), signs, hadamard_size, kp)
-    groups = w.view(n, kp // group_size, group_size)
-    if scale_mode == "rms":
-        scale = groups.pow(2).mean(-1).sqrt()
-    else:
-        scale = groups.abs().amax(-1)
-    if scale_search > 1:
-        scale = _search_scales(groups, scale, table, p, scale_search)
-    scale = scale.clamp(min=1e-8, max=6.0e4).to(torch.float16)
-    normalized = groups / scale.to(torch.float32)[..., None]
-    idx = nearest(normalized.reshape(-1, p), table).view(n, kp // p)
-    codes = pack_codes(idx, p * bits)
+    # rows are independent: packing them in blocks bounds the fp32 / int64 temporaries (the tied 128256 x 2048
+    # output layer of the 1B shape peaked at 11 GiB on the GPU in one piece)
+    rows = max(1, PACK_BLOCK_ELEMENTS // kp)
+    codes_parts, scale_parts = [], []
+    for r0 in range(0, n, rows):
+        block = weight[r0:r0 + rows].detach().to(torch.float32)
+        w = rotate_input(block, signs, hadamard_size, kp)
+        groups = w.view(block.shape[0], kp // group_size, group_size)
+        if scale_mode == "rms":
+            scale = groups.pow(2).mean(-1).sqrt()
+        else:
+            scale = groups.abs().amax(-1)
+        if scale_search > 1:
+            scale = _search_scales(groups, scale, table, p, scale_search)
+        scale = scale.clamp(min=1e-8, max=6.0e4).to(torch.float16)
+        normalized = groups / scale.to(torch.float32)[..., None]
+        idx = nearest(normalized.reshape(-1, p), table).view(block.shape[0], kp // p)
+        codes_parts.append(pack_codes(idx, p * bits))
+        scale_parts.append(scale)
+    codes = torch.cat(codes_parts) if len(codes_parts) > 1 else codes_parts[0]
+    scale = torch.cat(scale_parts) if len(scale_parts) > 1 else scale_parts[0]
     return PackedWeight(codes=codes, scales=scale.contiguous(), table=table.to(device).contiguous(), signs=signs,
                         bits=bits, p=p, group_size=group_size, hadamard_size=hadamard_size, out_features=n,
                         in_features=k, padded_in_features=kp, grid=grid)
