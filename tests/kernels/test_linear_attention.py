@@ -248,10 +248,11 @@ def test_every_backward_config_matches_reference(B, Hk, G, T, K, V, chunk, gated
             assert rel(got, want) < 1e-4, config.describe()
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_fused_forward_segments_fp16(gated):
+@pytest.mark.parametrize("gated,chunk", [(False, 16), (True, 16), (False, 64), (True, 64)])
+def test_fused_forward_segments_fp16(gated, chunk):
     """The fused forward (state in registers, segments from the prefix of totals) in fp16 over many segments,
-    gated inputs through the fp32-dot path; every fused config agrees with the fp64 definition."""
+    gated inputs through the fp32-dot path; every fused config agrees with the fp64 definition, including those
+    that walk 32-token chunks when 64 were asked for."""
     from transfigure.kernels.linear_attention import _all_fwd_configs, _fwd_launch
 
     q, k, v, g = make(3, 1, 2, 2, 300, 32, 16, gated)
@@ -260,4 +261,4 @@ def test_fused_forward_segments_fp16(gated):
     assert fused and min(c.meta["CPS"] for c in fused) * 16 < 300  # some config runs several segments
     for config in fused:
         cast = lambda x: None if x is None else x.half()  # noqa: E731
-        assert rel(_fwd_launch(config, cast(q), cast(k), cast(v), cast(g), 0.25, 16), expected) < 3e-3, config.describe()
+        assert rel(_fwd_launch(config, cast(q), cast(k), cast(v), cast(g), 0.25, chunk), expected) < 3e-3, config.describe()

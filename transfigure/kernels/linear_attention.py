@@ -575,7 +575,9 @@ if triton_available():
     def _fused_fwd_launch(config: Config, q, k, v, g, scale: float, chunk_size: int) -> torch.Tensor:
         B, H, T, K = q.shape
         Hk, V = k.shape[1], v.shape[-1]
-        BT = _pow2(chunk_size)
+        # the chunkwise form is exact for any chunk length, so a config may walk shorter chunks than asked for
+        # (fewer registers per step; never longer ones: gated chunks must keep their total log decay in range)
+        BT = min(_pow2(chunk_size), config.meta.get("BT_FUSED", 1 << 30))
         NT = triton.cdiv(T, BT)
         gated = g is not None
         o = torch.empty(B, H, T, V, device=q.device, dtype=q.dtype)
@@ -655,6 +657,12 @@ if triton_available():
         Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 64}, num_warps=8, num_stages=3),
         Config({"FUSED": 1, "CPS": 4, "BV_FUSED": 32}, num_warps=4, num_stages=2),
         Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 32}, num_warps=4, num_stages=2),
+        # the whole value dimension per program (q and k read once per segment): BV 128 spills at 8 warps with
+        # 64-token chunks and 2 stages, 16 bytes with 1 stage; with 32-token chunks 182 registers, no spill
+        Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 128}, num_warps=8, num_stages=1),
+        Config({"FUSED": 1, "CPS": 8, "BV_FUSED": 128, "BT_FUSED": 32}, num_warps=8, num_stages=2),
+        Config({"FUSED": 1, "CPS": 32, "BV_FUSED": 128, "BT_FUSED": 32}, num_warps=8, num_stages=2),
+        Config({"FUSED": 1, "CPS": 32, "BV_FUSED": 64, "BT_FUSED": 32}, num_warps=4, num_stages=2),
     ]
 
     def _key(q, k, v, g, scale, chunk_size, *rest):
