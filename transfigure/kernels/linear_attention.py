@@ -200,9 +200,9 @@ if triton_available():
         STORE_H: tl.constexpr = True, SEG_DECAY: tl.constexpr = False,
     ):
         """State before each chunk, ``h[n] = sum_{t < n*BT} k_t v_t^T`` (gated: decayed), one program per
-        (K block, V block, head, segment). With NSEG > 1 (ungated) the chunks are cut into NSEG segments of CPS
-        chunks that run in parallel from a zero state; each also stores its segment's total (``tot``), and the
-        output kernel adds the exclusive prefix of those totals. At B1 H16 a single sequential chain over 512
+        (K block, V block, head, segment). With NSEG > 1 the chunks are cut into NSEG segments of CPS chunks that
+        run in parallel from a zero state; each also stores its segment's total (``tot``), and the consumer adds
+        the scan of those totals (the two-phase output kernel: ungated only). At B1 H16 a single sequential chain over 512
         chunks (T = 32K) left most of the GPU idle. STORE_H=False stores only the totals (the fused forward
         needs nothing else). Gated segments (SEG_DECAY) also store, per chunk, the decay from the segment's start
         (``dec``, to carry the earlier segments' state to that chunk) and per segment its total log decay
@@ -331,8 +331,8 @@ if triton_available():
         writes ``o_n`` for every query head of the group on the way. The two-phase kernels above write a
         d_k x d_v state per chunk and read it back (bf16: 2 x 268 MB at B1 H16 T32K D128, as much traffic as
         q, k, v and o together); here the only extra traffic is the segment totals of ``_chunk_state_fwd``
-        (``STORE_H=False``) whose inclusive prefix ``p`` gives each segment its starting state (ungated; gated
-        inputs run one segment per sequence, ``HAS_PREFIX=False``)."""
+        (``STORE_H=False``) whose inclusive scan ``p`` gives each segment its starting state (gated: a decayed
+        scan, ``_segment_scan``). One segment per sequence needs no totals (``HAS_PREFIX=False``)."""
         i_v = tl.program_id(0)
         seg = tl.program_id(1)
         i_kvh = tl.program_id(2)
