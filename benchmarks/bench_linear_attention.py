@@ -3,6 +3,8 @@
 GPU:  python benchmarks/bench_linear_attention.py --out $OUT --budget 330   (bf16; fla optional, timed if importable)
       every kernel config is first validated alone in bf16 (a crashing/wrong one is excluded and reported), then
       op-level checks, timings and the decode step run task by task in worker subprocesses (crash-isolated).
+      Timings are kernels under a CUDA graph by default; BENCH_TIMER=eager times Python launches (what the
+      first runs did: at B1 H16, T <= 8K that mostly measured fla's host overhead).
 CPU:  python benchmarks/bench_linear_attention.py --quality --out benchmarks/results
 """
 
@@ -42,7 +44,7 @@ TASK_CAP = float(os.environ.get("BENCH_TASK_CAP", "120"))
 # eager: do_bench, each call launched from Python (at B1 H16 and T <= 8K that is mostly host time, fla's and
 # ours, and it swung 0.15-0.39 ms for the same fla call across machines); cudagraph: do_bench_cudagraph, the
 # kernels alone, as a compiled model under CUDA graphs runs them
-TIMER = os.environ.get("BENCH_TIMER", "eager")
+TIMER = os.environ.get("BENCH_TIMER", "cudagraph")
 CHECK = (1, 4, 2, 70, 32) if SMOKE else (2, 8, 2, 1000, 128)  # B, H, Hk, T, D of the correctness checks
 
 
