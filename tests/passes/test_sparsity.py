@@ -250,9 +250,13 @@ def test_composes_with_lut_quantization(hadamard_size):
     code = both.report.graphs[0].final_code
     if hadamard_size == 0:
         assert code.count("torch.ops.transfigure.sparse_lut_linear") == 14 and all("sparse LUT GEMV" in s.detail for s in result.rewritten)
+        assert not result.warnings
     else:
         # one threshold op per distinct input, as in TEAL (q/k/v share one, gate/up share one): 4 per block
         assert code.count("torch.ops.transfigure.sparsify") == 8 and code.count("torch.ops.transfigure.lut_linear") == 14
+        # thresholds before a rotation buy no sparse kernel: the report says so, with what to do
+        assert len(result.warnings) == 1 and "14 quantized linear(s)" in result.warnings[0]
+        assert "sparsity.modules" in result.warnings[0] and "warning: 14 quantized" in both.report.table()
     # reference: an eager replica whose block linears hold the dequantized weights, inputs thresholded
     replica = tiny_model("llama")
     from transfigure.kernels.lut_format import dequantize, pack

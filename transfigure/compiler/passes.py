@@ -10,6 +10,7 @@ instances given to ``transfigure.backend(passes=[...])``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, ClassVar
 
 import torch.fx as fx
@@ -50,6 +51,7 @@ class PassResult:
     sites: list[SiteRecord] = dataclasses.field(default_factory=list)
     tensors_added: list[TensorRecord] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # shown in the report's summary and logged
 
     @staticmethod
     def _describe(site: Any) -> tuple[str, str, str]:
@@ -74,6 +76,11 @@ class PassResult:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+    def warn(self, text: str) -> None:
+        """Something the user should act on (a rewrite that costs without paying, a likely misconfiguration)."""
+        self.warnings.append(text)
+        logging.getLogger("transfigure").warning("transfigure %s: %s", self.pass_name or "pass", text)
 
     @property
     def rewritten(self) -> list[SiteRecord]:

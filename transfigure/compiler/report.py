@@ -144,6 +144,7 @@ class PassReport:
             "sites": [dataclasses.asdict(s) for s in self.result.sites],
             "tensors_added": [dataclasses.asdict(t) for t in self.result.tensors_added],
             "notes": self.result.notes,
+            "warnings": self.result.warnings,
             "verify_max_rel_error": self.verify_error,
             "seconds": round(self.seconds, 4),
             "changed": self.changed,
@@ -220,6 +221,8 @@ class Report:
                     f"  {p.name:<18}{p.result.matched:>8}{len(p.result.rewritten):>10}{len(p.result.skipped):>8}"
                     f"{added:>10.2f}{err:>13}{p.seconds * 1e3:>9.1f}"
                 )
+                for text in p.result.warnings:
+                    lines.append(f"    warning: {text}")
                 for site in p.result.skipped[:5]:
                     lines.append(f"    skipped {site.fqn or site.node}: {site.detail}")
                 if len(p.result.skipped) > 5:

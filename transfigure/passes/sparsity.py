@@ -102,6 +102,9 @@ def _copy_meta(new: fx.Node, like: fx.Node) -> None:
             new.meta[key] = like.meta[key]
 
 
+THRESHOLD_ONLY = "threshold only (no sparse kernel for this linear)"
+
+
 @register_pass
 class SparsityPass(Pass):
     name = "sparsity"
@@ -123,6 +126,7 @@ class SparsityPass(Pass):
         site_of = calibration.site_of()
         self._thresholded: dict[tuple, fx.Node] = {}  # one threshold op per (input, t): q/k/v and gate/up share it
         sharing: dict[fx.Node, list[str]] = {}
+        rotated_lut: list[str] = []
         for s in sites:
             sharing.setdefault(s.input, []).append(s.fqn.rsplit(".", 1)[-1])
         for site in sites:
@@ -138,6 +142,16 @@ class SparsityPass(Pass):
             detail = f"t={t:.4g} (s={level:.2f})" + (f", input shared by {'/'.join(shared)}" if len(shared) > 1 else "")
             kind = self._rewrite(graph, site, t)
             result.rewrote(site, f"{detail}, {kind}")
+            if kind == THRESHOLD_ONLY and _is_lut_linear(site.node) and _lut_rotation(site.node):
+                rotated_lut.append(site.fqn)
+        if rotated_lut:
+            result.warn(
+                f"{len(rotated_lut)} quantized linear(s) (e.g. {rotated_lut[0]}) only threshold their input: lut_quant "
+                "rotates it by a Hadamard transform, which makes it dense again, so no sparse kernel applies and "
+                "these sites pay the quality cost without a decode speedup. Leave sparsity off for them "
+                "(sparsity.modules); lut_quant.hadamard_size=0 enables the sparse LUT kernel, but on an H100 it "
+                "measured slower than the dense 4-bit GEMV (README, kernel table)."
+            )
         result.note(f"target {opts.target}, allocation {opts.allocation}, calibration {calibration!r}")
         return result
 
@@ -169,7 +183,7 @@ class SparsityPass(Pass):
         node.replace_input_with(site.input, xs)
         if "transfigure_linear" in node.meta:
             node.meta["transfigure_linear"] = dataclasses.replace(node.meta["transfigure_linear"], input=xs)
-        return "threshold only (no sparse kernel for this linear)"
+        return THRESHOLD_ONLY
 
     @staticmethod
     def _replace(graph: GraphView, site: LinearCall, args: tuple, kind: str) -> str:
@@ -181,6 +195,11 @@ class SparsityPass(Pass):
 
 def _is_lut_linear(node: fx.Node) -> bool:
     return "lut_linear" in str(node.target) and "sparse" not in str(node.target)
+
+
+def _lut_rotation(node: fx.Node) -> int:
+    """The Hadamard block of a ``lut_linear`` call (0: none, or not the argument layout known here)."""
+    return node.args[9] if len(node.args) == 11 and isinstance(node.args[9], int) else 0
 
 
 def _sparse_lut(graph: GraphView, site: LinearCall, t: float, prefill: bool) -> fx.Node | None:
