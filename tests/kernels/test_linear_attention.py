@@ -208,27 +208,15 @@ def test_backward_autotune_prunes_the_configs_that_crashed_in_bf16():
 @settings(max_examples=6)
 @given(**shapes)
 def test_every_forward_config_matches_reference(B, Hk, G, T, K, V, chunk, gated, seed):
-    """Segment-parallel state passes (SEG > 1: segments from a zero state plus the prefix of their totals) and
-    the sequential one agree with the definition; gated inputs run SEG configs with one segment."""
+    """The two-phase kernels and the fused segment walks (segments from a zero state plus the scan of their
+    totals, gated or not) agree with the definition."""
     from transfigure.kernels.linear_attention import _all_fwd_configs, _fwd_launch
 
     q, k, v, g = make(seed, B, Hk, G, T + 3 * chunk, K, V, gated)
     expected = linear_attention_reference(q.double(), k.double(), v.double(), None if g is None else g.double(), 0.5, chunk)
-    assert any(c.meta.get("SEG", 1) > 1 for c in _all_fwd_configs)
+    assert any(c.meta.get("FUSED") for c in _all_fwd_configs) and any(not c.meta.get("FUSED") for c in _all_fwd_configs)
     for config in _all_fwd_configs:
         assert rel(_fwd_launch(config, q, k, v, g, 0.5, chunk), expected) < 1e-4, config.describe()
-
-
-def test_segment_configs_are_tuned_only_for_long_ungated_sequences():
-    from transfigure.kernels.linear_attention import SEG_MIN_CHUNKS, _fwd_configs, _prune_fwd
-
-    def seg_count(T, gated):
-        q = torch.empty(1, 1, T, 8)
-        g = torch.empty(1, 1, T, 8) if gated else None
-        return sum(c.meta.get("SEG", 1) > 1 for c in _prune_fwd(_fwd_configs, (q, q, q, g, 1.0, 64)))
-
-    assert seg_count(64 * SEG_MIN_CHUNKS, False) > 0
-    assert seg_count(64 * SEG_MIN_CHUNKS - 64, False) == 0 and seg_count(64 * SEG_MIN_CHUNKS, True) == 0
 
 
 @settings(max_examples=4)

@@ -201,8 +201,8 @@ if triton_available():
     ):
         """State before each chunk, ``h[n] = sum_{t < n*BT} k_t v_t^T`` (gated: decayed), one program per
         (K block, V block, head, segment). With NSEG > 1 the chunks are cut into NSEG segments of CPS chunks that
-        run in parallel from a zero state; each also stores its segment's total (``tot``), and the consumer adds
-        the scan of those totals (the two-phase output kernel: ungated only). At B1 H16 a single sequential chain over 512
+        run in parallel from a zero state; each also stores its segment's total (``tot``), and the consumer (the
+        fused forward, the backward) adds the scan of those totals. At B1 H16 a single sequential chain over 512
         chunks (T = 32K) left most of the GPU idle. STORE_H=False stores only the totals (the fused forward
         needs nothing else). Gated segments (SEG_DECAY) also store, per chunk, the decay from the segment's start
         (``dec``, to carry the earlier segments' state to that chunk) and per segment its total log decay
@@ -279,8 +279,8 @@ if triton_available():
 
     @triton.jit
     def _chunk_output_fwd(
-        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, p_ptr, o_ptr, scale, T, NT, H, G, K, V, CPS,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, NSEG: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, scale, T, NT, H, G, K, V,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
     ):
         i_v = tl.program_id(0)
         n = tl.program_id(1)
@@ -300,10 +300,6 @@ if triton_available():
             h_ptr + (i_kvh.to(tl.int64) * NT + n) * K * V + offs_k[:, None] * V + offs_v[None, :],
             mask=mk[:, None] & mv[None, :], other=0.0,
         )
-        if NSEG > 1:  # the state of the earlier segments (exclusive prefix of their totals, fp32)
-            prefix = tl.load(p_ptr + (i_kvh.to(tl.int64) * NSEG + n // CPS) * K * V + offs_k[:, None] * V + offs_v[None, :],
-                             mask=mk[:, None] & mv[None, :], other=0.0)
-            h = (h.to(tl.float32) + prefix).to(h_ptr.dtype.element_ty)
         if USE_G:
             gg = tl.load(g_ptr + i_kvh.to(tl.int64) * T * K + t[:, None] * K + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
             b = tl.cumsum(gg, axis=0)
@@ -391,7 +387,7 @@ if triton_available():
         SEG_DECAY: tl.constexpr = False,
     ):
         """Reverse walk: ``dh[n] = sum_{t >= (n+1)*BT} scale * q_t^T do_t`` (gated: decayed), one program per
-        (K block, V block, key/value head, segment). With NSEG > 1 (ungated) each segment of CPS chunks starts
+        (K block, V block, key/value head, segment). With NSEG > 1 each segment of CPS chunks starts
         from zero and stores its total in ``dtot``; ``_chunk_dqkv_bwd`` adds the suffix of the later segments,
         gated ones (SEG_DECAY) decayed by ``rdec``, the decay from the end of each chunk to its segment's end."""
         i_k = tl.program_id(0)
@@ -620,20 +616,14 @@ if triton_available():
         g_arg = g if gated else k
         BKs = _split_block(K, config.meta["BK_STATE"])
         BVs = _split_block(V, config.meta["BV_STATE"])
-        # segments run the state pass in parallel (ungated only: a gated prefix would need the decays between)
-        nseg = 1 if gated else max(1, min(config.meta.get("SEG", 1), NT))
-        cps = triton.cdiv(NT, nseg)
-        nseg = triton.cdiv(NT, cps)
-        tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32) if nseg > 1 else h
-        _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)](
-            k, v, g_arg, h, tot, tot, tot, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
+        _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk)](
+            k, v, g_arg, h, h, h, h, T, NT, K, V, NT, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=1,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-        prefix = (torch.cumsum(tot, 1) - tot).contiguous() if nseg > 1 else h
         BVo = _split_block(V, config.meta["BV_OUT"])
         _chunk_output_fwd[(triton.cdiv(V, BVo), NT, B * H)](
-            q, k, v, g_arg, h, prefix, o, float(scale), T, NT, H, H // Hk, K, V, cps, BT=BT, BK=_pow2(K), BV=BVo,
-            USE_G=gated, NSEG=nseg, num_warps=config.meta["OUT_WARPS"], num_stages=config.meta["OUT_STAGES"],
+            q, k, v, g_arg, h, o, float(scale), T, NT, H, H // Hk, K, V, BT=BT, BK=_pow2(K), BV=BVo,
+            USE_G=gated, num_warps=config.meta["OUT_WARPS"], num_stages=config.meta["OUT_STAGES"],
         )
         return o
 
@@ -643,11 +633,6 @@ if triton_available():
         Config({"BK_STATE": 32, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2}, num_warps=4, num_stages=3),
         Config({"BK_STATE": 32, "BV_STATE": 32, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 3}, num_warps=2, num_stages=3),
         Config({"BK_STATE": 128, "BV_STATE": 64, "BV_OUT": 32, "OUT_WARPS": 4, "OUT_STAGES": 2}, num_warps=8, num_stages=2),
-        # segment-parallel state pass (ungated; gated inputs run these with one segment)
-        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 8}, num_warps=4, num_stages=2),
-        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 128, "OUT_WARPS": 8, "OUT_STAGES": 2, "SEG": 16}, num_warps=4, num_stages=3),
-        Config({"BK_STATE": 64, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 32}, num_warps=4, num_stages=2),
-        Config({"BK_STATE": 32, "BV_STATE": 64, "BV_OUT": 64, "OUT_WARPS": 4, "OUT_STAGES": 2, "SEG": 4}, num_warps=4, num_stages=3),
         # fused output + state (no per-chunk states in memory), CPS chunks per segment. Compiled for sm_90
         # (triton 3.6, bf16, D=128): BV 64 x 8 warps 232 registers and BV 32 x 4 warps 207, no spills;
         # BV 64 x 4 warps and BV 128 x 8 warps spill, so they are not candidates.
@@ -657,30 +642,17 @@ if triton_available():
         Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 64}, num_warps=8, num_stages=3),
         Config({"FUSED": 1, "CPS": 4, "BV_FUSED": 32}, num_warps=4, num_stages=2),
         Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 32}, num_warps=4, num_stages=2),
-        # the whole value dimension per program (q and k read once per segment): BV 128 spills at 8 warps with
-        # 64-token chunks and 2 stages, 16 bytes with 1 stage; with 32-token chunks 182 registers, no spill
-        Config({"FUSED": 1, "CPS": 16, "BV_FUSED": 128}, num_warps=8, num_stages=1),
-        Config({"FUSED": 1, "CPS": 8, "BV_FUSED": 128, "BT_FUSED": 32}, num_warps=8, num_stages=2),
-        Config({"FUSED": 1, "CPS": 32, "BV_FUSED": 128, "BT_FUSED": 32}, num_warps=8, num_stages=2),
         Config({"FUSED": 1, "CPS": 32, "BV_FUSED": 64, "BT_FUSED": 32}, num_warps=4, num_stages=2),
+        # Tried on the H100 and removed, never within 3% of the best in 18 tunings (B1 H16 / B8 H32, D128, T 2K-32K,
+        # gated and not; linear_attention_run{6,7,8}*_events.jsonl): the two-phase kernels with segment-parallel
+        # state passes (superseded by the fused segments) and whole-value-dimension fused programs (BV 128).
     ]
 
     def _key(q, k, v, g, scale, chunk_size, *rest):
         B, H, T, K = q.shape
         return (q.dtype, B, H, k.shape[1], K, v.shape[-1], g is not None, chunk_size, 1 << max(0, T - 1).bit_length())
 
-    SEG_MIN_CHUNKS = 256
-
-    def _prune_fwd(configs, args):
-        """Segment-parallel configs only for long ungated sequences (>= 256 chunks, 16K tokens at chunk 64):
-        on the H100 they took 0.56 vs 0.61 ms at 32K, but at 2K their extra prefix ops (a cumsum and two small
-        buffers, a few kernel launches) doubled the time outside CUDA graphs (0.109 vs 0.049-0.066 ms)."""
-        q, k, v, g, scale, chunk_size = args[:6]
-        long_enough = g is None and triton.cdiv(q.shape[2], _pow2(chunk_size)) >= SEG_MIN_CHUNKS
-        kept = [c for c in configs if c.meta.get("SEG", 1) == 1 or long_enough]
-        return kept or list(configs)
-
-    _fwd_tuner = Autotuner("linear_attn_fwd", _fwd_configs, key=_key, launch=_fwd_launch, prune=_prune_fwd)
+    _fwd_tuner = Autotuner("linear_attn_fwd", _fwd_configs, key=_key, launch=_fwd_launch)
 
     # ---- backward launch ----
     def _bwd_launch(config: Config, q, k, v, g, do, scale: float, chunk_size: int):
