@@ -25,8 +25,8 @@ Kernels (two phases, as in fla's chunk algorithm, so the output phase is paralle
   stores ``h_n`` for every chunk (fp32 accumulation; stored in the compute dtype).
 * ``_chunk_output_fwd``: one program per (value block, chunk, query head): ``o_n`` above.
 * ``_fused_segment_fwd`` (the forward autotuner's other family): output and state in one walk over a segment
-  of chunks, the state kept in registers, so no per-chunk state goes through memory; segments start from the
-  prefix of per-segment totals (ungated) and run in parallel.
+  of chunks, the state kept in registers, so no per-chunk state goes through memory; segments run in parallel,
+  each starting from a scan of the per-segment totals (decayed by the segments' gates when gated).
 * ``_chunk_state_bwd``: reverse walk accumulating ``dh`` (gradient of the state after chunk n), summed over
   the query heads of a group.
 * ``_chunk_dqkv_bwd``: one program per (chunk, key/value head), looping over the group's query heads:
