@@ -121,6 +121,25 @@ def test_release_dense_frees_storage_without_recompiling():
     assert model.lm_head.weight.untyped_storage().nbytes() > 0
 
 
+def test_release_dense_with_the_disk_cache_and_a_tied_output_layer(tmp_path, monkeypatch):
+    """The disk-cache key hashed CPU weights through Tensor.numpy(), which marks their storage not resizable, so
+    release_dense failed ("Trying to resize storage that is not resizable") with the default cache on CPU. With
+    the output layer quantized too, its tied embedding weight must stay (the embedding lookup reads it)."""
+    monkeypatch.setenv("TRANSFIGURE_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama", tie_word_embeddings=True)
+    ids = _inputs()
+    with torch.no_grad():
+        exact = _out(model(input_ids=ids))
+        backend = transfigure.backend(lowering="eager", lut_quant={"release_dense": True, "exclude": ("*embed*",)})
+        out = _out(torch.compile(model, backend=backend)(input_ids=ids))
+    assert float((out - exact).norm() / exact.norm()) < 0.5
+    assert model.model.layers[0].self_attn.q_proj.weight.untyped_storage().nbytes() == 0
+    embedding = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embedding and embedding.untyped_storage().nbytes() == embedding.numel() * 4
+    lm_head = [s for s in backend.report.graphs[0].passes[0].result.rewritten if s.fqn == "lm_head"]
+    assert lm_head and "dense weight kept" in lm_head[0].detail
+
+
 def test_changing_weights_after_compile_is_detected():
     model = tiny_model("llama")
     ids = _inputs()

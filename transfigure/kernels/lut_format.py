@@ -305,7 +305,9 @@ def dequantize(packed: PackedWeight, basis: str = "original") -> torch.Tensor:
 def content_key(weight: torch.Tensor, **options) -> str:
     """A stable hash of a weight's bytes, shape, dtype and the quantization options (for the disk cache)."""
     h = hashlib.sha256()
-    t = weight.detach().contiguous().cpu()
+    # a copy even on the CPU: Tensor.numpy() marks the storage it exports as not resizable, and
+    # ``release_dense`` frees the parameter's storage by resizing it to zero
+    t = weight.detach().to("cpu", copy=True).contiguous()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(repr(sorted(options.items())).encode())
