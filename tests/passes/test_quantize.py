@@ -140,6 +140,25 @@ def test_release_dense_with_the_disk_cache_and_a_tied_output_layer(tmp_path, mon
     assert lm_head and "dense weight kept" in lm_head[0].detail
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_recompile_policy_repacks_a_changed_weight(tmp_path, monkeypatch, cache):
+    """weight_check="recompile" must give what a fresh compile of the changed model gives. The per-parameter
+    memory cache of packings used to hand the recompile the codes of the old values (silently stale)."""
+    monkeypatch.setenv("TRANSFIGURE_CACHE_DIR", str(tmp_path))
+    ids = _inputs()
+    opts = {"lut_quant": {"cache": cache}}
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend=transfigure.backend(lowering="eager", weight_check="recompile", **opts))
+    with torch.no_grad():
+        before = _out(compiled(input_ids=ids)).clone()
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)
+        after = _out(compiled(input_ids=ids))
+        torch._dynamo.reset()
+        fresh = _out(torch.compile(model, backend=transfigure.backend(lowering="eager", **opts))(input_ids=ids))
+    torch.testing.assert_close(after, fresh)
+    assert float((after - before).norm()) > 1e-3
+
+
 def test_changing_weights_after_compile_is_detected():
     model = tiny_model("llama")
     ids = _inputs()

@@ -55,6 +55,17 @@ __all__ = ["LUTQuantOptions", "LUTQuantPass", "WeightsReleasedError", "effective
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> True once its storage was freed
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {options key: PackedWeight}
+_PACKED_VERSION: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> its _version when those were packed
+
+
+def _packings(weight: torch.Tensor) -> dict:
+    """The memory cache of ``weight``'s packings, emptied when the weight changed in place since (so
+    ``weight_check="recompile"`` repacks instead of reusing stale codes)."""
+    per_weight = _PACKED.setdefault(weight, {})
+    if _PACKED_VERSION.get(weight) != weight._version:
+        per_weight.clear()
+        _PACKED_VERSION[weight] = weight._version
+    return per_weight
 
 
 class WeightsReleasedError(RuntimeError):
@@ -155,7 +166,7 @@ def _read_npz(path: Path) -> dict:
 def _pack_weight(weight: torch.Tensor, opts: LUTQuantOptions, bits: int, g: int, h: int) -> tuple[PackedWeight, str]:
     """Pack (or fetch from the per-parameter memory cache / the disk cache). Returns (packed, source)."""
     key = _key_string(opts, bits, g, h)
-    per_weight = _PACKED.setdefault(weight, {})
+    per_weight = _packings(weight)
     if key in per_weight:
         return per_weight[key], "memory"
     if _RELEASED.get(weight):
@@ -348,12 +359,12 @@ _TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def _pack_transposed(weight: torch.Tensor, opts, bits, g, h):
     """GPT-2 Conv1D stores (in, out): pack its transpose, cached per parameter like the others."""
+    key = _key_string(opts, bits, g, h)
+    per_weight = _packings(weight)
     holder = _TRANSPOSED.get(weight)
-    if holder is None:
+    if holder is None or key not in per_weight:
         holder = weight.detach().t().contiguous() if not _RELEASED.get(weight) else torch.empty(0)
         _TRANSPOSED[weight] = holder
-    key = _key_string(opts, bits, g, h)
-    per_weight = _PACKED.setdefault(weight, {})
     if key not in per_weight:
         if _RELEASED.get(weight):
             raise WeightsReleasedError("lut_quant: dense weight released; reload the model to quantize differently")
