@@ -80,7 +80,7 @@ def test_bad_options_name_the_key():
         LinearizePass(chunk_size=48)
 
 
-def test_attention_transfer_reduces_mse_and_feeds_the_pass():
+def test_attention_transfer_reduces_mse_and_feeds_the_pass(tmp_path):
     torch.manual_seed(0)
     model = tiny_model("llama")
     batches = [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
@@ -92,8 +92,17 @@ def test_attention_transfer_reduces_mse_and_feeds_the_pass():
     assert all(not p.requires_grad is False for p in model.parameters())  # model restored
     assert model.config._attn_implementation == "sdpa"
     backend = transfigure.backend(lowering="eager", linearize={"state": state, "chunk_size": 16})
-    torch.compile(model, backend=backend)(batches[0])
+    with torch.no_grad():
+        expected = torch.compile(model, backend=backend)(batches[0]).logits
     assert "trained state" in backend.report.graphs[-1].passes[0].result.rewritten[0].detail
+    # the state saved to a file and named by path in torch.compile's options (read while Dynamo compiles, where a
+    # plain torch.load returns meta tensors) gives the same model
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="transfigure_eager", options={"linearize": {"state": str(path), "chunk_size": 16}})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(batches[0]).logits, expected)
 
 
 def _random_state(model, feature_map, window):

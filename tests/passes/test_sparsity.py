@@ -130,6 +130,12 @@ def test_save_load_roundtrip(tmp_path, trained):
     x = torch.randint(0, 256, (1, 3))
     with torch.no_grad(), thresholded(model, calibration.thresholds(0.45, "greedy")):
         torch.testing.assert_close(_output(compiled(x)), _output(model(x)), rtol=1e-5, atol=1e-5)
+    # ... also through backend="transfigure_eager", whose options are read while Dynamo compiles: torch.load
+    # inside Dynamo's tracing context returns meta tensors ("Tensor.item() cannot be called on meta tensors")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="transfigure_eager", options={"sparsity": {"calibration": str(path), "target": 0.45}})
+    with torch.no_grad(), thresholded(model, calibration.thresholds(0.45, "greedy")):
+        torch.testing.assert_close(_output(compiled(x)), _output(model(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_calibration_names_first_difference():

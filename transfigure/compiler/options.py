@@ -26,6 +26,18 @@ class OptionError(ValueError):
         super().__init__(f"transfigure option {key!r}: {message}")
 
 
+def load_file(path: Any, **kwargs: Any) -> Any:
+    """``torch.load(path, map_location="cpu")`` that returns real tensors even while Dynamo compiles: inside its
+    tracing context (where option values given as paths get loaded) torch.load returns meta tensors, ready for
+    fake-tensor tracing, and a calibration or trained state read that way has no values."""
+    import torch
+    from torch._guards import tracing
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with tracing(None), unset_fake_temporarily():
+        return torch.load(path, map_location="cpu", **kwargs)
+
+
 def option(
     default: Any,
     help: str,

@@ -46,6 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from transfigure.compiler import GraphView, Pass, PassResult, option, register_pass
+from transfigure.compiler.options import load_file
 from transfigure.kernels import window_attention as _window_attention  # noqa: F401  (registers transfigure::window_attention)
 from transfigure.kernels.linear_attention import linear_attention, linear_attention_bidirectional, linear_attention_decode_step
 
@@ -199,7 +200,7 @@ def load_state(state: Mapping[str, Any] | str | None) -> dict[str, torch.Tensor]
     if state is None:
         return {}
     if isinstance(state, str):
-        state = torch.load(state, map_location="cpu")
+        state = load_file(state)
     return {str(k): v for k, v in dict(state).items() if isinstance(v, torch.Tensor)}
 
 

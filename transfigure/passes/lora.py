@@ -47,7 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import transfigure.kernels.lora  # noqa: F401  (registers transfigure::lora_linear)
 from transfigure.compiler.graph import LINEAR_TARGETS, GraphView, LinearCall, layer_index
-from transfigure.compiler.options import OptionError, option
+from transfigure.compiler.options import OptionError, load_file, option
 from transfigure.compiler.passes import Pass, PassResult, register_pass
 
 __all__ = [
@@ -425,13 +425,13 @@ def load_lora(model: torch.nn.Module, source: str | os.PathLike | Mapping[str, t
     if isinstance(source, Mapping):
         state = dict(source)
     else:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file as load_safetensors
 
         path = os.path.join(source, "adapter_model.safetensors")
         if os.path.exists(path):
-            state = load_file(path)
+            state = load_safetensors(path)
         else:
-            state = torch.load(os.path.join(source, "adapter_model.bin"), map_location="cpu", weights_only=True)
+            state = load_file(os.path.join(source, "adapter_model.bin"), weights_only=True)
         if config is None:
             with open(os.path.join(source, "adapter_config.json")) as f:
                 config = json.load(f)

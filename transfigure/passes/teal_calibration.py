@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..compiler.graph import layer_index
+from ..compiler.options import load_file
 
 HIST_LOW = -32.0  # log2 |x| range of the histogram; |x| below 2**-32 counts as zero
 HIST_HIGH = 24.0
@@ -192,7 +193,7 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
-        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return cls.from_state_dict(load_file(path, weights_only=True))
 
     def __repr__(self) -> str:
         return (f"Calibration({self.info.get('model', '?')}, {len(self.sites)} sites, "
