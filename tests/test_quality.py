@@ -27,3 +27,15 @@ def test_quality_harness_on_an_encoder_reports_cosine():
     result = quality.evaluate("bert", combinations=["none"], seq_len=32, max_windows=4, batch_size=2, progress=False)
     rows = {row["combination"]: row for row in result["rows"]}
     assert not result["causal"] and rows["none"]["cosine"] > 0.99999
+
+
+def test_quality_harness_on_a_checkpoint_directory_without_tokenizer(tmp_path):
+    """A local HF checkpoint with no tokenizer files is read as UTF-8 bytes (transformers may still build a
+    tokenizer from the config alone, one that encoded the text to zero tokens: "the text has 0 tokens")."""
+    from transfigure.models import tiny_model
+
+    tiny_model("qwen3").save_pretrained(tmp_path / "ckpt")
+    result = quality.evaluate(str(tmp_path / "ckpt"), text="The quick brown fox jumps over the lazy dog. " * 20,
+                              combinations=["none"], seq_len=64, max_windows=4, batch_size=2, progress=False)
+    rows = {row["combination"]: row for row in result["rows"]}
+    assert result["causal"] and rows["none"]["kl"] == 0.0 and rows["none"]["perplexity"] > 1.0

@@ -57,13 +57,19 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     causal = "CausalLM" in architectures or "LMHead" in architectures
     loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = loader.from_pretrained(path, torch_dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    try:
+    # transformers may build a tokenizer from the config alone for a directory without tokenizer files, one that
+    # encodes text to nothing: look for the files, and check that a probe sentence gives tokens
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+    encode = None
+    if any((path / name).exists() for name in tokenizer_files):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    except Exception:
+        if not encode("The quick brown fox."):
+            raise ValueError(f"{spec}: its tokenizer encodes text to no tokens")
+    if encode is None:
         if config.vocab_size < 256:
             raise ValueError(f"{spec}: no tokenizer files and a vocabulary too small for bytes")
-        encode = byte_encode
+        encode = byte_encode  # no tokenizer files: UTF-8 bytes as token ids (the built-in byte-level models)
     return LoadedModel(model, encode, causal, path.name)
 
 
