@@ -96,6 +96,19 @@ def _time(fn, repeats: int) -> float:
 DEMO_PASSES = ("lut_quant",)
 
 
+def _calibrate_if_needed(model, options: dict, seq_len: int, device) -> None:
+    """``sparsity`` without a calibration: calibrate on pydoc text (what a first try on the command line wants)."""
+    import transfigure
+
+    if isinstance(options.get("sparsity"), dict) and "calibration" not in options["sparsity"]:
+        from transfigure.models import byte_batches
+
+        print("sparsity: calibrating thresholds on 8 batches of pydoc text (pass sparsity.calibration=PATH to reuse one)")
+        batches = [b.to(device) for b in byte_batches(2, seq_len, count=8)]
+        options["sparsity"]["calibration"] = transfigure.calibrate(model, batches, greedy=False)
+        options["sparsity"].setdefault("allocation", "uniform")
+
+
 def demo(args: argparse.Namespace) -> int:
     import transfigure
     from transfigure.compiler import builtin_passes
@@ -107,13 +120,7 @@ def demo(args: argparse.Namespace) -> int:
     model = model.to(device)
     inputs = {k: v.to(device) for k, v in example_inputs(arch, batch=args.batch, seq_len=args.seq_len).items()}
     options = _apply_assignments({name: {} for name in (args.passes or [])}, args.set or [])
-    if isinstance(options.get("sparsity"), dict) and "calibration" not in options["sparsity"]:
-        from transfigure.models import byte_batches
-
-        print("sparsity: calibrating thresholds on 8 batches of pydoc text (pass sparsity.calibration=PATH to reuse one)")
-        batches = [b.to(device) for b in byte_batches(2, args.seq_len, count=8)]
-        options["sparsity"]["calibration"] = transfigure.calibrate(model, batches, greedy=False)
-        options["sparsity"].setdefault("allocation", "uniform")
+    _calibrate_if_needed(model, options, args.seq_len, device)
     available = list(builtin_passes())
     print(f"transfigure demo: {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, random weights) on {device}")
     print(f"built-in passes available: {', '.join(available) or '(none yet)'}; running: {', '.join(args.passes or []) or '(none)'}")
@@ -149,6 +156,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 
     model = tiny_model(args.model)
     options = _apply_assignments({name: {} for name in (args.passes or [])}, args.set or [])
+    _calibrate_if_needed(model, options, args.seq_len, "cpu")
     report = transfigure.inspect(model, kwargs=example_inputs(args.model, seq_len=args.seq_len), **options)
     print(report)
     if args.out:

@@ -19,6 +19,13 @@ def test_inspect_prints_sites_and_saves(tmp_path, capsys):
     assert (tmp_path / "dump" / "summary.json").exists()
 
 
+def test_inspect_calibrates_sparsity_like_the_demo(capsys):
+    assert main(["inspect", "--model", "mistral", "--passes", "sparsity", "--set", "sparsity.target=0.4"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("sparsity "))
+    assert "calibrating thresholds" in out and int(row[1]) == int(row[2]) == 14  # matched == rewritten
+
+
 def test_bad_option_on_cli_is_a_clear_error(capsys):
     assert main(["inspect", "--model", "gpt2", "--set", "verify=maybe"]) == 2
     assert "'verify'" in capsys.readouterr().err
