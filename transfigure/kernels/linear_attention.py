@@ -204,9 +204,9 @@ if triton_available():
         run in parallel from a zero state; each also stores its segment's total (``tot``), and the consumer (the
         fused forward, the backward) adds the scan of those totals. At B1 H16 a single sequential chain over 512
         chunks (T = 32K) left most of the GPU idle. STORE_H=False stores only the totals (the fused forward
-        needs nothing else). Gated segments (SEG_DECAY) also store, per chunk, the decay from the segment's start
-        (``dec``, to carry the earlier segments' state to that chunk) and per segment its total log decay
-        (``lsum``, for the scan over segments)."""
+        needs nothing else). Gated segments (SEG_DECAY) also store per segment its total log decay (``lsum``, for
+        the scan over segments) and, with the states, per chunk the decay from the segment's start (``dec``, to
+        carry the earlier segments' state to that chunk)."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
         i_bh = tl.program_id(2) // NSEG
@@ -231,7 +231,7 @@ if triton_available():
                     acc.to(h_ptr.dtype.element_ty),
                     mask=mk[:, None] & mv[None, :],
                 )
-            if SEG_DECAY:
+            if SEG_DECAY and STORE_H:
                 tl.store(dec_ptr + (i_bh.to(tl.int64) * NT + n) * K + offs_k, tl.exp(run), mask=mk)
             t = n * BT + offs_t
             mt = t < T
@@ -253,7 +253,7 @@ if triton_available():
 
     @triton.jit
     def _segment_scan(tot_ptr, lsum_ptr, out_ptr, NSEG, K, V, BK: tl.constexpr, BV: tl.constexpr,
-                      USE_G: tl.constexpr, REVERSE: tl.constexpr):
+                      REVERSE: tl.constexpr):
         """Inclusive scan of per-segment states over segments, ``acc <- exp(lsum_s) * acc + tot_s``, forward
         (the state after each segment) or reversed (the state gradient before each segment); one program per
         (K block, V block, head). Gated segments need it; ungated ones use ``torch.cumsum``."""
@@ -272,9 +272,7 @@ if triton_available():
                 at = i
             base = (i_bh.to(tl.int64) * NSEG + at)
             x = tl.load(tot_ptr + base * K * V + offs_k[:, None] * V + offs_v[None, :], mask=mkv, other=0.0)
-            if USE_G:
-                acc = acc * tl.exp(tl.load(lsum_ptr + base * K + offs_k, mask=mk, other=0.0))[:, None]
-            acc += x
+            acc = acc * tl.exp(tl.load(lsum_ptr + base * K + offs_k, mask=mk, other=0.0))[:, None] + x
             tl.store(out_ptr + base * K * V + offs_k[:, None] * V + offs_v[None, :], acc, mask=mkv)
 
     @triton.jit
@@ -564,7 +562,7 @@ if triton_available():
         out = torch.empty_like(tot)
         BK, BV = _split_block(K, 32), _split_block(V, 32)
         _segment_scan[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows)](
-            tot, lsum, out, nseg, K, V, BK=BK, BV=BV, USE_G=True, REVERSE=reverse, num_warps=2, num_stages=2,
+            tot, lsum, out, nseg, K, V, BK=BK, BV=BV, REVERSE=reverse, num_warps=2, num_stages=2,
         )
         return out
 
@@ -583,13 +581,10 @@ if triton_available():
         prefix = o
         if nseg > 1:
             tot = torch.empty(B * Hk, nseg, K, V, device=q.device, dtype=torch.float32)
-            lsum = dec = tot
-            if gated:  # per-segment log decays for the scan (the per-chunk ones are a by-product, unused here)
-                lsum = torch.empty(B * Hk, nseg, K, device=q.device, dtype=torch.float32)
-                dec = torch.empty(B * Hk, NT, K, device=q.device, dtype=torch.float32)
+            lsum = torch.empty(B * Hk, nseg, K, device=q.device, dtype=torch.float32) if gated else tot
             BKs, BVs = _split_block(K, 64), _split_block(V, 64)
             _chunk_state_fwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * Hk * nseg)](
-                k, v, g_arg, tot, tot, dec, lsum, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
+                k, v, g_arg, tot, tot, tot, lsum, T, NT, K, V, cps, BT=BT, BK=BKs, BV=BVs, USE_G=gated, NSEG=nseg,
                 STORE_H=False, SEG_DECAY=gated, num_warps=4, num_stages=2,
             )
             # inclusive: segment s starts from prefix[s - 1]

@@ -354,25 +354,19 @@ def _share_sibling_buffers(packed_sites: list, opts: LUTQuantOptions) -> list:
     return out
 
 
-_TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 def _pack_transposed(weight: torch.Tensor, opts, bits, g, h):
-    """GPT-2 Conv1D stores (in, out): pack its transpose, cached per parameter like the others."""
+    """GPT-2 Conv1D stores (in, out): pack its transpose (a temporary copy), cached per parameter like the others."""
     key = _key_string(opts, bits, g, h)
     per_weight = _packings(weight)
-    holder = _TRANSPOSED.get(weight)
-    if holder is None or key not in per_weight:
-        holder = weight.detach().t().contiguous() if not _RELEASED.get(weight) else torch.empty(0)
-        _TRANSPOSED[weight] = holder
-    if key not in per_weight:
-        if _RELEASED.get(weight):
-            raise WeightsReleasedError("lut_quant: dense weight released; reload the model to quantize differently")
-        per_weight[key], source = _pack_weight(holder, opts, bits, g, h)
-        _PACKED.get(holder, {}).clear()
-        _TRANSPOSED.pop(weight, None)
-        return per_weight[key], source
-    return per_weight[key], "memory"
+    if key in per_weight:
+        return per_weight[key], "memory"
+    if _RELEASED.get(weight):
+        raise WeightsReleasedError("lut_quant: dense weight released; reload the model to quantize differently")
+    transposed = weight.detach().t().contiguous()
+    per_weight[key], source = _pack_weight(transposed, opts, bits, g, h)
+    _PACKED.pop(transposed, None)
+    _PACKED_VERSION.pop(transposed, None)
+    return per_weight[key], source
 
 
 def _release(weight: torch.Tensor) -> None:
