@@ -27,7 +27,10 @@ def main() -> None:
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16], help="rows of x (M) to check")
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], help="activation dtypes to check")
     ap.add_argument("--register-only", action="store_true",
-                    help="only the register-table configs (the inline-PTX lookup: REGISTER pair configs and register_mm)")
+                    help="only the register-table configs (the inline-PTX lookup: REGISTER pair configs, register_mm, mma)")
+    ap.add_argument("--group", type=int, default=128, help="group size of the packed weights")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
+    ap.add_argument("--modes", nargs="+", default=None, help="only configs of these MODEs (pair, register_mm, mma, tile)")
     args = ap.parse_args()
     from transfigure.kernels.grids import get_grid
     from transfigure.kernels.lut_format import pack
@@ -39,10 +42,11 @@ def main() -> None:
                                     ((2048, 2048), (2, 1), True), ((4096, 4096), (4, 2), False)]:
         torch.manual_seed(n + k + bits)
         w = torch.randn(n, k, device="cuda") * 0.02
-        pk = pack(w, get_grid("higgs", bits, p).table, bits=bits, p=p, group_size=128, hadamard_size=0)
+        pk = pack(w, get_grid("higgs", bits, p).table, bits=bits, p=p, group_size=args.group, hadamard_size=0)
         cases = [(getattr(torch, d), m, c) for d in args.dtypes for m in args.ms
-                 for c in configs_for(m, pk.padded_in_features, p, 128, bits, getattr(torch, d))
-                 if not args.register_only or c.meta.get("REGISTER") or c.meta.get("MODE") == "register_mm"]
+                 for c in configs_for(m, pk.padded_in_features, p, args.group, bits, getattr(torch, d))
+                 if (not args.register_only or c.meta.get("REGISTER") or c.meta.get("MODE") in ("register_mm", "mma"))
+                 and (args.modes is None or c.meta.get("MODE", "tile") in args.modes)]
         for dtype, m, config in cases:
             args_ = list(pk.op_args())
             args_[4] = torch.randn(n, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(n)) if bias else None
@@ -67,7 +71,7 @@ def main() -> None:
                "counters_zero_after": counters_zero, "max_rel_err": max(r["rel_err"] for r in rows)}
     print(json.dumps(summary), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "check_lut_configs.json"), "w") as handle:
+    with open(os.path.join(args.out, "check_lut_configs" + (f"_{args.tag}" if args.tag else "") + ".json"), "w") as handle:
         json.dump({**summary, "rows": rows}, handle, indent=1)
 
 

@@ -193,9 +193,40 @@ def test_no_register_configs_where_inline_ptx_cannot_run(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.0")
     for m in (1, 4, 16):
         candidates = configs_for(m, 1024, 1, 128, 4, torch.bfloat16)
-        assert candidates and not [c for c in candidates if c.meta.get("REGISTER") or c.meta.get("MODE") == "register_mm"]
+        assert candidates and not [c for c in candidates
+                                   if c.meta.get("REGISTER") or c.meta.get("MODE") in ("register_mm", "mma")]
     monkeypatch.setattr(torch.version, "hip", None)
-    assert all(c.meta.get("REGISTER") for c in configs_for(1, 1024, 1, 128, 4, torch.bfloat16))
+    assert all(c.meta.get("REGISTER") or c.meta.get("MODE") == "mma" for c in configs_for(1, 1024, 1, 128, 4, torch.bfloat16))
+
+
+@pytest.mark.parametrize("m,group,k,n", [(1, 64, 1024, 45), (3, 128, 1000, 40), (9, 256, 512, 33), (16, 128, 512, 70)])
+def test_every_mma_config_matches_reference(m, group, k, n):
+    """The tensor-core decode kernel (``_lut_mma_gemv_kernel``, its EMULATE path here), every config the tuner
+    would try, with a bias, split-K, row counts that leave warps partly empty and M past one block of 8 x rows."""
+    _, pk = _packed(11 + m, n, k, 4, 1, group, 0)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+    args = list(pk.op_args())
+    args[4] = torch.randn(n, generator=torch.Generator().manual_seed(5)).half()
+    expected = lut_linear_reference(x, *args).float()
+    configs = [c for c in configs_for(m, pk.padded_in_features, 1, group, 4, torch.float16) if c.meta.get("MODE") == "mma"]
+    assert configs and any(c.meta["SPLIT_K"] > 1 for c in configs)
+    for config in configs:
+        actual = lut_linear_triton(x, *args, config=config).float()
+        err = ((actual - expected).norm() / expected.norm()).item()
+        assert err < 3e-3, (config.describe(), err)
+    from transfigure.kernels.lut_gemm import _COUNTERS
+
+    assert int(_COUNTERS[x.device].abs().sum()) == 0  # every split-K tile counter is left at zero
+
+
+def test_mma_configs_only_where_the_kernel_applies():
+    mma = lambda configs: [c for c in configs if c.meta.get("MODE") == "mma"]  # noqa: E731
+    assert mma(configs_for(1, 1024, 1, 128, 4, torch.bfloat16)) and mma(configs_for(16, 1024, 1, 128, 4, torch.float16))
+    assert not mma(configs_for(17, 1024, 1, 128, 4, torch.bfloat16))       # more than two blocks of x rows
+    assert not mma(configs_for(1, 1024, 1, 128, 4, torch.float32))         # 16-bit activations only
+    assert not mma(configs_for(1, 1024, 1, 128, 3, torch.bfloat16))        # 4-bit scalar codes only
+    assert not mma(configs_for(1, 1024, 2, 128, 4, torch.bfloat16))
+    assert not [c for c in mma(configs_for(1, 1024, 1, 256, 4, torch.bfloat16)) if c.meta["UNROLL"] > 1]
 
 
 @pytest.mark.parametrize("bits,p", [(4, 1), (3, 1), (2, 2)])

@@ -1,70 +1,19 @@
 """The PTX of the register-table lookup (``_register_lookup_ptx``), executed by a small interpreter of the
-instructions it uses, against a plain table lookup. The CPU interpreter of Triton cannot run inline PTX (the
-kernel's EMULATE path stands in for it there), so this is where CI checks the bit logic itself; the GPU runs
-it in ``benchmarks/check_lut_configs.py``."""
+instructions it uses (``tests/kernels/ptx_interpreter.py``), against a plain table lookup. The CPU interpreter
+of Triton cannot run inline PTX (the kernel's EMULATE path stands in for it there), so this is where CI checks
+the bit logic itself; the GPU runs it in ``benchmarks/check_lut_configs.py``."""
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.kernels.ptx_interpreter import run_ptx
 from transfigure.kernels.lut_gemm import REGISTER_LOOKUP_PTX, register_table_words
 
 MASK = 0xFFFFFFFF
-
-
-def _prmt(a: int, b: int, control: int) -> int:
-    """PTX ``prmt.b32`` default mode: byte ``i`` of the result is byte ``c_i & 7`` of {b, a}, or, with bit 3
-    of ``c_i`` set, that byte's sign bit replicated."""
-    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    out = 0
-    for i in range(4):
-        select = (control >> (4 * i)) & 0xF
-        byte = pool[select & 7]
-        if select & 8:
-            byte = 0xFF if byte & 0x80 else 0
-        out |= byte << (8 * i)
-    return out
-
-
-def run_ptx(ptx: str, operands: dict[str, int]) -> dict[str, int]:
-    regs = dict(operands)
-
-    def value(token: str) -> int:
-        token = token.strip()
-        return int(token, 0) & MASK if token[0].isdigit() else regs[token]
-
-    for line in ptx.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        if op == "mov.b32":  # mov.b32 {h0, h1}, p: split into two 16-bit halves
-            halves, src = re.match(r"\{(\w+), (\w+)\}, (\S+)", rest).groups()[:2], rest.split(",")[-1]
-            regs[halves[0]], regs[halves[1]] = value(src) & 0xFFFF, value(src) >> 16
-            continue
-        dst, *srcs = [t.strip() for t in rest.split(",")]
-        a = [value(t) for t in srcs]
-        if op == "shl.b32":
-            regs[dst] = (a[0] << a[1]) & MASK
-        elif op == "shr.b32":
-            regs[dst] = a[0] >> a[1]
-        elif op == "and.b32":
-            regs[dst] = a[0] & a[1]
-        elif op == "xor.b32":
-            regs[dst] = a[0] ^ a[1]
-        elif op == "prmt.b32":
-            regs[dst] = _prmt(*a)
-        elif op == "cvt.f32.f16":
-            half = np.array([a[0]], dtype=np.uint16).view(np.float16)[0]
-            regs[dst] = int(np.array([half], dtype=np.float32).view(np.uint32)[0])
-        else:
-            raise AssertionError(f"instruction the test interpreter does not know: {line}")
-    return regs
 
 
 def _as_float(bits: int) -> float:

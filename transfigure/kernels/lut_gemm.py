@@ -64,32 +64,139 @@ def _backward(ctx, grad):
     return grad_x, None, None, None, None, grad_b, None, None, None, None, None
 
 
-def _register_lookup_ptx(half: str) -> str:
-    """PTX of the register-table lookup of 4-bit scalar codes: operand 8 holds four code bytes (8 codes, low
-    nibble first), operands 9-40 the eight table words of ``register_table`` (each repeated four times, as
-    ``inline_asm_elementwise`` passes a broadcast scalar once per packed element; only the first copy is
-    read). Outputs 0-3 are the fp32 values of the low nibbles of bytes 0-3, outputs 4-7 of the high nibbles.
+def _lookup_pairs_ptx(word: str, pairs: list[str], table: list[str]) -> list[str]:
+    """PTX lines decoding the eight 4-bit codes of register ``word`` (low nibble first) through the 16-entry
+    table held in the eight registers ``table`` (``register_table_words``) into four registers ``pairs`` of
+    packed 16-bit weights: codes 0 and 1 in ``pairs[0]`` (code 0 in the low half), 2 and 3 in ``pairs[1]``...
 
     ``prmt`` selects bytes by the low 3 bits of each code from the 8-entry halves of the table (low bytes of
     entries 0-7 / 8-15, high bytes likewise), its sign-replicate mode turns each code's top bit into a byte
     mask that picks the half, and a last ``prmt`` interleaves low and high bytes into two 16-bit values per
     register. No memory access per weight (a gather into an L1-resident table costs one wavefront per
-    distinct line a warp touches; the 4-bit GEMV was bound by them)."""
-    if half == "bf16":  # a bf16 is the top half of the fp32 with the same value
-        widen = ["shl.b32 {first}, p, 16;", "and.b32 {second}, p, 0xFFFF0000;"]
-    else:
-        widen = ["mov.b32 {{h0, h1}}, p;", "cvt.f32.f16 {first}, h0;", "cvt.f32.f16 {second}, h1;"]
-    lines = ["{", ".reg .b32 s, t, m, la, lb, ha, hb, lo, hi, p;", ".reg .b16 h0, h1;", "shl.b32 t, $8, 4;"]
+    distinct line a warp touches; the 4-bit GEMV was bound by them). Scratch registers: s, t, m, la, lb, ha,
+    hb, lo, hi."""
+    t0, t1, t2, t3, t4, t5, t6, t7 = table
+    lines = [f"shl.b32 t, {word}, 4;"]
     for half_word, (shift, mask_select) in enumerate(((0, "0xD9C8"), (16, "0xFBEA"))):
-        lines += [f"shr.b32 s, $8, {shift};", "and.b32 s, s, 0x7777;", f"prmt.b32 m, t, $8, {mask_select};",
-                  "prmt.b32 la, $9, $13, s;", "prmt.b32 lb, $17, $21, s;", "prmt.b32 ha, $25, $29, s;",
-                  "prmt.b32 hb, $33, $37, s;", "xor.b32 lb, lb, la;", "and.b32 lb, lb, m;", "xor.b32 lo, la, lb;",
+        lines += [f"shr.b32 s, {word}, {shift};", "and.b32 s, s, 0x7777;", f"prmt.b32 m, t, {word}, {mask_select};",
+                  f"prmt.b32 la, {t0}, {t1}, s;", f"prmt.b32 lb, {t2}, {t3}, s;", f"prmt.b32 ha, {t4}, {t5}, s;",
+                  f"prmt.b32 hb, {t6}, {t7}, s;", "xor.b32 lb, lb, la;", "and.b32 lb, lb, m;", "xor.b32 lo, la, lb;",
                   "xor.b32 hb, hb, ha;", "and.b32 hb, hb, m;", "xor.b32 hi, ha, hb;"]
         for byte_in_half, interleave in enumerate(("0x5140", "0x7362")):
-            out = 2 * half_word + byte_in_half
-            lines += [f"prmt.b32 p, lo, hi, {interleave};"]
-            lines += [line.format(first=f"${out}", second=f"${out + 4}") for line in widen]
+            lines.append(f"prmt.b32 {pairs[2 * half_word + byte_in_half]}, lo, hi, {interleave};")
+    return lines
+
+
+_LOOKUP_SCRATCH = ".reg .b32 s, t, m, la, lb, ha, hb, lo, hi;"
+
+
+def _register_lookup_ptx(half: str) -> str:
+    """PTX of the register-table lookup of 4-bit scalar codes for ``inline_asm_elementwise(pack=4)``: operand
+    8 holds four code bytes (8 codes, low nibble first), operands 9-40 the eight table words of
+    ``register_table`` (each repeated four times, as ``inline_asm_elementwise`` passes a broadcast scalar once
+    per packed element; only the first copy is read). Outputs 0-3 are the fp32 values of the low nibbles of
+    bytes 0-3, outputs 4-7 of the high nibbles. The lookup itself: ``_lookup_pairs_ptx``."""
+    if half == "bf16":  # a bf16 is the top half of the fp32 with the same value
+        widen = ["shl.b32 {first}, {pair}, 16;", "and.b32 {second}, {pair}, 0xFFFF0000;"]
+    else:
+        widen = ["mov.b32 {{h0, h1}}, {pair};", "cvt.f32.f16 {first}, h0;", "cvt.f32.f16 {second}, h1;"]
+    pairs = ["p0", "p1", "p2", "p3"]
+    lines = ["{", _LOOKUP_SCRATCH, ".reg .b32 p0, p1, p2, p3;", ".reg .b16 h0, h1;"]
+    lines += _lookup_pairs_ptx("$8", pairs, [f"${9 + 4 * w}" for w in range(8)])
+    for byte, pair in enumerate(pairs):  # pair j holds the low and high nibble of byte j
+        lines += [line.format(first=f"${byte}", second=f"${byte + 4}", pair=pair) for line in widen]
     return "\n".join(lines + ["}"])
+
+
+def _mma_lane_registers(group_size: int, x_blocks: int) -> tuple[list[str], list[str], list[list[str]]]:
+    """Names of a lane's code words for rows g and g + 8 and its activation words (per block of 8 rows of x)
+    in one group step."""
+    code_words = group_size // 32  # per lane and row: group_size / 4 codes
+    x_words = group_size // 8      # group_size / 4 activations, two per word
+    return ([f"w{i}" for i in range(code_words)], [f"v{i}" for i in range(code_words)],
+            [[f"x{b}_{i}" for i in range(x_words)] for b in range(x_blocks)])
+
+
+def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1) -> str:
+    """PTX of one group step of the tensor-core LUT GEMV (``_lut_mma_gemv_kernel``), run by every lane of a
+    warp for one group of ``group_size`` columns and 16 weight rows, as ``inline_asm_elementwise(pack=1)``.
+
+    Lane ``l = 4 g + q`` holds rows ``g`` and ``g + 8`` of the warp's 16 rows and the ``group_size / 4`` columns
+    ``[q * group_size / 4, (q + 1) * group_size / 4)`` of the group: it loads those codes itself (contiguous in
+    the canonical layout), decodes each code word into four registers of 16-bit weights
+    (``_lookup_pairs_ptx``) and runs ``mma.sync.m16n8k16`` with the weights as A (rows = output features)
+    and the activations as B (columns = rows of ``x``; lane ``l`` supplies ``x`` row ``g`` -- and ``g + 8`` for
+    a second mma per step when ``x_blocks = 2`` -- or zeros where ``x`` has no such row). The K order inside
+    an mma is free as long as A and B agree: mma step ``s`` takes columns ``4 s .. 4 s + 3`` of each lane's
+    slice, the first two as A/B columns ``2 q, 2 q + 1``, the last two as ``2 q + 8, 2 q + 9``, so every
+    lane's operands are whole registers of its own contiguous loads. The group's partial (C/D fragment:
+    rows g, g + 8 x columns 2 q, 2 q + 1 of each x block) is scaled by the two rows' group scales and added
+    to the running sums.
+
+    Operands (A = 4 * x_blocks): outputs ``0 .. A-1`` the new sums (block-major: y[2q][row g],
+    y[2q + 1][row g], y[2q][row g + 8], y[2q + 1][row g + 8], then the same for x rows 8 + 2q, 8 + 2q + 1);
+    inputs ``A .. 2A-1`` the old sums, then: the addresses of the lane's first code byte in rows g / g + 8
+    of group 0, of its first ``x`` element in group 0 for each x block (row g, then row g + 8), of rows
+    g / g + 8's group-0 scales, the group index, validity bits (1: row g exists, 2: row g + 8 exists,
+    4 << b: ``x`` row g + 8 b exists) and the address of the eight table words (``register_table_words``,
+    16-byte aligned; loaded per step from L1: held in registers across steps, ptxas moves half of them to
+    uniform registers and copies each back before every ``prmt``)."""
+    assert group_size in (64, 128, 256) and x_blocks in (1, 2)
+    codes_g, codes_h, xs = _mma_lane_registers(group_size, x_blocks)
+    n_acc = 4 * x_blocks
+    operand = iter(f"${i}" for i in range(2 * n_acc, 2 * n_acc + 7 + x_blocks))
+    code_g, code_h = next(operand), next(operand)
+    x_addr = [next(operand) for _ in range(x_blocks)]
+    scale_g, scale_h, group, valid, table = (next(operand) for _ in range(5))
+    kind = "bf16" if half == "bf16" else "f16"
+    lines = ["{", _LOOKUP_SCRATCH, ".reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, f;", ".reg .pred pg, ph, px0, px1;",
+             ".reg .b64 o, ag, ah, ax0, ax1, sg, sh;", ".reg .b16 hg, hh;", ".reg .f32 scg, sch;",
+             ".reg .f32 " + ", ".join(f"d{b}_{i}" for b in range(x_blocks) for i in range(4)) + ";",
+             ".reg .b32 " + ", ".join(codes_g + codes_h + sum(xs, [])) + ";",
+             ".reg .b32 pg0, pg1, pg2, pg3, ph0, ph1, ph2, ph3;"]
+    for bit, pred in [(1, "pg"), (2, "ph")] + [(4 << b, f"px{b}") for b in range(x_blocks)]:
+        lines += [f"and.b32 f, {valid}, {bit};", f"setp.ne.b32 {pred}, f, 0;"]
+    lines += [f"mul.wide.u32 o, {group}, {group_size // 2};", f"add.s64 ag, {code_g}, o;", f"add.s64 ah, {code_h}, o;",
+              f"mul.wide.u32 o, {group}, {group_size * 2};"]
+    lines += [f"add.s64 ax{b}, {x_addr[b]}, o;" for b in range(x_blocks)]
+    lines += [f"mul.wide.u32 o, {group}, 2;", f"add.s64 sg, {scale_g}, o;", f"add.s64 sh, {scale_h}, o;"]
+    lines += [f"mov.b32 {r}, 0;" for r in codes_g + codes_h + sum(xs, [])] + ["mov.b16 hg, 0;", "mov.b16 hh, 0;"]
+    loads = [("pg", codes_g, "ag"), ("ph", codes_h, "ah")] + [(f"px{b}", xs[b], f"ax{b}") for b in range(x_blocks)]
+    for pred, regs, address in loads:
+        for start in range(0, len(regs), 4):
+            chunk = regs[start:start + 4]
+            vec = f".v{len(chunk)}" if len(chunk) > 1 else ""
+            lines.append(f"@{pred} ld.global.nc{vec}.u32 {{{', '.join(chunk)}}}, [{address}+{4 * start}];")
+    lines += ["@pg ld.global.nc.b16 hg, [sg];", "@ph ld.global.nc.b16 hh, [sh];",
+              f"ld.global.nc.v4.u32 {{t0, t1, t2, t3}}, [{table}];",
+              f"ld.global.nc.v4.u32 {{t4, t5, t6, t7}}, [{table}+16];", "cvt.f32.f16 scg, hg;", "cvt.f32.f16 sch, hh;"]
+    lines += [f"mov.f32 d{b}_{i}, 0f00000000;" for b in range(x_blocks) for i in range(4)]
+    words = [f"t{w}" for w in range(8)]
+    for word, (row_g, row_h) in enumerate(zip(codes_g, codes_h)):
+        lines += _lookup_pairs_ptx(row_g, ["pg0", "pg1", "pg2", "pg3"], words)
+        lines += _lookup_pairs_ptx(row_h, ["ph0", "ph1", "ph2", "ph3"], words)
+        for step_in_word in range(2):  # codes 4 s' .. 4 s' + 3 of this word: one mma step
+            step = 2 * word + step_in_word
+            first, second = 2 * step_in_word, 2 * step_in_word + 1
+            for b in range(x_blocks):
+                d = ", ".join(f"d{b}_{i}" for i in range(4))
+                lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{{d}}}, "
+                             f"{{pg{first}, ph{first}, pg{second}, ph{second}}}, "
+                             f"{{x{b}_{2 * step}, x{b}_{2 * step + 1}}}, {{{d}}};")
+    for b in range(x_blocks):
+        for i, scale in enumerate(("scg", "scg", "sch", "sch")):
+            lines.append(f"fma.rn.f32 ${4 * b + i}, d{b}_{i}, {scale}, ${n_acc + 4 * b + i};")
+    return "\n".join(lines + ["}"])
+
+
+def _mma_constraints(x_blocks: int) -> str:
+    n_acc = 4 * x_blocks
+    return ",".join(["=f"] * n_acc + ["f"] * n_acc + ["l"] * (2 + x_blocks + 2) + ["r", "r", "l"])
+
+
+MMA_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb)
+                 for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2)}
+MMA_GROUP_CONSTRAINTS = {xb: _mma_constraints(xb) for xb in (1, 2)}
 
 
 REGISTER_LOOKUP_PTX = {"bf16": _register_lookup_ptx("bf16"), "fp16": _register_lookup_ptx("fp16")}
@@ -462,6 +569,224 @@ if triton_available():
         _store_tile_counted(y_ptr, bias_ptr, work_ptr, count_ptr, acc, ms, rows, m_mask, row_mask, M, N, pid_n, pid_k,
                             BLOCK_M, BLOCK_N, SPLIT_K, HAS_BIAS)
 
+    _MMA_BF16_G64_X1 = tl.constexpr(MMA_GROUP_PTX[(64, "bf16", 1)])
+    _MMA_BF16_G64_X2 = tl.constexpr(MMA_GROUP_PTX[(64, "bf16", 2)])
+    _MMA_BF16_G128_X1 = tl.constexpr(MMA_GROUP_PTX[(128, "bf16", 1)])
+    _MMA_BF16_G128_X2 = tl.constexpr(MMA_GROUP_PTX[(128, "bf16", 2)])
+    _MMA_BF16_G256_X1 = tl.constexpr(MMA_GROUP_PTX[(256, "bf16", 1)])
+    _MMA_BF16_G256_X2 = tl.constexpr(MMA_GROUP_PTX[(256, "bf16", 2)])
+    _MMA_FP16_G64_X1 = tl.constexpr(MMA_GROUP_PTX[(64, "fp16", 1)])
+    _MMA_FP16_G64_X2 = tl.constexpr(MMA_GROUP_PTX[(64, "fp16", 2)])
+    _MMA_FP16_G128_X1 = tl.constexpr(MMA_GROUP_PTX[(128, "fp16", 1)])
+    _MMA_FP16_G128_X2 = tl.constexpr(MMA_GROUP_PTX[(128, "fp16", 2)])
+    _MMA_FP16_G256_X1 = tl.constexpr(MMA_GROUP_PTX[(256, "fp16", 1)])
+    _MMA_FP16_G256_X2 = tl.constexpr(MMA_GROUP_PTX[(256, "fp16", 2)])
+    _MMA_CONSTRAINTS_X1 = tl.constexpr(MMA_GROUP_CONSTRAINTS[1])
+    _MMA_CONSTRAINTS_X2 = tl.constexpr(MMA_GROUP_CONSTRAINTS[2])
+
+    @triton.jit
+    def _thread_index(like):
+        """The executing thread's index in its program (``%tid.x``), once per element of ``like`` (a 1-D
+        tensor with one element per thread)."""
+        return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [like], dtype=tl.int32, is_pure=False,
+                                         pack=1)
+
+    @triton.jit
+    def _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g, scale_h, grp, valid, table,
+                   G: tl.constexpr, HALF_IS_BF16: tl.constexpr):
+        """One group step (``_mma_group_ptx``) for one block of 8 rows of ``x``."""
+        if HALF_IS_BF16:
+            if G == 64:
+                asm: tl.constexpr = _MMA_BF16_G64_X1
+            elif G == 128:
+                asm: tl.constexpr = _MMA_BF16_G128_X1
+            else:
+                asm: tl.constexpr = _MMA_BF16_G256_X1
+        else:
+            if G == 64:
+                asm: tl.constexpr = _MMA_FP16_G64_X1
+            elif G == 128:
+                asm: tl.constexpr = _MMA_FP16_G128_X1
+            else:
+                asm: tl.constexpr = _MMA_FP16_G256_X1
+        return tl.inline_asm_elementwise(
+            asm, _MMA_CONSTRAINTS_X1,
+            [acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g, scale_h, grp + tl.zeros_like(valid), valid,
+             table],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _mma_group2(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
+                    scale_h, grp, valid, table, G: tl.constexpr, HALF_IS_BF16: tl.constexpr):
+        """One group step for two blocks of 8 rows of ``x`` (M = 9..16): two mmas per decoded fragment."""
+        if HALF_IS_BF16:
+            if G == 64:
+                asm: tl.constexpr = _MMA_BF16_G64_X2
+            elif G == 128:
+                asm: tl.constexpr = _MMA_BF16_G128_X2
+            else:
+                asm: tl.constexpr = _MMA_BF16_G256_X2
+        else:
+            if G == 64:
+                asm: tl.constexpr = _MMA_FP16_G64_X2
+            elif G == 128:
+                asm: tl.constexpr = _MMA_FP16_G128_X2
+            else:
+                asm: tl.constexpr = _MMA_FP16_G256_X2
+        return tl.inline_asm_elementwise(
+            asm, _MMA_CONSTRAINTS_X2,
+            [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g, scale_h,
+             grp + tl.zeros_like(valid), valid, table],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
+
+    @triton.jit
+    def _emulated_group_rows(codes_ptr, scales_ptr, words_ptr, rows, N, bytes_per_row, n_groups, grp, G: tl.constexpr,
+                             HALF_IS_BF16: tl.constexpr):
+        """Weights ``[len(rows), G]`` of group ``grp`` (rotated basis, scaled), zeros past N."""
+        ok = rows < N
+        byte = tl.load(codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row + grp * (G // 2)
+                       + tl.arange(0, G // 2)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        first = _emulated_register_entry(words_ptr, byte & 15, HALF_IS_BF16)
+        second = _emulated_register_entry(words_ptr, byte >> 4, HALF_IS_BF16)
+        w = tl.reshape(tl.interleave(first, second), [rows.shape[0], G])
+        scale = tl.load(scales_ptr + rows.to(tl.int64) * n_groups + grp, mask=ok, other=0.0).to(tl.float32)
+        return w * scale[:, None]
+
+    @triton.jit
+    def _emulated_x_rows(x_ptr, x_rows, M, Kp, grp, G: tl.constexpr):
+        return tl.load(x_ptr + x_rows[:, None].to(tl.int64) * Kp + grp * G + tl.arange(0, G)[None, :],
+                       mask=(x_rows < M)[:, None], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _emulated_mma_group(acc0, acc1, acc2, acc3, x_ptr, codes_ptr, scales_ptr, words_ptr, row_g, row_h, x_even_row,
+                            M, N, Kp, bytes_per_row, n_groups, grp, G: tl.constexpr, HALF_IS_BF16: tl.constexpr):
+        """What ``_mma_group`` leaves in lane (g, q), computed from memory by the lane alone: the group's
+        contribution to y[e][row_g], y[e + 1][row_g], y[e][row_h], y[e + 1][row_h], e = ``x_even_row``
+        (2q, or 8 + 2q for the second block of x rows)."""
+        w_g = _emulated_group_rows(codes_ptr, scales_ptr, words_ptr, row_g, N, bytes_per_row, n_groups, grp, G,
+                                   HALF_IS_BF16)
+        w_h = _emulated_group_rows(codes_ptr, scales_ptr, words_ptr, row_h, N, bytes_per_row, n_groups, grp, G,
+                                   HALF_IS_BF16)
+        x_even = _emulated_x_rows(x_ptr, x_even_row, M, Kp, grp, G)
+        x_odd = _emulated_x_rows(x_ptr, x_even_row + 1, M, Kp, grp, G)
+        return (acc0 + tl.sum(w_g * x_even, axis=1), acc1 + tl.sum(w_g * x_odd, axis=1),
+                acc2 + tl.sum(w_h * x_even, axis=1), acc3 + tl.sum(w_h * x_odd, axis=1))
+
+    @triton.jit
+    def _store_mma_block(y_ptr, bias_ptr, work_ptr, acc_even_g, acc_odd_g, acc_even_h, acc_odd_h, col, row_g, row_h,
+                         M, N, pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Lane results y[col][row_g], y[col + 1][row_g], y[col][row_h], y[col + 1][row_h] -> ``y`` (plus bias),
+        or this program's split-K partial -> ``work[pid_k]``."""
+        ok_g = row_g < N
+        ok_h = row_h < N
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                bias_g = tl.load(bias_ptr + row_g, mask=ok_g, other=0.0).to(tl.float32)
+                bias_h = tl.load(bias_ptr + row_h, mask=ok_h, other=0.0).to(tl.float32)
+                acc_even_g += bias_g
+                acc_odd_g += bias_g
+                acc_even_h += bias_h
+                acc_odd_h += bias_h
+            out = y_ptr
+            kind = y_ptr.dtype.element_ty
+        else:
+            out = work_ptr + pid_k * M * N
+            kind = tl.float32
+        tl.store(out + col * N + row_g, acc_even_g.to(kind), mask=ok_g & (col < M))
+        tl.store(out + (col + 1) * N + row_g, acc_odd_g.to(kind), mask=ok_g & (col + 1 < M))
+        tl.store(out + col * N + row_h, acc_even_h.to(kind), mask=ok_h & (col < M))
+        tl.store(out + (col + 1) * N + row_h, acc_odd_h.to(kind), mask=ok_h & (col + 1 < M))
+
+    @triton.jit
+    def _lut_mma_gemv_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N,
+                             Kp, bytes_per_row, n_groups, groups_per_split, WARPS: tl.constexpr, G: tl.constexpr,
+                             X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr):
+        """Decode GEMM on the tensor cores (M <= 8 * X_BLOCKS <= 16, 4-bit scalar codes, 16-bit activations):
+        each warp owns 16 output features, each lane decodes its own contiguous slice of their codes in
+        registers and feeds ``mma.sync`` directly (``_mma_group_ptx``: no shared memory, no layout conversion,
+        no per-weight FMA); the rows of ``x`` are the mma's 8 columns (two mmas per fragment for M > 8), so
+        M = 1..8 cost the same. Every tensor here has exactly one element per thread, and which thread holds
+        which rows comes from ``%tid.x`` -- not from Triton's layout -- so the fragments are right whatever
+        layout Triton picks for them. Split-K partials are reduced by the last program of each row block (as
+        ``_store_tile_counted``). UNROLL group steps per loop iteration (one basic block, so ptxas can issue
+        the later steps' loads early). EMULATE (the CPU interpreter, which cannot run PTX) computes each lane's
+        share of the result directly (``_emulated_mma_group``): it checks this kernel's lane bookkeeping and
+        epilogue; the PTX itself is checked by a simulator in the tests."""
+        ROWS: tl.constexpr = 16 * WARPS
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        if EMULATE:
+            tid = tl.arange(0, 32 * WARPS)
+        else:
+            tid = _thread_index(tl.zeros([32 * WARPS], dtype=tl.int32))
+        lane = tid % 32
+        g = lane // 4
+        q = lane % 4
+        row_g = pid_n * ROWS + (tid // 32) * 16 + g
+        row_h = row_g + 8
+        valid = ((row_g < N).to(tl.int32) | ((row_h < N).to(tl.int32) << 1) | ((g < M).to(tl.int32) << 2)
+                 | ((g + 8 < M).to(tl.int32) << 3))
+        g_start = pid_k * groups_per_split
+        lane_bytes = q * (G // 8) + g_start * (G // 2)
+        code_g = (codes_ptr + row_g.to(tl.int64) * bytes_per_row + lane_bytes).to(tl.int64, bitcast=True)
+        code_h = (codes_ptr + row_h.to(tl.int64) * bytes_per_row + lane_bytes).to(tl.int64, bitcast=True)
+        x_lane = (x_ptr + tl.minimum(g, M - 1).to(tl.int64) * Kp + q * (G // 4) + g_start * G).to(tl.int64,
+                                                                                                bitcast=True)
+        x_lane8 = (x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * Kp + q * (G // 4) + g_start * G).to(tl.int64,
+                                                                                                      bitcast=True)
+        scale_g = (scales_ptr + row_g.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
+        scale_h = (scales_ptr + row_h.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
+        table = (words_ptr + tl.zeros_like(tid)).to(tl.int64, bitcast=True)
+        acc0 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        acc1 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        acc2 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        acc3 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        acc4 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        acc5 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        acc6 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        acc7 = tl.zeros([32 * WARPS], dtype=tl.float32)
+        for first in range(0, groups_per_split, UNROLL):
+            for step in tl.static_range(UNROLL):
+                grp = first + step
+                if EMULATE:
+                    acc0, acc1, acc2, acc3 = _emulated_mma_group(
+                        acc0, acc1, acc2, acc3, x_ptr, codes_ptr, scales_ptr, words_ptr, row_g, row_h, 2 * q, M, N,
+                        Kp, bytes_per_row, n_groups, g_start + grp, G, HALF_IS_BF16)
+                    if X_BLOCKS == 2:
+                        acc4, acc5, acc6, acc7 = _emulated_mma_group(
+                            acc4, acc5, acc6, acc7, x_ptr, codes_ptr, scales_ptr, words_ptr, row_g, row_h, 8 + 2 * q,
+                            M, N, Kp, bytes_per_row, n_groups, g_start + grp, G, HALF_IS_BF16)
+                elif X_BLOCKS == 1:
+                    acc0, acc1, acc2, acc3 = _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g,
+                                                        scale_h, grp, valid, table, G, HALF_IS_BF16)
+                else:
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_group2(
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
+                        scale_h, grp, valid, table, G, HALF_IS_BF16)
+        # lane (g, q) holds y[2q][row_g], y[2q + 1][row_g], y[2q][row_h], y[2q + 1][row_h] (and rows 8 + 2q ...)
+        _store_mma_block(y_ptr, bias_ptr, work_ptr, acc0, acc1, acc2, acc3, 2 * q, row_g, row_h, M, N, pid_k, SPLIT_K,
+                         HAS_BIAS)
+        if X_BLOCKS == 2:
+            _store_mma_block(y_ptr, bias_ptr, work_ptr, acc4, acc5, acc6, acc7, 8 + 2 * q, row_g, row_h, M, N, pid_k,
+                             SPLIT_K, HAS_BIAS)
+        if SPLIT_K > 1:
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                ms = tl.arange(0, 8 * X_BLOCKS)
+                rows = pid_n * ROWS + tl.arange(0, ROWS)
+                mask = (ms[:, None] < M) & (rows[None, :] < N)
+                total = tl.zeros([8 * X_BLOCKS, ROWS], dtype=tl.float32)
+                for piece in tl.static_range(SPLIT_K):
+                    total += tl.load(work_ptr + piece * M * N + ms[:, None] * N + rows[None, :], mask=mask,
+                                     other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + ms[:, None] * N + rows[None, :], total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
         n, n_groups = scales.shape
@@ -629,6 +954,26 @@ if triton_available():
             EMULATE=interpreter_mode(), num_warps=config.num_warps, num_stages=config.num_stages)
         return y
 
+    def _launch_mma(config, x2, codes, scales, bias, table, n, n_groups, group_size):
+        meta = config.meta
+        m = x2.shape[0]
+        warps, split = meta["WARPS"], meta["SPLIT_K"]
+        grid = (triton.cdiv(n, 16 * warps), split)
+        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        work = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if split > 1 else y
+        counts = _tile_counters(x2.device, grid[0]) if split > 1 else y
+        emulate = interpreter_mode()
+        # without a register cap ptxas keeps half the table words in uniform registers and copies them
+        # back before each prmt (61 extra instructions per group step at 56 registers; 75 without)
+        extra = {} if emulate else {"maxnreg": 128}
+        _lut_mma_gemv_kernel[grid](
+            x2, codes.view(torch.uint8), scales, register_table(table, x2.dtype), bias if bias is not None else scales,
+            y, work, counts, m, n, x2.shape[1], codes.shape[1] * 4, n_groups, n_groups // split, WARPS=warps,
+            G=group_size, HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
+            X_BLOCKS=1 if m <= 8 else 2, UNROLL=meta["UNROLL"], EMULATE=emulate, num_warps=warps, num_stages=1,
+            **extra)
+        return y
+
     def _launch(config: Config, x2, codes, scales, table, bias, bits, p, group_size):
         """x2: [M, K_pad] contiguous, already padded + rotated. Returns [M, N] in x2.dtype."""
         n, kp, n_groups, w0, w1, plane1_base = _geometry(codes, scales, bits, p, group_size)
@@ -637,6 +982,8 @@ if triton_available():
         if meta.get("MODE") == "dequant":
             w = dequantize_triton(codes, scales, table, bits, p, group_size, dtype=x2.dtype)
             return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        if meta.get("MODE") == "mma":
+            return _launch_mma(config, x2, codes, scales, bias, table, n, n_groups, group_size)
         if meta.get("MODE") == "register_mm":
             return _launch_register_mm(config, x2, codes, scales, bias, table, n, kp, n_groups, group_size)
         if meta.get("MODE") == "pair":
@@ -670,6 +1017,17 @@ if triton_available():
         _reg_mm(64, 4, 1, 4, 1), _reg_mm(32, 4, 1, 4, 1), _reg_mm(64, 8, 1, 4, 1), _reg_mm(64, 2, 2, 4, 1),
         _reg_mm(128, 4, 1, 8, 1), _reg_mm(64, 16, 1, 4, 1), _reg_mm(32, 8, 2, 4, 1), _reg_mm(64, 4, 1, 4, 3),
         _reg_mm(128, 2, 1, 4, 1), _reg_mm(32, 16, 1, 4, 1),
+    ]
+
+    def _mma(warps, split, unroll):
+        return Config({"MODE": "mma", "WARPS": warps, "SPLIT_K": split, "UNROLL": unroll}, warps, 1)
+
+    # M <= 16, 4-bit scalar codes, 16-bit activations, group sizes 64 / 128 / 256. Within 5% of each other on
+    # the H100 for most shapes (benchmarks/results/explore_lut_mma.md); the split decides on small shapes.
+    _MMA_CONFIGS = [
+        _mma(4, 4, 1), _mma(4, 8, 1), _mma(4, 16, 1), _mma(4, 32, 1), _mma(4, 8, 2), _mma(4, 4, 2),
+        _mma(8, 8, 1), _mma(8, 16, 1), _mma(8, 4, 2), _mma(2, 8, 1), _mma(2, 16, 1), _mma(4, 2, 2), _mma(4, 1, 2),
+        _mma(8, 2, 2), _mma(4, 16, 2), _mma(8, 1, 1), _mma(4, 2, 1),
     ]
 
     def _c(bm, bn, bk, split, warps, stages):
@@ -729,7 +1087,9 @@ if triton_available():
         register_ok = _register_lookup_available()
         kp = scales.shape[1] * group_size
         if m <= 4:
-            pool = _GEMV_CONFIGS + _REGISTER_MM_CONFIGS
+            pool = _MMA_CONFIGS + _GEMV_CONFIGS + _REGISTER_MM_CONFIGS
+        elif m <= 16:
+            pool = _MMA_CONFIGS + _SMALL_CONFIGS + _REGISTER_MM_CONFIGS
         elif m <= 64:
             pool = _SMALL_CONFIGS + _REGISTER_MM_CONFIGS
         else:
@@ -738,6 +1098,14 @@ if triton_available():
         for c in pool:
             if c.meta.get("MODE") == "dequant":
                 keep.append(c)
+                continue
+            if c.meta.get("MODE") == "mma":
+                n_groups = kp // group_size
+                if (register_ok and m <= 16 and (bits, p) == (4, 1) and group_size in (64, 128, 256)
+                        and x2.dtype in (torch.float16, torch.bfloat16) and n_groups % c.meta["SPLIT_K"] == 0
+                        and (n_groups // c.meta["SPLIT_K"]) % c.meta["UNROLL"] == 0
+                        and (c.meta["UNROLL"] == 1 or group_size < 256)):  # unrolled 256-groups spill
+                    keep.append(c)
                 continue
             if c.meta.get("MODE") == "register_mm":
                 per_split = (kp // group_size) // c.meta["SPLIT_K"]
@@ -766,7 +1134,8 @@ if triton_available():
         if register_ok and (bits, p) == (4, 1) and x2.dtype == torch.bfloat16 and m <= 64:
             # On the H100 the register-table configs won every 1B and 8B shape at M = 1..64 (quant.json,
             # profile_decode_*.json); the others only cost compile and tuning time. dequant stays as a floor.
-            register = [c for c in keep if c.meta.get("REGISTER") or c.meta.get("MODE") in ("register_mm", "dequant")]
+            register = [c for c in keep
+                        if c.meta.get("REGISTER") or c.meta.get("MODE") in ("mma", "register_mm", "dequant")]
             if any(c.meta.get("MODE") != "dequant" for c in register):
                 keep = register
         return keep
@@ -777,7 +1146,8 @@ if triton_available():
         return (bucket, scales.shape[0], scales.shape[1] * group_size, bits, p, group_size, str(x2.dtype),
                 bias is not None)
 
-    _lut_tuner = Autotuner("lut_linear", _GEMV_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS + _REGISTER_MM_CONFIGS, key=_key,
+    _lut_tuner = Autotuner("lut_linear", _MMA_CONFIGS + _GEMV_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS
+                           + _REGISTER_MM_CONFIGS, key=_key,
                            launch=_launch, prune=_prune)
 
     _CHOSEN: dict = {}
