@@ -25,6 +25,8 @@ from benchmarks.bench_quant import SHAPES, SHAPES_1B, bench, int4_tinygemm  # no
 
 def family(config) -> str:
     mode = config.meta.get("MODE", "tile")
+    if mode == "mma" and config.meta.get("LOOKUP") == "shared":
+        return "mma-shared"
     return "pair-register" if config.meta.get("REGISTER") else mode
 
 
@@ -34,7 +36,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["8b", "1b"])
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--families", nargs="+", default=["mma", "pair-register", "register_mm"])
+    ap.add_argument("--families", nargs="+", default=["mma-shared", "mma", "pair-register", "register_mm"])
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     from transfigure.kernels.grids import get_grid

@@ -97,9 +97,21 @@ def _regs_in(text: str) -> list[str]:
     return [r.strip() for r in text.strip().strip("{}").split(",")]
 
 
-def run_warp(ptx: str, lanes: list[dict], memory: Memory | None = None) -> list[dict]:
-    """Execute ``ptx`` on every lane (a dict of operand/register values, e.g. ``{"$8": 0x1234}``), in lockstep.
-    Returns the lanes' register files."""
+def bank_conflict_degree(addresses: list[int]) -> int:
+    """Wavefronts a warp's 32-bit shared-memory access needs: the most distinct words that fall in one of the 32
+    4-byte banks (lanes reading the same word share it)."""
+    banks: dict[int, set[int]] = {}
+    for address in addresses:
+        banks.setdefault((address // 4) % 32, set()).add(address // 4)
+    return max(len(words) for words in banks.values())
+
+
+def run_warp(ptx: str, lanes: list[dict], memory: Memory | None = None, shared: Memory | None = None,
+             shared_load_degrees: list[int] | None = None) -> list[dict]:
+    """Execute ``ptx`` on every lane (a dict of operand/register values, e.g. ``{"$8": 0x1234}``), in lockstep,
+    as warp 0 of a one-warp program (``bar.sync`` is then a no-op). ``shared`` is the program's shared memory,
+    ``global_smem`` its address 0; ``shared_load_degrees`` (if given) collects the bank-conflict degree of every
+    ``ld.shared`` the warp executes. Returns the lanes' register files."""
     floats: set[str] = set()
     for line in ptx.splitlines():
         line = line.strip().rstrip(";")
@@ -114,8 +126,12 @@ def run_warp(ptx: str, lanes: list[dict], memory: Memory | None = None) -> list[
             d_regs, a_regs, b_regs, c_regs = (_regs_in(g) for g in groups)
             _mma_m16n8k16(lanes, a_regs, b_regs, c_regs, d_regs, kind)
             continue
-        for regs in lanes:
-            _execute(line, regs, memory, floats)
+        if shared_load_degrees is not None and line.startswith("ld.shared"):
+            address = re.search(r"\[(\S+?)\]", line).group(1)
+            shared_load_degrees.append(bank_conflict_degree([regs[address] for regs in lanes]))
+        for lane, regs in enumerate(lanes):
+            regs["%laneid"] = regs["%tid.x"] = lane
+            _execute(line, regs, memory, floats, shared)
     return lanes
 
 
@@ -124,7 +140,7 @@ def run_ptx(ptx: str, operands: dict[str, int], memory: Memory | None = None) ->
     return run_warp(ptx, [dict(operands)], memory)[0]
 
 
-def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str]) -> None:
+def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], shared: Memory | None) -> None:
     predicate = None
     if line.startswith("@"):
         predicate, line = line.split(None, 1)
@@ -136,15 +152,24 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str]) -> 
         token = token.strip()
         if token.startswith("0f"):
             return bits_float(int(token[2:], 16))
+        if token == "global_smem":
+            return shared.base
         return int(token, 0) if token[0].isdigit() or token[0] == "-" else regs[token]
 
-    if op.startswith("ld.global"):
+    if op == "bar.sync":
+        return
+    if op == "st.shared.u32":
+        address, src = re.match(r"\[(\S+)\],\s*(\S+)", rest).groups()
+        shared.write(regs[address], np.array([value(src) & MASK32], dtype=np.uint32))
+        return
+    if op.startswith("ld.shared") or op.startswith("ld.global"):
+        space = shared if op.startswith("ld.shared") else memory
         dst, address = re.match(r"(\{[^}]*\}|\S+),\s*\[(\S+?)(?:\+(\d+))?\]", rest).groups()[:2]
         offset = re.match(r".*\[\S+?\+(\d+)\]", rest)
         address = regs[address] + (int(offset.group(1)) if offset else 0)
         width = 2 if op.endswith(".b16") else 4
         for i, reg in enumerate(_regs_in(dst)):
-            regs[reg] = memory.read(address + width * i, width)
+            regs[reg] = space.read(address + width * i, width)
         return
     if op == "mov.b32" and rest.lstrip().startswith("{"):  # mov.b32 {h0, h1}, p: split into 16-bit halves
         halves, src = re.match(r"\{(\w+), (\w+)\}, (\S+)", rest).groups()[:2], rest.split(",")[-1]
@@ -152,8 +177,14 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str]) -> 
         return
     dst, *srcs = [t.strip() for t in rest.split(",")]
     a = [value(t) for t in srcs]
-    if op in ("mov.b32", "mov.b16", "mov.f32"):
+    if op in ("mov.b32", "mov.b16", "mov.f32", "mov.u32"):
         regs[dst] = a[0]
+    elif op in ("shr.u32",):
+        regs[dst] = (a[0] & MASK32) >> a[1]
+    elif op == "add.u32":
+        regs[dst] = (a[0] + a[1]) & MASK32
+    elif op == "mad.lo.u32":
+        regs[dst] = (a[0] * a[1] + a[2]) & MASK32
     elif op == "shl.b32":
         regs[dst] = (a[0] << a[1]) & MASK32
     elif op == "shr.b32":

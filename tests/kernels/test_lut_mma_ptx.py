@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.kernels.ptx_interpreter import Memory, run_warp
-from transfigure.kernels.lut_gemm import MMA_GROUP_PTX, register_table_words
+from transfigure.kernels.lut_gemm import (MMA_GROUP_PTX, MMA_SHARED_GROUP_PTX, SHARED_TABLE_BYTES, pair_table,
+                                          register_table_words, shared_table_fill_ptx)
 
 
 def _layout(memory_size: int):
@@ -30,10 +31,13 @@ def _layout(memory_size: int):
     return place
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(group=st.sampled_from([64, 128, 256]), half=st.sampled_from(["bf16", "fp16"]), x_blocks=st.sampled_from([1, 2]),
-       m=st.integers(1, 16), rows=st.integers(1, 16), step=st.integers(0, 2), seed=st.integers(0, 2**16))
-def test_mma_group_step_matches_numpy(group, half, x_blocks, m, rows, step, seed):
+       m=st.integers(1, 16), rows=st.integers(1, 16), step=st.integers(0, 2), seed=st.integers(0, 2**16),
+       lookup=st.sampled_from(["register", "shared"]))
+def test_mma_group_step_matches_numpy(group, half, x_blocks, m, rows, step, seed, lookup):
+    """Both lookups: the register table, and the pair table copied into shared memory by
+    ``shared_table_fill_ptx`` (run first by the same warp, as a one-warp program)."""
     m = min(m, 8 * x_blocks)
     rng = np.random.default_rng(seed)
     dtype = torch.bfloat16 if half == "bf16" else torch.float16
@@ -45,10 +49,16 @@ def test_mma_group_step_matches_numpy(group, half, x_blocks, m, rows, step, seed
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
     table = torch.randn(16, 1, generator=torch.Generator().manual_seed(seed + 1))
     words = register_table_words(table, dtype).numpy().astype(np.int32)
+    pairs = pair_table(table, 4, 1, dtype).numpy().astype(np.int32)
 
     memory = Memory(1 << 20)
     place = _layout(1 << 20)
     codes_at, x_at, scales_at, table_at = place(packed.nbytes), place(x.numel() * 2), place(scales.nbytes), place(32)
+    pairs_at = place(pairs.nbytes)
+    memory.write(pairs_at, pairs)
+    shared = Memory(SHARED_TABLE_BYTES, base=0)
+    if lookup == "shared":
+        run_warp(shared_table_fill_ptx(1), [{"$1": pairs_at} for _ in range(32)], memory, shared)
     memory.write(codes_at, packed)
     memory.write(x_at, x.view(torch.int16).numpy())
     memory.write(scales_at, scales)
@@ -73,7 +83,10 @@ def test_mma_group_step_matches_numpy(group, half, x_blocks, m, rows, step, seed
         ops[f"${next(operand)}"] = valid
         ops[f"${next(operand)}"] = table_at
         lanes.append(ops)
-    out = run_warp(MMA_GROUP_PTX[(group, half, x_blocks)], lanes, memory)
+    ptx = (MMA_GROUP_PTX if lookup == "register" else MMA_SHARED_GROUP_PTX)[(group, half, x_blocks)]
+    degrees: list[int] = []
+    out = run_warp(ptx, lanes, memory, shared, degrees)
+    assert all(d == 1 for d in degrees)  # each lane reads its own copy of the table: no bank conflicts
 
     values = table.reshape(-1).to(dtype).double().numpy()
     cols = slice(step * group, (step + 1) * group)

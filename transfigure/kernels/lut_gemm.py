@@ -117,7 +117,39 @@ def _mma_lane_registers(group_size: int, x_blocks: int) -> tuple[list[str], list
             [[f"x{b}_{i}" for i in range(x_words)] for b in range(x_blocks)])
 
 
-def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1) -> str:
+SHARED_TABLE_COPIES = 32          # one per lane: lane l reads bank l whatever the code
+SHARED_TABLE_BYTES = 256 * 4 * SHARED_TABLE_COPIES
+
+
+def _shared_lookup_ptx(word: str, pairs: list[str], lane_base: str) -> list[str]:
+    """PTX lines decoding the four code bytes of ``word`` into four registers of packed 16-bit weight pairs
+    (``pair_table``: byte u -> the weights of its low and high nibble) by loads from a copy of the pair
+    table in shared memory: entry u of copy c at byte ``128 u + 4 c``; ``lane_base`` = table start + 4 lane,
+    so the 32 lanes of a warp read 32 different banks (no conflict) whatever their codes. One ``prmt``, one
+    ``mad`` and one shared load per two weights, against ~5 ALU instructions for the register lookup: the
+    register lookup keeps the integer pipe (half the FMA pipe's rate) busy; this moves the work to the FMA
+    pipe and the shared-memory unit."""
+    lines = []
+    for j, pair in enumerate(pairs):
+        lines += [f"prmt.b32 f, {word}, 0, 0x444{j};", f"mad.lo.u32 f, f, 128, {lane_base};",
+                  f"ld.shared.u32 {pair}, [f];"]
+    return lines
+
+
+def shared_table_fill_ptx(warps: int) -> str:
+    """PTX run once by every thread of a program before the shared-lookup steps: copies the 256-entry pair
+    table (operand 1, global address) into ``SHARED_TABLE_COPIES`` copies at the start of the kernel's
+    shared memory (``global_smem``; ``_lut_mma_gemv_kernel`` makes Triton reserve it), then waits for the
+    whole program (``bar.sync``). Output 0 is 0: later steps take it as an input so they stay after this."""
+    lines = ["{", ".reg .b32 tid, lane, entry, v, a;", ".reg .b64 o, src;", "mov.u32 tid, %tid.x;",
+             "and.b32 lane, tid, 31;", "shr.u32 entry, tid, 5;", "mov.u32 a, global_smem;", "mad.lo.u32 lane, lane, 4, a;"]
+    for _ in range(256 // warps):
+        lines += ["mul.wide.u32 o, entry, 4;", "add.s64 src, $1, o;", "ld.global.nc.u32 v, [src];",
+                  "mad.lo.u32 a, entry, 128, lane;", "st.shared.u32 [a], v;", f"add.u32 entry, entry, {warps};"]
+    return "\n".join(lines + ["bar.sync 0;", "mov.u32 $0, 0;", "}"])
+
+
+def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = "register") -> str:
     """PTX of one group step of the tensor-core LUT GEMV (``_lut_mma_gemv_kernel``), run by every lane of a
     warp for one group of ``group_size`` columns and 16 weight rows, as ``inline_asm_elementwise(pack=1)``.
 
@@ -140,8 +172,11 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1) -> str:
     g / g + 8's group-0 scales, the group index, validity bits (1: row g exists, 2: row g + 8 exists,
     4 << b: ``x`` row g + 8 b exists) and the address of the eight table words (``register_table_words``,
     16-byte aligned; loaded per step from L1: held in registers across steps, ptxas moves half of them to
-    uniform registers and copies each back before every ``prmt``)."""
-    assert group_size in (64, 128, 256) and x_blocks in (1, 2)
+    uniform registers and copies each back before every ``prmt``).
+
+    ``lookup="shared"``: codes are decoded from the pair table in shared memory (``_shared_lookup_ptx``,
+    filled by ``shared_table_fill_ptx``) instead of registers; the last operand is then unused."""
+    assert group_size in (64, 128, 256) and x_blocks in (1, 2) and lookup in ("register", "shared")
     codes_g, codes_h, xs = _mma_lane_registers(group_size, x_blocks)
     n_acc = 4 * x_blocks
     operand = iter(f"${i}" for i in range(2 * n_acc, 2 * n_acc + 7 + x_blocks))
@@ -167,14 +202,22 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1) -> str:
             chunk = regs[start:start + 4]
             vec = f".v{len(chunk)}" if len(chunk) > 1 else ""
             lines.append(f"@{pred} ld.global.nc{vec}.u32 {{{', '.join(chunk)}}}, [{address}+{4 * start}];")
-    lines += ["@pg ld.global.nc.b16 hg, [sg];", "@ph ld.global.nc.b16 hh, [sh];",
-              f"ld.global.nc.v4.u32 {{t0, t1, t2, t3}}, [{table}];",
-              f"ld.global.nc.v4.u32 {{t4, t5, t6, t7}}, [{table}+16];", "cvt.f32.f16 scg, hg;", "cvt.f32.f16 sch, hh;"]
+    lines += ["@pg ld.global.nc.b16 hg, [sg];", "@ph ld.global.nc.b16 hh, [sh];", "cvt.f32.f16 scg, hg;",
+              "cvt.f32.f16 sch, hh;"]
+    if lookup == "register":
+        lines += [f"ld.global.nc.v4.u32 {{t0, t1, t2, t3}}, [{table}];",
+                  f"ld.global.nc.v4.u32 {{t4, t5, t6, t7}}, [{table}+16];"]
+    else:
+        lines += ["mov.u32 f, %laneid;", "mov.u32 t0, global_smem;", "mad.lo.u32 t0, f, 4, t0;"]
     lines += [f"mov.f32 d{b}_{i}, 0f00000000;" for b in range(x_blocks) for i in range(4)]
     words = [f"t{w}" for w in range(8)]
     for word, (row_g, row_h) in enumerate(zip(codes_g, codes_h)):
-        lines += _lookup_pairs_ptx(row_g, ["pg0", "pg1", "pg2", "pg3"], words)
-        lines += _lookup_pairs_ptx(row_h, ["ph0", "ph1", "ph2", "ph3"], words)
+        if lookup == "register":
+            lines += _lookup_pairs_ptx(row_g, ["pg0", "pg1", "pg2", "pg3"], words)
+            lines += _lookup_pairs_ptx(row_h, ["ph0", "ph1", "ph2", "ph3"], words)
+        else:
+            lines += _shared_lookup_ptx(row_g, ["pg0", "pg1", "pg2", "pg3"], "t0")
+            lines += _shared_lookup_ptx(row_h, ["ph0", "ph1", "ph2", "ph3"], "t0")
         for step_in_word in range(2):  # codes 4 s' .. 4 s' + 3 of this word: one mma step
             step = 2 * word + step_in_word
             first, second = 2 * step_in_word, 2 * step_in_word + 1
@@ -196,6 +239,8 @@ def _mma_constraints(x_blocks: int) -> str:
 
 MMA_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb)
                  for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2)}
+MMA_SHARED_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb, "shared")
+                        for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2)}
 MMA_GROUP_CONSTRAINTS = {xb: _mma_constraints(xb) for xb in (1, 2)}
 
 
@@ -569,21 +614,6 @@ if triton_available():
         _store_tile_counted(y_ptr, bias_ptr, work_ptr, count_ptr, acc, ms, rows, m_mask, row_mask, M, N, pid_n, pid_k,
                             BLOCK_M, BLOCK_N, SPLIT_K, HAS_BIAS)
 
-    _MMA_BF16_G64_X1 = tl.constexpr(MMA_GROUP_PTX[(64, "bf16", 1)])
-    _MMA_BF16_G64_X2 = tl.constexpr(MMA_GROUP_PTX[(64, "bf16", 2)])
-    _MMA_BF16_G128_X1 = tl.constexpr(MMA_GROUP_PTX[(128, "bf16", 1)])
-    _MMA_BF16_G128_X2 = tl.constexpr(MMA_GROUP_PTX[(128, "bf16", 2)])
-    _MMA_BF16_G256_X1 = tl.constexpr(MMA_GROUP_PTX[(256, "bf16", 1)])
-    _MMA_BF16_G256_X2 = tl.constexpr(MMA_GROUP_PTX[(256, "bf16", 2)])
-    _MMA_FP16_G64_X1 = tl.constexpr(MMA_GROUP_PTX[(64, "fp16", 1)])
-    _MMA_FP16_G64_X2 = tl.constexpr(MMA_GROUP_PTX[(64, "fp16", 2)])
-    _MMA_FP16_G128_X1 = tl.constexpr(MMA_GROUP_PTX[(128, "fp16", 1)])
-    _MMA_FP16_G128_X2 = tl.constexpr(MMA_GROUP_PTX[(128, "fp16", 2)])
-    _MMA_FP16_G256_X1 = tl.constexpr(MMA_GROUP_PTX[(256, "fp16", 1)])
-    _MMA_FP16_G256_X2 = tl.constexpr(MMA_GROUP_PTX[(256, "fp16", 2)])
-    _MMA_CONSTRAINTS_X1 = tl.constexpr(MMA_GROUP_CONSTRAINTS[1])
-    _MMA_CONSTRAINTS_X2 = tl.constexpr(MMA_GROUP_CONSTRAINTS[2])
-
     @triton.jit
     def _thread_index(like):
         """The executing thread's index in its program (``%tid.x``), once per element of ``like`` (a 1-D
@@ -593,52 +623,30 @@ if triton_available():
 
     @triton.jit
     def _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g, scale_h, grp, valid, table,
-                   G: tl.constexpr, HALF_IS_BF16: tl.constexpr):
+                   ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, PURE: tl.constexpr):
         """One group step (``_mma_group_ptx``) for one block of 8 rows of ``x``."""
-        if HALF_IS_BF16:
-            if G == 64:
-                asm: tl.constexpr = _MMA_BF16_G64_X1
-            elif G == 128:
-                asm: tl.constexpr = _MMA_BF16_G128_X1
-            else:
-                asm: tl.constexpr = _MMA_BF16_G256_X1
-        else:
-            if G == 64:
-                asm: tl.constexpr = _MMA_FP16_G64_X1
-            elif G == 128:
-                asm: tl.constexpr = _MMA_FP16_G128_X1
-            else:
-                asm: tl.constexpr = _MMA_FP16_G256_X1
         return tl.inline_asm_elementwise(
-            asm, _MMA_CONSTRAINTS_X1,
+            ASM, CONSTRAINTS,
             [acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g, scale_h, grp + tl.zeros_like(valid), valid,
              table],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=PURE, pack=1)
 
     @triton.jit
     def _mma_group2(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
-                    scale_h, grp, valid, table, G: tl.constexpr, HALF_IS_BF16: tl.constexpr):
+                    scale_h, grp, valid, table, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, PURE: tl.constexpr):
         """One group step for two blocks of 8 rows of ``x`` (M = 9..16): two mmas per decoded fragment."""
-        if HALF_IS_BF16:
-            if G == 64:
-                asm: tl.constexpr = _MMA_BF16_G64_X2
-            elif G == 128:
-                asm: tl.constexpr = _MMA_BF16_G128_X2
-            else:
-                asm: tl.constexpr = _MMA_BF16_G256_X2
-        else:
-            if G == 64:
-                asm: tl.constexpr = _MMA_FP16_G64_X2
-            elif G == 128:
-                asm: tl.constexpr = _MMA_FP16_G128_X2
-            else:
-                asm: tl.constexpr = _MMA_FP16_G256_X2
         return tl.inline_asm_elementwise(
-            asm, _MMA_CONSTRAINTS_X2,
+            ASM, CONSTRAINTS,
             [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g, scale_h,
              grp + tl.zeros_like(valid), valid, table],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
-            is_pure=True, pack=1)
+            is_pure=PURE, pack=1)
+
+    @triton.jit
+    def _fill_shared_table(pairs_ptr, like, FILL_ASM: tl.constexpr):
+        """``shared_table_fill_ptx``: the pair table into shared memory, once per program; returns zeros."""
+        return tl.inline_asm_elementwise(FILL_ASM, "=r,l", [(pairs_ptr + tl.zeros_like(like)).to(tl.int64, bitcast=True)],
+                                         dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _emulated_group_rows(codes_ptr, scales_ptr, words_ptr, rows, N, bytes_per_row, n_groups, grp, G: tl.constexpr,
@@ -699,10 +707,12 @@ if triton_available():
         tl.store(out + (col + 1) * N + row_h, acc_odd_h.to(kind), mask=ok_h & (col + 1 < M))
 
     @triton.jit
-    def _lut_mma_gemv_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N,
-                             Kp, bytes_per_row, n_groups, groups_per_split, WARPS: tl.constexpr, G: tl.constexpr,
-                             X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr):
+    def _lut_mma_gemv_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, pairs_ptr, bias_ptr, y_ptr, work_ptr, count_ptr,
+                             M, N, Kp, bytes_per_row, n_groups, groups_per_split, WARPS: tl.constexpr,
+                             G: tl.constexpr, X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr,
+                             SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr,
+                             SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr, GROUP_CONSTRAINTS: tl.constexpr,
+                             FILL_ASM: tl.constexpr, EMULATE: tl.constexpr):
         """Decode GEMM on the tensor cores (M <= 8 * X_BLOCKS <= 16, 4-bit scalar codes, 16-bit activations):
         each warp owns 16 output features, each lane decodes its own contiguous slice of their codes in
         registers and feeds ``mma.sync`` directly (``_mma_group_ptx``: no shared memory, no layout conversion,
@@ -713,7 +723,10 @@ if triton_available():
         ``_store_tile_counted``). UNROLL group steps per loop iteration (one basic block, so ptxas can issue
         the later steps' loads early). EMULATE (the CPU interpreter, which cannot run PTX) computes each lane's
         share of the result directly (``_emulated_mma_group``): it checks this kernel's lane bookkeeping and
-        epilogue; the PTX itself is checked by a simulator in the tests."""
+        epilogue; the PTX itself is checked by a simulator in the tests. GROUP_ASM is the step's PTX
+        (``MMA_GROUP_PTX`` / ``MMA_SHARED_GROUP_PTX`` for this G, half type and X_BLOCKS). SHARED_LOOKUP: the
+        codes are decoded from copies of the pair table in shared memory (``_shared_lookup_ptx``), filled at
+        the start by FILL_ASM; a never-taken branch makes Triton reserve that shared memory."""
         ROWS: tl.constexpr = 16 * WARPS
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -739,6 +752,12 @@ if triton_available():
         scale_g = (scales_ptr + row_g.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
         scale_h = (scales_ptr + row_h.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
         table = (words_ptr + tl.zeros_like(tid)).to(tl.int64, bitcast=True)
+        if SHARED_LOOKUP and not EMULATE:
+            if M < 0:  # never taken: a layout conversion whose scratch reserves the table's shared memory
+                spare = tl.arange(0, 128)
+                block = tl.load(work_ptr + spare[:, None] * 64 + tl.arange(0, 64)[None, :])
+                tl.store(work_ptr + tl.arange(0, 64)[:, None] * 128 + spare[None, :], tl.trans(block))
+            valid += _fill_shared_table(pairs_ptr, tid, FILL_ASM)  # adds 0; orders the steps after the fill
         acc0 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc1 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc2 = tl.zeros([32 * WARPS], dtype=tl.float32)
@@ -760,11 +779,14 @@ if triton_available():
                             M, N, Kp, bytes_per_row, n_groups, g_start + grp, G, HALF_IS_BF16)
                 elif X_BLOCKS == 1:
                     acc0, acc1, acc2, acc3 = _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g,
-                                                        scale_h, grp, valid, table, G, HALF_IS_BF16)
+                                                        scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS,
+                                                        not SHARED_LOOKUP)
                 else:
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_group2(
                         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
-                        scale_h, grp, valid, table, G, HALF_IS_BF16)
+                        scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS, not SHARED_LOOKUP)
+        if SHARED_LOOKUP:
+            tl.debug_barrier()  # the table's shared memory is Triton's scratch again below
         # lane (g, q) holds y[2q][row_g], y[2q + 1][row_g], y[2q][row_h], y[2q + 1][row_h] (and rows 8 + 2q ...)
         _store_mma_block(y_ptr, bias_ptr, work_ptr, acc0, acc1, acc2, acc3, 2 * q, row_g, row_h, M, N, pid_k, SPLIT_K,
                          HAS_BIAS)
@@ -958,20 +980,30 @@ if triton_available():
         meta = config.meta
         m = x2.shape[0]
         warps, split = meta["WARPS"], meta["SPLIT_K"]
+        shared = meta.get("LOOKUP") == "shared"
         grid = (triton.cdiv(n, 16 * warps), split)
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        work = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if split > 1 else y
+        work = torch.empty(max(split * m * n if split > 1 else 1, 128 * 64 if shared else 1), dtype=torch.float32,
+                           device=x2.device)
         counts = _tile_counters(x2.device, grid[0]) if split > 1 else y
         emulate = interpreter_mode()
+        half = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
+        x_blocks = 1 if m <= 8 else 2
+        ptx = (MMA_SHARED_GROUP_PTX if shared else MMA_GROUP_PTX)[(group_size, half, x_blocks)]
+        pairs = pair_table(table, 4, 1, x2.dtype) if shared else scales
         # without a register cap ptxas keeps half the table words in uniform registers and copies them
         # back before each prmt (61 extra instructions per group step at 56 registers; 75 without)
         extra = {} if emulate else {"maxnreg": 128}
-        _lut_mma_gemv_kernel[grid](
-            x2, codes.view(torch.uint8), scales, register_table(table, x2.dtype), bias if bias is not None else scales,
-            y, work, counts, m, n, x2.shape[1], codes.shape[1] * 4, n_groups, n_groups // split, WARPS=warps,
-            G=group_size, HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None,
-            X_BLOCKS=1 if m <= 8 else 2, UNROLL=meta["UNROLL"], EMULATE=emulate, num_warps=warps, num_stages=1,
-            **extra)
+        compiled = _lut_mma_gemv_kernel[grid](
+            x2, codes.view(torch.uint8), scales, register_table(table, x2.dtype), pairs,
+            bias if bias is not None else scales, y, work, counts, m, n, x2.shape[1], codes.shape[1] * 4, n_groups,
+            n_groups // split, WARPS=warps, G=group_size, X_BLOCKS=x_blocks, HALF_IS_BF16=x2.dtype == torch.bfloat16,
+            SPLIT_K=split, HAS_BIAS=bias is not None, UNROLL=meta["UNROLL"], SHARED_LOOKUP=shared, GROUP_ASM=ptx,
+            GROUP_CONSTRAINTS=MMA_GROUP_CONSTRAINTS[x_blocks], FILL_ASM=shared_table_fill_ptx(warps),
+            EMULATE=emulate, num_warps=warps, num_stages=1, **extra)
+        if shared and not emulate and compiled.metadata.shared < SHARED_TABLE_BYTES:
+            raise RuntimeError(f"the shared-lookup LUT kernel got {compiled.metadata.shared} bytes of shared memory, "
+                               f"needs {SHARED_TABLE_BYTES} (Triton reserved less than expected)")
         return y
 
     def _launch(config: Config, x2, codes, scales, table, bias, bits, p, group_size):
@@ -1019,8 +1051,11 @@ if triton_available():
         _reg_mm(128, 2, 1, 4, 1), _reg_mm(32, 16, 1, 4, 1),
     ]
 
-    def _mma(warps, split, unroll):
-        return Config({"MODE": "mma", "WARPS": warps, "SPLIT_K": split, "UNROLL": unroll}, warps, 1)
+    def _mma(warps, split, unroll, lookup="register"):
+        meta = {"MODE": "mma", "WARPS": warps, "SPLIT_K": split, "UNROLL": unroll}
+        if lookup != "register":
+            meta["LOOKUP"] = lookup
+        return Config(meta, warps, 1)
 
     # M <= 16, 4-bit scalar codes, 16-bit activations, group sizes 64 / 128 / 256. Within 5% of each other on
     # the H100 for most shapes (benchmarks/results/explore_lut_mma.md); the split decides on small shapes.
@@ -1028,6 +1063,9 @@ if triton_available():
         _mma(4, 4, 1), _mma(4, 8, 1), _mma(4, 16, 1), _mma(4, 32, 1), _mma(4, 8, 2), _mma(4, 4, 2),
         _mma(8, 8, 1), _mma(8, 16, 1), _mma(8, 4, 2), _mma(2, 8, 1), _mma(2, 16, 1), _mma(4, 2, 2), _mma(4, 1, 2),
         _mma(8, 2, 2), _mma(4, 16, 2), _mma(8, 1, 1), _mma(4, 2, 1),
+        _mma(4, 1, 1, "shared"), _mma(4, 2, 1, "shared"), _mma(4, 4, 1, "shared"), _mma(4, 8, 1, "shared"),
+        _mma(8, 1, 1, "shared"), _mma(8, 2, 1, "shared"), _mma(8, 4, 1, "shared"), _mma(4, 2, 2, "shared"),
+        _mma(4, 4, 2, "shared"), _mma(8, 2, 2, "shared"),
     ]
 
     def _c(bm, bn, bk, split, warps, stages):
