@@ -110,14 +110,14 @@ def run_warp(ptx: str, lanes: list[dict], memory: Memory | None = None, shared: 
              shared_load_degrees: list[int] | None = None) -> list[dict]:
     """Execute ``ptx`` on every lane (a dict of operand/register values, e.g. ``{"$8": 0x1234}``), in lockstep,
     as warp 0 of a one-warp program (``bar.sync`` is then a no-op). ``shared`` is the program's shared memory,
-    ``global_smem`` its address 0; ``shared_load_degrees`` (if given) collects the bank-conflict degree of every
+    a static shared symbol (any name) its address 0; ``shared_load_degrees`` (if given) collects the bank-conflict degree of every
     ``ld.shared`` the warp executes. Returns the lanes' register files."""
     floats: set[str] = set()
     for line in ptx.splitlines():
         line = line.strip().rstrip(";")
         if line.startswith(".reg .f32"):
             floats.update(_regs_in(line[len(".reg .f32"):]))
-        if not line or line in "{}" or line.startswith(".reg"):
+        if not line or line in "{}" or line.startswith((".reg", ".shared")):
             continue
         if line.startswith("mma.sync.aligned.m16n8k16.row.col.f32."):
             op, rest = line.split(None, 1)
@@ -152,15 +152,18 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
         token = token.strip()
         if token.startswith("0f"):
             return bits_float(int(token[2:], 16))
-        if token == "global_smem":
+        if token == "transfigure_lut_pairs":
             return shared.base
         return int(token, 0) if token[0].isdigit() or token[0] == "-" else regs[token]
 
     if op == "bar.sync":
         return
+    if op == "cvt.u32.u64":
+        regs[rest.split(",")[0].strip()] = regs[rest.split(",")[1].strip()] & MASK32
+        return
     if op == "st.shared.u32":
-        address, src = re.match(r"\[(\S+)\],\s*(\S+)", rest).groups()
-        shared.write(regs[address], np.array([value(src) & MASK32], dtype=np.uint32))
+        address, offset, src = re.match(r"\[(\w+)(?:\+(\d+))?\],\s*(\S+)", rest).groups()
+        shared.write(regs[address] + int(offset or 0), np.array([value(src) & MASK32], dtype=np.uint32))
         return
     if op.startswith("ld.shared") or op.startswith("ld.global"):
         space = shared if op.startswith("ld.shared") else memory
@@ -178,6 +181,8 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
     dst, *srcs = [t.strip() for t in rest.split(",")]
     a = [value(t) for t in srcs]
     if op in ("mov.b32", "mov.b16", "mov.f32", "mov.u32"):
+        regs[dst] = a[0]
+    elif op == "mov.u64":
         regs[dst] = a[0]
     elif op in ("shr.u32",):
         regs[dst] = (a[0] & MASK32) >> a[1]

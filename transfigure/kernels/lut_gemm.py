@@ -119,6 +119,7 @@ def _mma_lane_registers(group_size: int, x_blocks: int) -> tuple[list[str], list
 
 SHARED_TABLE_COPIES = 32          # one per lane: lane l reads bank l whatever the code
 SHARED_TABLE_BYTES = 256 * 4 * SHARED_TABLE_COPIES
+SHARED_TABLE_SYMBOL = "transfigure_lut_pairs"
 
 
 def _shared_lookup_ptx(word: str, pairs: list[str], lane_base: str) -> list[str]:
@@ -138,14 +139,21 @@ def _shared_lookup_ptx(word: str, pairs: list[str], lane_base: str) -> list[str]
 
 def shared_table_fill_ptx(warps: int) -> str:
     """PTX run once by every thread of a program before the shared-lookup steps: copies the 256-entry pair
-    table (operand 1, global address) into ``SHARED_TABLE_COPIES`` copies at the start of the kernel's
-    shared memory (``global_smem``; ``_lut_mma_gemv_kernel`` makes Triton reserve it), then waits for the
-    whole program (``bar.sync``). Output 0 is 0: later steps take it as an input so they stay after this."""
-    lines = ["{", ".reg .b32 tid, lane, entry, v, a;", ".reg .b64 o, src;", "mov.u32 tid, %tid.x;",
-             "and.b32 lane, tid, 31;", "shr.u32 entry, tid, 5;", "mov.u32 a, global_smem;", "mad.lo.u32 lane, lane, 4, a;"]
-    for _ in range(256 // warps):
-        lines += ["mul.wide.u32 o, entry, 4;", "add.s64 src, $1, o;", "ld.global.nc.u32 v, [src];",
-                  "mad.lo.u32 a, entry, 128, lane;", "st.shared.u32 [a], v;", f"add.u32 entry, entry, {warps};"]
+    table (operand 1, global address) into ``SHARED_TABLE_COPIES`` copies in shared memory, then waits for the
+    whole program (``bar.sync``). Output 0 is 0: later steps take it as an input so they stay after this.
+
+    The table is a static shared array declared here, at the kernel's scope (outside the braces), so the
+    later steps' inline PTX can name it: Triton's own shared memory (``global_smem``) is sized by Triton and
+    cannot be asked for more."""
+    lines = [f".shared .align 16 .b8 {SHARED_TABLE_SYMBOL}[{SHARED_TABLE_BYTES}];", "{",
+             ".reg .b32 tid, lane, quad, v0, v1, v2, v3, a;", ".reg .b64 o, src;", "mov.u32 tid, %tid.x;",
+             "and.b32 lane, tid, 31;", "shr.u32 quad, tid, 5;", f"mov.u64 o, {SHARED_TABLE_SYMBOL};",
+             "cvt.u32.u64 a, o;", "mad.lo.u32 lane, lane, 4, a;"]
+    for _ in range(256 // (4 * warps)):  # warp w copies entries 4 quad .. 4 quad + 3, quad = w, w + warps, ...
+        lines += ["mul.wide.u32 o, quad, 16;", "add.s64 src, $1, o;", "ld.global.nc.v4.u32 {v0, v1, v2, v3}, [src];",
+                  "mad.lo.u32 a, quad, 512, lane;"]
+        lines += [f"st.shared.u32 [a+{128 * j}], v{j};" for j in range(4)]
+        lines.append(f"add.u32 quad, quad, {warps};")
     return "\n".join(lines + ["bar.sync 0;", "mov.u32 $0, 0;", "}"])
 
 
@@ -208,7 +216,8 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
         lines += [f"ld.global.nc.v4.u32 {{t0, t1, t2, t3}}, [{table}];",
                   f"ld.global.nc.v4.u32 {{t4, t5, t6, t7}}, [{table}+16];"]
     else:
-        lines += ["mov.u32 f, %laneid;", "mov.u32 t0, global_smem;", "mad.lo.u32 t0, f, 4, t0;"]
+        lines += ["mov.u32 f, %laneid;", f"mov.u64 o, {SHARED_TABLE_SYMBOL};", "cvt.u32.u64 t0, o;",
+                  "mad.lo.u32 t0, f, 4, t0;"]
     lines += [f"mov.f32 d{b}_{i}, 0f00000000;" for b in range(x_blocks) for i in range(4)]
     words = [f"t{w}" for w in range(8)]
     for word, (row_g, row_h) in enumerate(zip(codes_g, codes_h)):
@@ -707,40 +716,20 @@ if triton_available():
         tl.store(out + (col + 1) * N + row_h, acc_odd_h.to(kind), mask=ok_h & (col + 1 < M))
 
     @triton.jit
-    def _lut_mma_gemv_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, pairs_ptr, bias_ptr, y_ptr, work_ptr, count_ptr,
-                             M, N, Kp, bytes_per_row, n_groups, groups_per_split, WARPS: tl.constexpr,
-                             G: tl.constexpr, X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr,
-                             SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr,
-                             SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr, GROUP_CONSTRAINTS: tl.constexpr,
-                             FILL_ASM: tl.constexpr, EMULATE: tl.constexpr):
-        """Decode GEMM on the tensor cores (M <= 8 * X_BLOCKS <= 16, 4-bit scalar codes, 16-bit activations):
-        each warp owns 16 output features, each lane decodes its own contiguous slice of their codes in
-        registers and feeds ``mma.sync`` directly (``_mma_group_ptx``: no shared memory, no layout conversion,
-        no per-weight FMA); the rows of ``x`` are the mma's 8 columns (two mmas per fragment for M > 8), so
-        M = 1..8 cost the same. Every tensor here has exactly one element per thread, and which thread holds
-        which rows comes from ``%tid.x`` -- not from Triton's layout -- so the fragments are right whatever
-        layout Triton picks for them. Split-K partials are reduced by the last program of each row block (as
-        ``_store_tile_counted``). UNROLL group steps per loop iteration (one basic block, so ptxas can issue
-        the later steps' loads early). EMULATE (the CPU interpreter, which cannot run PTX) computes each lane's
-        share of the result directly (``_emulated_mma_group``): it checks this kernel's lane bookkeeping and
-        epilogue; the PTX itself is checked by a simulator in the tests. GROUP_ASM is the step's PTX
-        (``MMA_GROUP_PTX`` / ``MMA_SHARED_GROUP_PTX`` for this G, half type and X_BLOCKS). SHARED_LOOKUP: the
-        codes are decoded from copies of the pair table in shared memory (``_shared_lookup_ptx``), filled at
-        the start by FILL_ASM; a never-taken branch makes Triton reserve that shared memory."""
+    def _mma_item(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N, Kp, bytes_per_row,
+                  n_groups, groups_per_split, pid_n, pid_k, tid, ready, WARPS: tl.constexpr, G: tl.constexpr,
+                  X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  UNROLL: tl.constexpr, SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr,
+                  GROUP_CONSTRAINTS: tl.constexpr, EMULATE: tl.constexpr):
+        """One work item of ``_lut_mma_gemv_kernel``: row block ``pid_n`` over K split ``pid_k``."""
         ROWS: tl.constexpr = 16 * WARPS
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        if EMULATE:
-            tid = tl.arange(0, 32 * WARPS)
-        else:
-            tid = _thread_index(tl.zeros([32 * WARPS], dtype=tl.int32))
         lane = tid % 32
         g = lane // 4
         q = lane % 4
         row_g = pid_n * ROWS + (tid // 32) * 16 + g
         row_h = row_g + 8
         valid = ((row_g < N).to(tl.int32) | ((row_h < N).to(tl.int32) << 1) | ((g < M).to(tl.int32) << 2)
-                 | ((g + 8 < M).to(tl.int32) << 3))
+                 | ((g + 8 < M).to(tl.int32) << 3)) + ready
         g_start = pid_k * groups_per_split
         lane_bytes = q * (G // 8) + g_start * (G // 2)
         code_g = (codes_ptr + row_g.to(tl.int64) * bytes_per_row + lane_bytes).to(tl.int64, bitcast=True)
@@ -752,12 +741,6 @@ if triton_available():
         scale_g = (scales_ptr + row_g.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
         scale_h = (scales_ptr + row_h.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
         table = (words_ptr + tl.zeros_like(tid)).to(tl.int64, bitcast=True)
-        if SHARED_LOOKUP and not EMULATE:
-            if M < 0:  # never taken: a layout conversion whose scratch reserves the table's shared memory
-                spare = tl.arange(0, 128)
-                block = tl.load(work_ptr + spare[:, None] * 64 + tl.arange(0, 64)[None, :])
-                tl.store(work_ptr + tl.arange(0, 64)[:, None] * 128 + spare[None, :], tl.trans(block))
-            valid += _fill_shared_table(pairs_ptr, tid, FILL_ASM)  # adds 0; orders the steps after the fill
         acc0 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc1 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc2 = tl.zeros([32 * WARPS], dtype=tl.float32)
@@ -785,8 +768,7 @@ if triton_available():
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_group2(
                         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
                         scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS, not SHARED_LOOKUP)
-        if SHARED_LOOKUP:
-            tl.debug_barrier()  # the table's shared memory is Triton's scratch again below
+
         # lane (g, q) holds y[2q][row_g], y[2q + 1][row_g], y[2q][row_h], y[2q + 1][row_h] (and rows 8 + 2q ...)
         _store_mma_block(y_ptr, bias_ptr, work_ptr, acc0, acc1, acc2, acc3, 2 * q, row_g, row_h, M, N, pid_k, SPLIT_K,
                          HAS_BIAS)
@@ -808,6 +790,51 @@ if triton_available():
                     total += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + ms[:, None] * N + rows[None, :], total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(count_ptr + pid_n, 0)
+
+    @triton.jit
+    def _lut_mma_gemv_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, pairs_ptr, bias_ptr, y_ptr, work_ptr, count_ptr,
+                             M, N, Kp, bytes_per_row, n_groups, groups_per_split, WARPS: tl.constexpr,
+                             G: tl.constexpr, X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr,
+                             SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr,
+                             SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr, GROUP_CONSTRAINTS: tl.constexpr,
+                             FILL_ASM: tl.constexpr, PERSISTENT: tl.constexpr, EMULATE: tl.constexpr):
+        """Decode GEMM on the tensor cores (M <= 8 * X_BLOCKS <= 16, 4-bit scalar codes, 16-bit activations):
+        each warp owns 16 output features, each lane decodes its own contiguous slice of their codes in
+        registers and feeds ``mma.sync`` directly (``_mma_group_ptx``: no shared memory, no layout conversion,
+        no per-weight FMA); the rows of ``x`` are the mma's 8 columns (two mmas per fragment for M > 8), so
+        M = 1..8 cost the same. Every tensor here has exactly one element per thread, and which thread holds
+        which rows comes from ``%tid.x`` -- not from Triton's layout -- so the fragments are right whatever
+        layout Triton picks for them. Split-K partials are reduced by the last program of each row block (as
+        ``_store_tile_counted``). UNROLL group steps per loop iteration (one basic block, so ptxas can issue
+        the later steps' loads early). EMULATE (the CPU interpreter, which cannot run PTX) computes each lane's
+        share of the result directly (``_emulated_mma_group``): it checks this kernel's lane bookkeeping and
+        epilogue; the PTX itself is checked by a simulator in the tests. GROUP_ASM is the step's PTX
+        (``MMA_GROUP_PTX`` / ``MMA_SHARED_GROUP_PTX`` for this G, half type and X_BLOCKS). SHARED_LOOKUP: the
+        codes are decoded from copies of the pair table in shared memory (``_shared_lookup_ptx``), filled at
+        the start by FILL_ASM (which declares that memory). The grid is 1-D over (row block, K split) work
+        items; PERSISTENT programs take several (a grid smaller than the items, so the table fill is paid once
+        per program)."""
+        ROWS: tl.constexpr = 16 * WARPS
+        if EMULATE:
+            tid = tl.arange(0, 32 * WARPS)
+        else:
+            tid = _thread_index(tl.zeros([32 * WARPS], dtype=tl.int32))
+        ready = tl.zeros_like(tid)
+        if SHARED_LOOKUP and not EMULATE:
+            ready = _fill_shared_table(pairs_ptr, tid, FILL_ASM)  # zeros; orders the steps after the fill
+        if PERSISTENT:
+            items = tl.cdiv(N, ROWS) * SPLIT_K
+            for item in range(tl.program_id(0), items, tl.num_programs(0)):
+                _mma_item(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N, Kp,
+                          bytes_per_row, n_groups, groups_per_split, item // SPLIT_K, item % SPLIT_K, tid, ready, WARPS,
+                          G, X_BLOCKS, HALF_IS_BF16, SPLIT_K, HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM,
+                          GROUP_CONSTRAINTS, EMULATE)
+        else:  # one item per program (a loop around the item costs registers: 75 -> 121 at G = 128)
+            item = tl.program_id(0)
+            _mma_item(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N, Kp,
+                      bytes_per_row, n_groups, groups_per_split, item // SPLIT_K, item % SPLIT_K, tid, ready, WARPS, G,
+                      X_BLOCKS, HALF_IS_BF16, SPLIT_K, HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS,
+                      EMULATE)
 
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
@@ -976,16 +1003,30 @@ if triton_available():
             EMULATE=interpreter_mode(), num_warps=config.num_warps, num_stages=config.num_stages)
         return y
 
+    _SM_COUNTS: dict = {}
+
+    def _sm_count(device: torch.device) -> int:
+        """Streaming multiprocessors of ``device`` (1 on the CPU interpreter, so programs take several items)."""
+        if device.type != "cuda":
+            return 1
+        count = _SM_COUNTS.get(device)
+        if count is None:
+            count = _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        return count
+
     def _launch_mma(config, x2, codes, scales, bias, table, n, n_groups, group_size):
         meta = config.meta
         m = x2.shape[0]
         warps, split = meta["WARPS"], meta["SPLIT_K"]
         shared = meta.get("LOOKUP") == "shared"
-        grid = (triton.cdiv(n, 16 * warps), split)
+        tiles = triton.cdiv(n, 16 * warps)
+        programs = tiles * split
+        if meta.get("PER_SM"):  # persistent programs
+            programs = min(programs, meta["PER_SM"] * _sm_count(x2.device))
+        grid = (programs,)
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        work = torch.empty(max(split * m * n if split > 1 else 1, 128 * 64 if shared else 1), dtype=torch.float32,
-                           device=x2.device)
-        counts = _tile_counters(x2.device, grid[0]) if split > 1 else y
+        work = torch.empty(split * m * n if split > 1 else 1, dtype=torch.float32, device=x2.device)
+        counts = _tile_counters(x2.device, tiles) if split > 1 else y
         emulate = interpreter_mode()
         half = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
         x_blocks = 1 if m <= 8 else 2
@@ -994,16 +1035,14 @@ if triton_available():
         # without a register cap ptxas keeps half the table words in uniform registers and copies them
         # back before each prmt (61 extra instructions per group step at 56 registers; 75 without)
         extra = {} if emulate else {"maxnreg": 128}
-        compiled = _lut_mma_gemv_kernel[grid](
+        _lut_mma_gemv_kernel[grid](
             x2, codes.view(torch.uint8), scales, register_table(table, x2.dtype), pairs,
             bias if bias is not None else scales, y, work, counts, m, n, x2.shape[1], codes.shape[1] * 4, n_groups,
             n_groups // split, WARPS=warps, G=group_size, X_BLOCKS=x_blocks, HALF_IS_BF16=x2.dtype == torch.bfloat16,
             SPLIT_K=split, HAS_BIAS=bias is not None, UNROLL=meta["UNROLL"], SHARED_LOOKUP=shared, GROUP_ASM=ptx,
             GROUP_CONSTRAINTS=MMA_GROUP_CONSTRAINTS[x_blocks], FILL_ASM=shared_table_fill_ptx(warps),
+            PERSISTENT=programs < tiles * split,
             EMULATE=emulate, num_warps=warps, num_stages=1, **extra)
-        if shared and not emulate and compiled.metadata.shared < SHARED_TABLE_BYTES:
-            raise RuntimeError(f"the shared-lookup LUT kernel got {compiled.metadata.shared} bytes of shared memory, "
-                               f"needs {SHARED_TABLE_BYTES} (Triton reserved less than expected)")
         return y
 
     def _launch(config: Config, x2, codes, scales, table, bias, bits, p, group_size):
@@ -1051,10 +1090,12 @@ if triton_available():
         _reg_mm(128, 2, 1, 4, 1), _reg_mm(32, 16, 1, 4, 1),
     ]
 
-    def _mma(warps, split, unroll, lookup="register"):
+    def _mma(warps, split, unroll, lookup="register", per_sm=0):
         meta = {"MODE": "mma", "WARPS": warps, "SPLIT_K": split, "UNROLL": unroll}
         if lookup != "register":
             meta["LOOKUP"] = lookup
+        if per_sm:
+            meta["PER_SM"] = per_sm
         return Config(meta, warps, 1)
 
     # M <= 16, 4-bit scalar codes, 16-bit activations, group sizes 64 / 128 / 256. Within 5% of each other on
@@ -1066,6 +1107,9 @@ if triton_available():
         _mma(4, 1, 1, "shared"), _mma(4, 2, 1, "shared"), _mma(4, 4, 1, "shared"), _mma(4, 8, 1, "shared"),
         _mma(8, 1, 1, "shared"), _mma(8, 2, 1, "shared"), _mma(8, 4, 1, "shared"), _mma(4, 2, 2, "shared"),
         _mma(4, 4, 2, "shared"), _mma(8, 2, 2, "shared"),
+        _mma(4, 4, 1, "shared", 4), _mma(4, 8, 1, "shared", 4), _mma(4, 8, 1, "shared", 6), _mma(4, 16, 1, "shared", 6),
+        _mma(8, 8, 1, "shared", 3), _mma(4, 2, 1, "shared", 6), _mma(8, 4, 1, "shared", 3),
+        _mma(2, 8, 1, "shared", 8), _mma(2, 16, 1, "shared", 8),
     ]
 
     def _c(bm, bn, bk, split, warps, stages):
@@ -1142,7 +1186,8 @@ if triton_available():
                 if (register_ok and m <= 16 and (bits, p) == (4, 1) and group_size in (64, 128, 256)
                         and x2.dtype in (torch.float16, torch.bfloat16) and n_groups % c.meta["SPLIT_K"] == 0
                         and (n_groups // c.meta["SPLIT_K"]) % c.meta["UNROLL"] == 0
-                        and (c.meta["UNROLL"] == 1 or group_size < 256)):  # unrolled 256-groups spill
+                        and (c.meta["UNROLL"] == 1 or group_size < 256)  # unrolled 256-groups spill
+                        and (not c.meta.get("PER_SM") or m <= 8)):  # persistent + two x blocks spill
                     keep.append(c)
                 continue
             if c.meta.get("MODE") == "register_mm":
