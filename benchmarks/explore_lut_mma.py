@@ -27,7 +27,9 @@ def family(config) -> str:
     mode = config.meta.get("MODE", "tile")
     if mode == "mma" and config.meta.get("LOOKUP") == "shared":
         return "mma-shared"
-    return "pair-register" if config.meta.get("REGISTER") else mode
+    if mode == "pair":
+        return "pair-register" if config.meta.get("REGISTER") else "pair"
+    return mode
 
 
 def main() -> None:
@@ -36,6 +38,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["8b", "1b"])
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--p", type=int, default=1)
     ap.add_argument("--families", nargs="+", default=["mma-shared", "mma", "pair-register", "register_mm"])
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -48,7 +52,8 @@ def main() -> None:
     for n, k in shapes:
         torch.manual_seed(n + k)
         w = torch.randn(n, k, device="cuda") * 0.02
-        pk = pack(w, get_grid("higgs", 4, 1).table, bits=4, p=1, group_size=args.group, hadamard_size=0)
+        pk = pack(w, get_grid("higgs", args.bits, args.p).table, bits=args.bits, p=args.p, group_size=args.group,
+                  hadamard_size=0)
         op = list(pk.op_args())
         dense = w.to(torch.bfloat16)
         try:
@@ -60,7 +65,7 @@ def main() -> None:
             ref = lut_linear_reference(x.float(), *op).float()
             row = {"N": n, "K": k, "M": m, "cublas_us": bench(lambda: torch.nn.functional.linear(x, dense)),
                    "int4_us": bench(lambda: int4(x)) if int4 is not None and m <= 16 else None, "configs": {}}
-            for config in configs_for(m, pk.padded_in_features, 1, args.group, 4, torch.bfloat16):
+            for config in configs_for(m, pk.padded_in_features, args.p, args.group, args.bits, torch.bfloat16):
                 fam = family(config)
                 if fam not in args.families:
                     continue
@@ -88,14 +93,16 @@ def main() -> None:
             for d in bad[:3]:
                 print("   FAIL", d, row["configs"][d], flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "group": args.group}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "group": args.group,
+            "bits": args.bits, "p": args.p}
     os.makedirs(args.out, exist_ok=True)
     name = "explore_lut_mma" + (f"_{args.tag}" if args.tag else "")
     with open(os.path.join(args.out, name + ".json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=1)
     fams = args.families
     lines = [f"# Tensor-core LUT GEMV exploration ({meta['device']}, {meta['torch']}, {meta['date']})", "",
-             "us, CUDA-graph replay median; x = cuBLAS bf16 / ours. 4-bit HIGGS g" + str(args.group) + ", bf16.", "",
+             f"us, CUDA-graph replay median; x = cuBLAS bf16 / ours. {args.bits}-bit p={args.p} HIGGS g{args.group}, bf16.",
+             "",
              "| N x K | M | cuBLAS | torch int4 | " + " | ".join(f"{f} | x" for f in fams) + " |",
              "|---|---|---|---|" + "---|---|" * len(fams)]
     for r in rows:

@@ -97,13 +97,19 @@ def _regs_in(text: str) -> list[str]:
     return [r.strip() for r in text.strip().strip("{}").split(",")]
 
 
-def bank_conflict_degree(addresses: list[int]) -> int:
-    """Wavefronts a warp's 32-bit shared-memory access needs: the most distinct words that fall in one of the 32
-    4-byte banks (lanes reading the same word share it)."""
-    banks: dict[int, set[int]] = {}
-    for address in addresses:
-        banks.setdefault((address // 4) % 32, set()).add(address // 4)
-    return max(len(words) for words in banks.values())
+def bank_conflict_degree(addresses: list[int], width: int = 4) -> int:
+    """Wavefronts a warp's shared-memory access of ``width`` bytes per lane needs: the most distinct 4-byte
+    words that fall in one of the 32 banks (lanes reading the same word share it), per group of lanes served
+    together (a 128-byte transaction: all 32 lanes for 4-byte accesses, each half warp for 8-byte ones)."""
+    per_phase = 128 // width
+    worst = 0
+    for start in range(0, len(addresses), per_phase):
+        banks: dict[int, set[int]] = {}
+        for address in addresses[start:start + per_phase]:
+            for word in range(address // 4, (address + width) // 4):
+                banks.setdefault(word % 32, set()).add(word)
+        worst = max(worst, max(len(words) for words in banks.values()))
+    return worst
 
 
 def run_warp(ptx: str, lanes: list[dict], memory: Memory | None = None, shared: Memory | None = None,
@@ -128,7 +134,8 @@ def run_warp(ptx: str, lanes: list[dict], memory: Memory | None = None, shared: 
             continue
         if shared_load_degrees is not None and line.startswith("ld.shared"):
             address = re.search(r"\[(\S+?)\]", line).group(1)
-            shared_load_degrees.append(bank_conflict_degree([regs[address] for regs in lanes]))
+            width = 8 if line.startswith("ld.shared.v2") else 4
+            shared_load_degrees.append(bank_conflict_degree([regs[address] for regs in lanes], width))
         for lane, regs in enumerate(lanes):
             regs["%laneid"] = regs["%tid.x"] = lane
             _execute(line, regs, memory, floats, shared)
@@ -161,9 +168,10 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
     if op == "cvt.u32.u64":
         regs[rest.split(",")[0].strip()] = regs[rest.split(",")[1].strip()] & MASK32
         return
-    if op == "st.shared.u32":
-        address, offset, src = re.match(r"\[(\w+)(?:\+(\d+))?\],\s*(\S+)", rest).groups()
-        shared.write(regs[address] + int(offset or 0), np.array([value(src) & MASK32], dtype=np.uint32))
+    if op in ("st.shared.u32", "st.shared.v2.u32"):
+        address, offset, src = re.match(r"\[(\w+)(?:\+(\d+))?\],\s*(\{[^}]*\}|\S+)", rest).groups()
+        values = [value(r) & MASK32 for r in _regs_in(src)]
+        shared.write(regs[address] + int(offset or 0), np.array(values, dtype=np.uint32))
         return
     if op.startswith("ld.shared") or op.startswith("ld.global"):
         space = shared if op.startswith("ld.shared") else memory

@@ -199,16 +199,20 @@ def test_no_register_configs_where_inline_ptx_cannot_run(monkeypatch):
     assert all(c.meta.get("REGISTER") or c.meta.get("MODE") == "mma" for c in configs_for(1, 1024, 1, 128, 4, torch.bfloat16))
 
 
-@pytest.mark.parametrize("m,group,k,n", [(1, 64, 1024, 45), (3, 128, 1000, 40), (9, 256, 512, 33), (16, 128, 512, 70)])
-def test_every_mma_config_matches_reference(m, group, k, n):
+@pytest.mark.parametrize("m,group,k,n,bits,p", [(1, 64, 1024, 45, 4, 1), (3, 128, 1000, 40, 4, 1),
+                                                 (9, 256, 512, 33, 4, 1), (16, 128, 512, 70, 4, 1),
+                                                 (1, 128, 1024, 50, 2, 1), (5, 64, 512, 20, 2, 2), (2, 128, 512, 36, 4, 2)])
+def test_every_mma_config_matches_reference(m, group, k, n, bits, p):
     """The tensor-core decode kernel (``_lut_mma_gemv_kernel``, its EMULATE path here), every config the tuner
-    would try, with a bias, split-K, row counts that leave warps partly empty and M past one block of 8 x rows."""
-    _, pk = _packed(11 + m, n, k, 4, 1, group, 0)
+    would try, with a bias, split-K, persistent programs (one SM on the CPU), row counts that leave warps
+    partly empty and M past one block of 8 x rows; 4-bit and 2-bit codes, scalar and 2-dim."""
+    _, pk = _packed(11 + m, n, k, bits, p, group, 0)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
     args = list(pk.op_args())
     args[4] = torch.randn(n, generator=torch.Generator().manual_seed(5)).half()
     expected = lut_linear_reference(x, *args).float()
-    configs = [c for c in configs_for(m, pk.padded_in_features, 1, group, 4, torch.float16) if c.meta.get("MODE") == "mma"]
+    configs = [c for c in configs_for(m, pk.padded_in_features, p, group, bits, torch.float16)
+               if c.meta.get("MODE") == "mma"]
     assert configs and any(c.meta["SPLIT_K"] > 1 for c in configs)
     for config in configs:
         actual = lut_linear_triton(x, *args, config=config).float()
@@ -224,8 +228,10 @@ def test_mma_configs_only_where_the_kernel_applies():
     assert mma(configs_for(1, 1024, 1, 128, 4, torch.bfloat16)) and mma(configs_for(16, 1024, 1, 128, 4, torch.float16))
     assert not mma(configs_for(17, 1024, 1, 128, 4, torch.bfloat16))       # more than two blocks of x rows
     assert not mma(configs_for(1, 1024, 1, 128, 4, torch.float32))         # 16-bit activations only
-    assert not mma(configs_for(1, 1024, 1, 128, 3, torch.bfloat16))        # 4-bit scalar codes only
-    assert not mma(configs_for(1, 1024, 2, 128, 4, torch.bfloat16))
+    assert not mma(configs_for(1, 1024, 1, 128, 3, torch.bfloat16))        # 3-bit codes: two planes
+    for bits, p in ((4, 2), (2, 1), (2, 2)):  # only the shared byte-table lookup decodes these
+        configs = mma(configs_for(1, 1024, p, 128, bits, torch.bfloat16))
+        assert configs and all(c.meta.get("LOOKUP") == "shared" for c in configs)
     assert not [c for c in mma(configs_for(1, 1024, 1, 256, 4, torch.bfloat16)) if c.meta["UNROLL"] > 1]
 
 

@@ -108,10 +108,11 @@ def _register_lookup_ptx(half: str) -> str:
     return "\n".join(lines + ["}"])
 
 
-def _mma_lane_registers(group_size: int, x_blocks: int) -> tuple[list[str], list[str], list[list[str]]]:
+def _mma_lane_registers(group_size: int, x_blocks: int, weights_per_byte: int = 2
+                        ) -> tuple[list[str], list[str], list[list[str]]]:
     """Names of a lane's code words for rows g and g + 8 and its activation words (per block of 8 rows of x)
     in one group step."""
-    code_words = group_size // 32  # per lane and row: group_size / 4 codes
+    code_words = group_size // (16 * weights_per_byte)  # per lane and row: group_size / 4 weights
     x_words = group_size // 8      # group_size / 4 activations, two per word
     return ([f"w{i}" for i in range(code_words)], [f"v{i}" for i in range(code_words)],
             [[f"x{b}_{i}" for i in range(x_words)] for b in range(x_blocks)])
@@ -122,42 +123,60 @@ SHARED_TABLE_BYTES = 256 * 4 * SHARED_TABLE_COPIES
 SHARED_TABLE_SYMBOL = "transfigure_lut_pairs"
 
 
-def _shared_lookup_ptx(word: str, pairs: list[str], lane_base: str) -> list[str]:
-    """PTX lines decoding the four code bytes of ``word`` into four registers of packed 16-bit weight pairs
-    (``pair_table``: byte u -> the weights of its low and high nibble) by loads from a copy of the pair
-    table in shared memory: entry u of copy c at byte ``128 u + 4 c``; ``lane_base`` = table start + 4 lane,
-    so the 32 lanes of a warp read 32 different banks (no conflict) whatever their codes. One ``prmt``, one
-    ``mad`` and one shared load per two weights, against ~5 ALU instructions for the register lookup: the
-    register lookup keeps the integer pipe (half the FMA pipe's rate) busy; this moves the work to the FMA
-    pipe and the shared-memory unit."""
+def _shared_lookup_ptx(word: str, out: list[str], lane_base: str, weights_per_byte: int = 2) -> list[str]:
+    """PTX lines decoding the four code bytes of ``word`` by loads from a copy of the byte table in shared
+    memory (``shared_table_fill_ptx``). Two weights per byte (4-bit codes: ``pair_table``): four registers
+    ``out[j]`` of packed 16-bit weight pairs, entry u of copy c at byte ``128 u + 4 c``, ``lane_base`` =
+    table start + 4 lane, so the 32 lanes of a warp read 32 different banks (no conflict) whatever their
+    codes. Four weights per byte (2-bit codes: ``quad_table``): eight registers, ``out[2 j]`` / ``out[2 j + 1]``
+    the first / last two weights of byte j, entries of 8 bytes, 16 copies (a 64-bit access is served per
+    half warp, so 16 copies keep it conflict-free), ``lane_base`` = table start + 8 (lane % 16).
+
+    One ``prmt``, one ``mad`` and one shared load per byte, against ~5 ALU instructions per two weights for
+    the register lookup: the register lookup keeps the integer pipe (half the FMA pipe's rate) busy; this
+    moves the work to the FMA pipe and the shared-memory unit."""
     lines = []
-    for j, pair in enumerate(pairs):
-        lines += [f"prmt.b32 f, {word}, 0, 0x444{j};", f"mad.lo.u32 f, f, 128, {lane_base};",
-                  f"ld.shared.u32 {pair}, [f];"]
+    for j in range(4):
+        lines += [f"prmt.b32 f, {word}, 0, 0x444{j};", f"mad.lo.u32 f, f, 128, {lane_base};"]
+        if weights_per_byte == 2:
+            lines.append(f"ld.shared.u32 {out[j]}, [f];")
+        else:
+            lines.append(f"ld.shared.v2.u32 {{{out[2 * j]}, {out[2 * j + 1]}}}, [f];")
     return lines
 
 
-def shared_table_fill_ptx(warps: int) -> str:
-    """PTX run once by every thread of a program before the shared-lookup steps: copies the 256-entry pair
-    table (operand 1, global address) into ``SHARED_TABLE_COPIES`` copies in shared memory, then waits for the
-    whole program (``bar.sync``). Output 0 is 0: later steps take it as an input so they stay after this.
+def shared_table_fill_ptx(warps: int, weights_per_byte: int = 2) -> str:
+    """PTX run once by every thread of a program before the shared-lookup steps: copies the 256-entry byte
+    table (operand 1, global address: ``pair_table`` for two weights per byte, ``quad_table`` for four) into
+    its copies in shared memory (``_shared_lookup_ptx``: 32 copies of 4-byte entries or 16 of 8-byte
+    ones, 32 KB either way), then waits for the whole program (``bar.sync``). Output 0 is 0: later steps take
+    it as an input so they stay after this.
 
     The table is a static shared array declared here, at the kernel's scope (outside the braces), so the
     later steps' inline PTX can name it: Triton's own shared memory (``global_smem``) is sized by Triton and
     cannot be asked for more."""
     lines = [f".shared .align 16 .b8 {SHARED_TABLE_SYMBOL}[{SHARED_TABLE_BYTES}];", "{",
              ".reg .b32 tid, lane, quad, v0, v1, v2, v3, a;", ".reg .b64 o, src;", "mov.u32 tid, %tid.x;",
-             "and.b32 lane, tid, 31;", "shr.u32 quad, tid, 5;", f"mov.u64 o, {SHARED_TABLE_SYMBOL};",
-             "cvt.u32.u64 a, o;", "mad.lo.u32 lane, lane, 4, a;"]
-    for _ in range(256 // (4 * warps)):  # warp w copies entries 4 quad .. 4 quad + 3, quad = w, w + warps, ...
-        lines += ["mul.wide.u32 o, quad, 16;", "add.s64 src, $1, o;", "ld.global.nc.v4.u32 {v0, v1, v2, v3}, [src];",
-                  "mad.lo.u32 a, quad, 512, lane;"]
-        lines += [f"st.shared.u32 [a+{128 * j}], v{j};" for j in range(4)]
-        lines.append(f"add.u32 quad, quad, {warps};")
+             f"mov.u64 o, {SHARED_TABLE_SYMBOL};", "cvt.u32.u64 a, o;"]
+    if weights_per_byte == 2:  # lane l fills copy l; warp w entries 4 quad .. 4 quad + 3, quad = w, w + warps..
+        lines += ["and.b32 lane, tid, 31;", "shr.u32 quad, tid, 5;", "mad.lo.u32 lane, lane, 4, a;"]
+        for _ in range(256 // (4 * warps)):
+            lines += ["mul.wide.u32 o, quad, 16;", "add.s64 src, $1, o;",
+                      "ld.global.nc.v4.u32 {v0, v1, v2, v3}, [src];", "mad.lo.u32 a, quad, 512, lane;"]
+            lines += [f"st.shared.u32 [a+{128 * j}], v{j};" for j in range(4)]
+            lines.append(f"add.u32 quad, quad, {warps};")
+    else:  # thread t fills copy t % 16 with entries 2 k, 2 k + 1, k = t / 16, t / 16 + 2 warps, ...
+        lines += ["and.b32 lane, tid, 15;", "shr.u32 quad, tid, 4;", "mad.lo.u32 lane, lane, 8, a;"]
+        for _ in range(128 // (2 * warps)):
+            lines += ["mul.wide.u32 o, quad, 16;", "add.s64 src, $1, o;",
+                      "ld.global.nc.v4.u32 {v0, v1, v2, v3}, [src];", "mad.lo.u32 a, quad, 256, lane;",
+                      "st.shared.v2.u32 [a], {v0, v1};", "st.shared.v2.u32 [a+128], {v2, v3};",
+                      f"add.u32 quad, quad, {2 * warps};"]
     return "\n".join(lines + ["bar.sync 0;", "mov.u32 $0, 0;", "}"])
 
 
-def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = "register") -> str:
+def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = "register",
+                   weights_per_byte: int = 2) -> str:
     """PTX of one group step of the tensor-core LUT GEMV (``_lut_mma_gemv_kernel``), run by every lane of a
     warp for one group of ``group_size`` columns and 16 weight rows, as ``inline_asm_elementwise(pack=1)``.
 
@@ -182,10 +201,13 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
     16-byte aligned; loaded per step from L1: held in registers across steps, ptxas moves half of them to
     uniform registers and copies each back before every ``prmt``).
 
-    ``lookup="shared"``: codes are decoded from the pair table in shared memory (``_shared_lookup_ptx``,
-    filled by ``shared_table_fill_ptx``) instead of registers; the last operand is then unused."""
+    ``lookup="shared"``: codes are decoded from the byte table in shared memory (``_shared_lookup_ptx``,
+    filled by ``shared_table_fill_ptx``) instead of registers; the last operand is then unused. With
+    ``weights_per_byte = 4`` (2-bit codes, scalar or 2-dim) one byte holds an mma step's four columns of a
+    row: one 8-byte load gives both A registers of that row."""
     assert group_size in (64, 128, 256) and x_blocks in (1, 2) and lookup in ("register", "shared")
-    codes_g, codes_h, xs = _mma_lane_registers(group_size, x_blocks)
+    assert weights_per_byte == 2 or lookup == "shared"
+    codes_g, codes_h, xs = _mma_lane_registers(group_size, x_blocks, weights_per_byte)
     n_acc = 4 * x_blocks
     operand = iter(f"${i}" for i in range(2 * n_acc, 2 * n_acc + 7 + x_blocks))
     code_g, code_h = next(operand), next(operand)
@@ -196,10 +218,11 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
              ".reg .b64 o, ag, ah, ax0, ax1, sg, sh;", ".reg .b16 hg, hh;", ".reg .f32 scg, sch;",
              ".reg .f32 " + ", ".join(f"d{b}_{i}" for b in range(x_blocks) for i in range(4)) + ";",
              ".reg .b32 " + ", ".join(codes_g + codes_h + sum(xs, [])) + ";",
-             ".reg .b32 pg0, pg1, pg2, pg3, ph0, ph1, ph2, ph3;"]
+             ".reg .b32 " + ", ".join(f"p{r}{i}" for r in "gh" for i in range(8)) + ";"]
     for bit, pred in [(1, "pg"), (2, "ph")] + [(4 << b, f"px{b}") for b in range(x_blocks)]:
         lines += [f"and.b32 f, {valid}, {bit};", f"setp.ne.b32 {pred}, f, 0;"]
-    lines += [f"mul.wide.u32 o, {group}, {group_size // 2};", f"add.s64 ag, {code_g}, o;", f"add.s64 ah, {code_h}, o;",
+    lines += [f"mul.wide.u32 o, {group}, {group_size // weights_per_byte};", f"add.s64 ag, {code_g}, o;",
+              f"add.s64 ah, {code_h}, o;",
               f"mul.wide.u32 o, {group}, {group_size * 2};"]
     lines += [f"add.s64 ax{b}, {x_addr[b]}, o;" for b in range(x_blocks)]
     lines += [f"mul.wide.u32 o, {group}, 2;", f"add.s64 sg, {scale_g}, o;", f"add.s64 sh, {scale_h}, o;"]
@@ -216,19 +239,24 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
         lines += [f"ld.global.nc.v4.u32 {{t0, t1, t2, t3}}, [{table}];",
                   f"ld.global.nc.v4.u32 {{t4, t5, t6, t7}}, [{table}+16];"]
     else:
-        lines += ["mov.u32 f, %laneid;", f"mov.u64 o, {SHARED_TABLE_SYMBOL};", "cvt.u32.u64 t0, o;",
-                  "mad.lo.u32 t0, f, 4, t0;"]
+        lines += ["mov.u32 f, %laneid;", f"mov.u64 o, {SHARED_TABLE_SYMBOL};", "cvt.u32.u64 t0, o;"]
+        if weights_per_byte == 2:
+            lines.append("mad.lo.u32 t0, f, 4, t0;")
+        else:
+            lines += ["and.b32 f, f, 15;", "mad.lo.u32 t0, f, 8, t0;"]
     lines += [f"mov.f32 d{b}_{i}, 0f00000000;" for b in range(x_blocks) for i in range(4)]
     words = [f"t{w}" for w in range(8)]
+    row_g_regs, row_h_regs = [f"pg{i}" for i in range(8)], [f"ph{i}" for i in range(8)]
+    steps_per_word = weights_per_byte  # 4 bytes of weights_per_byte weights, 4 columns per mma step
     for word, (row_g, row_h) in enumerate(zip(codes_g, codes_h)):
         if lookup == "register":
-            lines += _lookup_pairs_ptx(row_g, ["pg0", "pg1", "pg2", "pg3"], words)
-            lines += _lookup_pairs_ptx(row_h, ["ph0", "ph1", "ph2", "ph3"], words)
+            lines += _lookup_pairs_ptx(row_g, row_g_regs[:4], words)
+            lines += _lookup_pairs_ptx(row_h, row_h_regs[:4], words)
         else:
-            lines += _shared_lookup_ptx(row_g, ["pg0", "pg1", "pg2", "pg3"], "t0")
-            lines += _shared_lookup_ptx(row_h, ["ph0", "ph1", "ph2", "ph3"], "t0")
-        for step_in_word in range(2):  # codes 4 s' .. 4 s' + 3 of this word: one mma step
-            step = 2 * word + step_in_word
+            lines += _shared_lookup_ptx(row_g, row_g_regs, "t0", weights_per_byte)
+            lines += _shared_lookup_ptx(row_h, row_h_regs, "t0", weights_per_byte)
+        for step_in_word in range(steps_per_word):  # columns 4 s .. 4 s + 3 of the lane's slice: one mma step
+            step = steps_per_word * word + step_in_word
             first, second = 2 * step_in_word, 2 * step_in_word + 1
             for b in range(x_blocks):
                 d = ", ".join(f"d{b}_{i}" for i in range(4))
@@ -248,8 +276,8 @@ def _mma_constraints(x_blocks: int) -> str:
 
 MMA_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb)
                  for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2)}
-MMA_SHARED_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb, "shared")
-                        for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2)}
+MMA_SHARED_GROUP_PTX = {(g, half, xb, wpb): _mma_group_ptx(g, half, xb, "shared", wpb)
+                        for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2) for wpb in (2, 4)}
 MMA_GROUP_CONSTRAINTS = {xb: _mma_constraints(xb) for xb in (1, 2)}
 
 
@@ -654,21 +682,15 @@ if triton_available():
     @triton.jit
     def _fill_shared_table(pairs_ptr, like, FILL_ASM: tl.constexpr):
         """``shared_table_fill_ptx``: the pair table into shared memory, once per program; returns zeros."""
-        return tl.inline_asm_elementwise(FILL_ASM, "=r,l", [(pairs_ptr + tl.zeros_like(like)).to(tl.int64, bitcast=True)],
-                                         dtype=tl.int32, is_pure=False, pack=1)
+        source = (pairs_ptr + tl.zeros_like(like)).to(tl.int64, bitcast=True)
+        return tl.inline_asm_elementwise(FILL_ASM, "=r,l", [source], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _emulated_group_rows(codes_ptr, scales_ptr, words_ptr, rows, N, bytes_per_row, n_groups, grp, G: tl.constexpr,
-                             HALF_IS_BF16: tl.constexpr):
-        """Weights ``[len(rows), G]`` of group ``grp`` (rotated basis, scaled), zeros past N."""
-        ok = rows < N
-        byte = tl.load(codes_ptr + rows[:, None].to(tl.int64) * bytes_per_row + grp * (G // 2)
-                       + tl.arange(0, G // 2)[None, :], mask=ok[:, None], other=0).to(tl.int32)
-        first = _emulated_register_entry(words_ptr, byte & 15, HALF_IS_BF16)
-        second = _emulated_register_entry(words_ptr, byte >> 4, HALF_IS_BF16)
-        w = tl.reshape(tl.interleave(first, second), [rows.shape[0], G])
-        scale = tl.load(scales_ptr + rows.to(tl.int64) * n_groups + grp, mask=ok, other=0.0).to(tl.float32)
-        return w * scale[:, None]
+    def _emulated_group_rows(words_ptr, scales_ptr, table_ptr, rows, N, words_per_row, n_groups, grp, G: tl.constexpr,
+                             P: tl.constexpr, W0: tl.constexpr):
+        """Weights ``[len(rows), G]`` of group ``grp`` (rotated basis, scaled, fp32 grid), zeros past N."""
+        return _w_tile(words_ptr, table_ptr, scales_ptr, rows, rows < N, grp * G, words_per_row, 0, n_groups,
+                       rows.shape[0], G, P, W0, 0, G)
 
     @triton.jit
     def _emulated_x_rows(x_ptr, x_rows, M, Kp, grp, G: tl.constexpr):
@@ -676,15 +698,14 @@ if triton_available():
                        mask=(x_rows < M)[:, None], other=0.0).to(tl.float32)
 
     @triton.jit
-    def _emulated_mma_group(acc0, acc1, acc2, acc3, x_ptr, codes_ptr, scales_ptr, words_ptr, row_g, row_h, x_even_row,
-                            M, N, Kp, bytes_per_row, n_groups, grp, G: tl.constexpr, HALF_IS_BF16: tl.constexpr):
+    def _emulated_mma_group(acc0, acc1, acc2, acc3, x_ptr, words_ptr, scales_ptr, table_ptr, row_g, row_h, x_even_row,
+                            M, N, Kp, words_per_row, n_groups, grp, G: tl.constexpr, P: tl.constexpr,
+                            W0: tl.constexpr):
         """What ``_mma_group`` leaves in lane (g, q), computed from memory by the lane alone: the group's
         contribution to y[e][row_g], y[e + 1][row_g], y[e][row_h], y[e + 1][row_h], e = ``x_even_row``
         (2q, or 8 + 2q for the second block of x rows)."""
-        w_g = _emulated_group_rows(codes_ptr, scales_ptr, words_ptr, row_g, N, bytes_per_row, n_groups, grp, G,
-                                   HALF_IS_BF16)
-        w_h = _emulated_group_rows(codes_ptr, scales_ptr, words_ptr, row_h, N, bytes_per_row, n_groups, grp, G,
-                                   HALF_IS_BF16)
+        w_g = _emulated_group_rows(words_ptr, scales_ptr, table_ptr, row_g, N, words_per_row, n_groups, grp, G, P, W0)
+        w_h = _emulated_group_rows(words_ptr, scales_ptr, table_ptr, row_h, N, words_per_row, n_groups, grp, G, P, W0)
         x_even = _emulated_x_rows(x_ptr, x_even_row, M, Kp, grp, G)
         x_odd = _emulated_x_rows(x_ptr, x_even_row + 1, M, Kp, grp, G)
         return (acc0 + tl.sum(w_g * x_even, axis=1), acc1 + tl.sum(w_g * x_odd, axis=1),
@@ -716,8 +737,9 @@ if triton_available():
         tl.store(out + (col + 1) * N + row_h, acc_odd_h.to(kind), mask=ok_h & (col + 1 < M))
 
     @triton.jit
-    def _mma_item(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N, Kp, bytes_per_row,
-                  n_groups, groups_per_split, pid_n, pid_k, tid, ready, WARPS: tl.constexpr, G: tl.constexpr,
+    def _mma_item(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, grid_ptr, bias_ptr, y_ptr, work_ptr,
+                  count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split, pid_n, pid_k, tid, ready,
+                  WARPS: tl.constexpr, G: tl.constexpr, P: tl.constexpr, WEIGHTS_PER_BYTE: tl.constexpr,
                   X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                   UNROLL: tl.constexpr, SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr,
                   GROUP_CONSTRAINTS: tl.constexpr, EMULATE: tl.constexpr):
@@ -731,7 +753,7 @@ if triton_available():
         valid = ((row_g < N).to(tl.int32) | ((row_h < N).to(tl.int32) << 1) | ((g < M).to(tl.int32) << 2)
                  | ((g + 8 < M).to(tl.int32) << 3)) + ready
         g_start = pid_k * groups_per_split
-        lane_bytes = q * (G // 8) + g_start * (G // 2)
+        lane_bytes = q * (G // (4 * WEIGHTS_PER_BYTE)) + g_start * (G // WEIGHTS_PER_BYTE)
         code_g = (codes_ptr + row_g.to(tl.int64) * bytes_per_row + lane_bytes).to(tl.int64, bitcast=True)
         code_h = (codes_ptr + row_h.to(tl.int64) * bytes_per_row + lane_bytes).to(tl.int64, bitcast=True)
         x_lane = (x_ptr + tl.minimum(g, M - 1).to(tl.int64) * Kp + q * (G // 4) + g_start * G).to(tl.int64,
@@ -754,12 +776,13 @@ if triton_available():
                 grp = first + step
                 if EMULATE:
                     acc0, acc1, acc2, acc3 = _emulated_mma_group(
-                        acc0, acc1, acc2, acc3, x_ptr, codes_ptr, scales_ptr, words_ptr, row_g, row_h, 2 * q, M, N,
-                        Kp, bytes_per_row, n_groups, g_start + grp, G, HALF_IS_BF16)
+                        acc0, acc1, acc2, acc3, x_ptr, code_words_ptr, scales_ptr, grid_ptr, row_g, row_h, 2 * q, M, N,
+                        Kp, bytes_per_row // 4, n_groups, g_start + grp, G, P, 8 * P // WEIGHTS_PER_BYTE)
                     if X_BLOCKS == 2:
                         acc4, acc5, acc6, acc7 = _emulated_mma_group(
-                            acc4, acc5, acc6, acc7, x_ptr, codes_ptr, scales_ptr, words_ptr, row_g, row_h, 8 + 2 * q,
-                            M, N, Kp, bytes_per_row, n_groups, g_start + grp, G, HALF_IS_BF16)
+                            acc4, acc5, acc6, acc7, x_ptr, code_words_ptr, scales_ptr, grid_ptr, row_g, row_h,
+                            8 + 2 * q, M, N, Kp, bytes_per_row // 4, n_groups, g_start + grp, G, P,
+                            8 * P // WEIGHTS_PER_BYTE)
                 elif X_BLOCKS == 1:
                     acc0, acc1, acc2, acc3 = _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g,
                                                         scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS,
@@ -792,9 +815,10 @@ if triton_available():
                 tl.atomic_xchg(count_ptr + pid_n, 0)
 
     @triton.jit
-    def _lut_mma_gemv_kernel(x_ptr, codes_ptr, scales_ptr, words_ptr, pairs_ptr, bias_ptr, y_ptr, work_ptr, count_ptr,
-                             M, N, Kp, bytes_per_row, n_groups, groups_per_split, WARPS: tl.constexpr,
-                             G: tl.constexpr, X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr,
+    def _lut_mma_gemv_kernel(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, pairs_ptr, grid_ptr, bias_ptr,
+                             y_ptr, work_ptr, count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split,
+                             WARPS: tl.constexpr, G: tl.constexpr, P: tl.constexpr, WEIGHTS_PER_BYTE: tl.constexpr,
+                             X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr,
                              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr,
                              SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr, GROUP_CONSTRAINTS: tl.constexpr,
                              FILL_ASM: tl.constexpr, PERSISTENT: tl.constexpr, EMULATE: tl.constexpr):
@@ -825,16 +849,16 @@ if triton_available():
         if PERSISTENT:
             items = tl.cdiv(N, ROWS) * SPLIT_K
             for item in range(tl.program_id(0), items, tl.num_programs(0)):
-                _mma_item(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N, Kp,
-                          bytes_per_row, n_groups, groups_per_split, item // SPLIT_K, item % SPLIT_K, tid, ready, WARPS,
-                          G, X_BLOCKS, HALF_IS_BF16, SPLIT_K, HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM,
-                          GROUP_CONSTRAINTS, EMULATE)
+                _mma_item(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, grid_ptr, bias_ptr, y_ptr, work_ptr,
+                          count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split, item // SPLIT_K,
+                          item % SPLIT_K, tid, ready, WARPS, G, P, WEIGHTS_PER_BYTE, X_BLOCKS, HALF_IS_BF16, SPLIT_K,
+                          HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE)
         else:  # one item per program (a loop around the item costs registers: 75 -> 121 at G = 128)
             item = tl.program_id(0)
-            _mma_item(x_ptr, codes_ptr, scales_ptr, words_ptr, bias_ptr, y_ptr, work_ptr, count_ptr, M, N, Kp,
-                      bytes_per_row, n_groups, groups_per_split, item // SPLIT_K, item % SPLIT_K, tid, ready, WARPS, G,
-                      X_BLOCKS, HALF_IS_BF16, SPLIT_K, HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS,
-                      EMULATE)
+            _mma_item(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, grid_ptr, bias_ptr, y_ptr, work_ptr,
+                      count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split, item // SPLIT_K, item % SPLIT_K,
+                      tid, ready, WARPS, G, P, WEIGHTS_PER_BYTE, X_BLOCKS, HALF_IS_BF16, SPLIT_K, HAS_BIAS, UNROLL,
+                      SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE)
 
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
@@ -888,6 +912,24 @@ if triton_available():
         while cached), so decode steps only gather; built outside CUDA-graph pools (``_outside_graph_pools``).
         """
         return _derived_table(table, ("pair", half, bits, p), lambda: _build_pair_table(table, bits, p, half))
+
+    def _build_quad_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
+        units = torch.arange(256, device=table.device)
+        if p == 1:  # four 2-bit codes, lowest bits first
+            flat = table.reshape(-1)
+            weights = [flat[(units >> (2 * t)) & 3] for t in range(4)]
+        else:  # two 4-bit codes of 2-dim vectors
+            weights = [table[units & 15, 0], table[units & 15, 1], table[units >> 4, 0], table[units >> 4, 1]]
+        as16 = lambda t: t.to(half).view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
+        words = torch.stack([as16(weights[0]) | (as16(weights[1]) << 16),
+                             as16(weights[2]) | (as16(weights[3]) << 16)], 1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+    def quad_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
+        """``int32 [256, 2]`` for codes with four weights per byte (2-bit scalar, 2-bit 2-dim): entry ``u``
+        packs the four weights of byte ``u`` as ``half`` bit patterns, first two in word 0 (first weight in
+        the low 16 bits). Cached like ``pair_table``."""
+        return _derived_table(table, ("quad", half, bits, p), lambda: _build_quad_table(table, bits, p, half))
 
     def register_table(table: torch.Tensor, half: torch.dtype) -> torch.Tensor:
         """``register_table_words`` of a 4-bit scalar grid for the REGISTER lookup, cached like ``pair_table``."""
@@ -1014,34 +1056,38 @@ if triton_available():
             count = _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
         return count
 
-    def _launch_mma(config, x2, codes, scales, bias, table, n, n_groups, group_size):
+    def _launch_mma(config, x2, codes, scales, bias, table, n, n_groups, group_size, bits, p):
         meta = config.meta
         m = x2.shape[0]
         warps, split = meta["WARPS"], meta["SPLIT_K"]
         shared = meta.get("LOOKUP") == "shared"
+        weights_per_byte = 8 // bits
         tiles = triton.cdiv(n, 16 * warps)
         programs = tiles * split
         if meta.get("PER_SM"):  # persistent programs
             programs = min(programs, meta["PER_SM"] * _sm_count(x2.device))
-        grid = (programs,)
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         work = torch.empty(split * m * n if split > 1 else 1, dtype=torch.float32, device=x2.device)
         counts = _tile_counters(x2.device, tiles) if split > 1 else y
         emulate = interpreter_mode()
         half = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
         x_blocks = 1 if m <= 8 else 2
-        ptx = (MMA_SHARED_GROUP_PTX if shared else MMA_GROUP_PTX)[(group_size, half, x_blocks)]
-        pairs = pair_table(table, 4, 1, x2.dtype) if shared else scales
+        if shared:
+            ptx = MMA_SHARED_GROUP_PTX[(group_size, half, x_blocks, weights_per_byte)]
+            bytes_table = (pair_table if weights_per_byte == 2 else quad_table)(table, bits, p, x2.dtype)
+        else:
+            ptx, bytes_table = MMA_GROUP_PTX[(group_size, half, x_blocks)], scales
+        words = register_table(table, x2.dtype) if (bits, p) == (4, 1) else scales
         # without a register cap ptxas keeps half the table words in uniform registers and copies them
         # back before each prmt (61 extra instructions per group step at 56 registers; 75 without)
         extra = {} if emulate else {"maxnreg": 128}
-        _lut_mma_gemv_kernel[grid](
-            x2, codes.view(torch.uint8), scales, register_table(table, x2.dtype), pairs,
-            bias if bias is not None else scales, y, work, counts, m, n, x2.shape[1], codes.shape[1] * 4, n_groups,
-            n_groups // split, WARPS=warps, G=group_size, X_BLOCKS=x_blocks, HALF_IS_BF16=x2.dtype == torch.bfloat16,
-            SPLIT_K=split, HAS_BIAS=bias is not None, UNROLL=meta["UNROLL"], SHARED_LOOKUP=shared, GROUP_ASM=ptx,
-            GROUP_CONSTRAINTS=MMA_GROUP_CONSTRAINTS[x_blocks], FILL_ASM=shared_table_fill_ptx(warps),
-            PERSISTENT=programs < tiles * split,
+        _lut_mma_gemv_kernel[(programs,)](
+            x2, codes.view(torch.uint8), codes, scales, words, bytes_table, table, bias if bias is not None else scales,
+            y, work, counts, m, n, x2.shape[1], codes.shape[1] * 4, n_groups, n_groups // split, WARPS=warps,
+            G=group_size, P=p, WEIGHTS_PER_BYTE=weights_per_byte, X_BLOCKS=x_blocks,
+            HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None, UNROLL=meta["UNROLL"],
+            SHARED_LOOKUP=shared, GROUP_ASM=ptx, GROUP_CONSTRAINTS=MMA_GROUP_CONSTRAINTS[x_blocks],
+            FILL_ASM=shared_table_fill_ptx(warps, weights_per_byte), PERSISTENT=programs < tiles * split,
             EMULATE=emulate, num_warps=warps, num_stages=1, **extra)
         return y
 
@@ -1054,7 +1100,7 @@ if triton_available():
             w = dequantize_triton(codes, scales, table, bits, p, group_size, dtype=x2.dtype)
             return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
         if meta.get("MODE") == "mma":
-            return _launch_mma(config, x2, codes, scales, bias, table, n, n_groups, group_size)
+            return _launch_mma(config, x2, codes, scales, bias, table, n, n_groups, group_size, bits, p)
         if meta.get("MODE") == "register_mm":
             return _launch_register_mm(config, x2, codes, scales, bias, table, n, kp, n_groups, group_size)
         if meta.get("MODE") == "pair":
@@ -1183,7 +1229,9 @@ if triton_available():
                 continue
             if c.meta.get("MODE") == "mma":
                 n_groups = kp // group_size
-                if (register_ok and m <= 16 and (bits, p) == (4, 1) and group_size in (64, 128, 256)
+                shared = c.meta.get("LOOKUP") == "shared"
+                codes_ok = (bits, p) == (4, 1) or (shared and bits in (2, 4))
+                if (register_ok and m <= 16 and codes_ok and group_size in (64, 128, 256)
                         and x2.dtype in (torch.float16, torch.bfloat16) and n_groups % c.meta["SPLIT_K"] == 0
                         and (n_groups // c.meta["SPLIT_K"]) % c.meta["UNROLL"] == 0
                         and (c.meta["UNROLL"] == 1 or group_size < 256)  # unrolled 256-groups spill
