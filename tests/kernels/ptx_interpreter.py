@@ -15,8 +15,6 @@ import re
 import numpy as np
 
 MASK32 = 0xFFFFFFFF
-# where the kernels' static shared arrays sit in the test's shared memory
-SHARED_SYMBOLS = {"transfigure_lut_pairs": 0, "transfigure_lut_ring": 32768}
 MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -135,9 +133,9 @@ def run_warp(ptx: str, lanes: list[dict], memory: Memory | None = None, shared: 
             _mma_m16n8k16(lanes, a_regs, b_regs, c_regs, d_regs, kind)
             continue
         if shared_load_degrees is not None and line.startswith("ld.shared"):
-            address, offset = re.search(r"\[(\w+)(?:\+(\d+))?\]", line).groups()
-            width = {"v2": 8, "v4": 16}.get(line.split(".")[2], 4)
-            shared_load_degrees.append(bank_conflict_degree([regs[address] + int(offset or 0) for regs in lanes], width))
+            address = re.search(r"\[(\S+?)\]", line).group(1)
+            width = 8 if line.startswith("ld.shared.v2") else 4
+            shared_load_degrees.append(bank_conflict_degree([regs[address] for regs in lanes], width))
         for lane, regs in enumerate(lanes):
             regs["%laneid"] = regs["%tid.x"] = lane
             _execute(line, regs, memory, floats, shared)
@@ -155,24 +153,17 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
         predicate, line = line.split(None, 1)
         if not regs[predicate[1:]]:
             return
-    op, _, rest = line.partition(" ")
+    op, rest = line.split(None, 1)
 
     def value(token: str):
         token = token.strip()
         if token.startswith("0f"):
             return bits_float(int(token[2:], 16))
-        if token in SHARED_SYMBOLS:
-            return shared.base + SHARED_SYMBOLS[token]
+        if token == "transfigure_lut_pairs":
+            return shared.base
         return int(token, 0) if token[0].isdigit() or token[0] == "-" else regs[token]
 
-    if op in ("bar.sync", "cp.async.commit_group", "cp.async.wait_all") or op.startswith("cp.async.wait_group"):
-        return  # copies below complete at once; one warp needs no barrier
-    if op.startswith("cp.async."):
-        dst, dst_off, src, src_off, size, src_size = re.match(
-            r"\[(\w+)(?:\+(\d+))?\],\s*\[(\w+)(?:\+(\d+))?\],\s*(\d+),\s*(\S+)", rest).groups()
-        size, src_size = int(size), value(src_size)
-        data = memory.read(regs[src] + int(src_off or 0), src_size) if src_size else 0
-        shared.write(regs[dst] + int(dst_off or 0), np.frombuffer(data.to_bytes(size, "little"), dtype=np.uint8))
+    if op == "bar.sync":
         return
     if op == "cvt.u32.u64":
         regs[rest.split(",")[0].strip()] = regs[rest.split(",")[1].strip()] & MASK32
@@ -219,14 +210,6 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
         regs[dst] = prmt(*a)
     elif op == "setp.ne.b32":
         regs[dst] = a[0] != a[1]
-    elif op == "setp.lt.u32":
-        regs[dst] = (a[0] & MASK32) < (a[1] & MASK32)
-    elif op == "setp.gt.u32":
-        regs[dst] = (a[0] & MASK32) > (a[1] & MASK32)
-    elif op == "and.pred":
-        regs[dst] = bool(a[0]) and bool(a[1])
-    elif op == "selp.b32":
-        regs[dst] = a[0] if a[2] else a[1]
     elif op == "mul.wide.u32":
         regs[dst] = (a[0] & MASK32) * (a[1] & MASK32)
     elif op == "add.s64":

@@ -18,14 +18,12 @@ from hypothesis import strategies as st
 
 from tests.kernels.ptx_interpreter import Memory, run_warp
 from transfigure.kernels.lut_format import dequantize_parts, pack_codes
-from transfigure.kernels.lut_gemm import (MMA_GROUP_PTX, SHARED_TABLE_BYTES, _mma_group_ptx, mma_ring_prologue_ptx,
-                                          pair_table, quad_table, register_table_words, shared_table_fill_ptx)
+from transfigure.kernels.lut_gemm import (MMA_GROUP_PTX, MMA_SHARED_GROUP_PTX, SHARED_TABLE_BYTES, pair_table,
+                                          quad_table, register_table_words, shared_table_fill_ptx)
 
-# (bits, p, lookup, stages): the register lookup decodes 4-bit scalar codes; the shared byte tables every format
-# whose bytes hold two (4-bit codes) or four (2-bit codes) weights; stages > 0 brings the codes through the
-# cp.async ring
-FORMATS = [(4, 1, "register", 0), (4, 1, "shared", 0), (4, 2, "shared", 0), (2, 1, "shared", 0), (2, 2, "shared", 0),
-           (4, 1, "shared", 2), (2, 1, "shared", 4), (4, 2, "shared", 2)]
+# (bits, p, lookup): the register lookup decodes 4-bit scalar codes; the shared byte tables every format whose
+# bytes hold two (4-bit codes) or four (2-bit codes) weights
+FORMATS = [(4, 1, "register"), (4, 1, "shared"), (4, 2, "shared"), (2, 1, "shared"), (2, 2, "shared")]
 
 
 def _layout():
@@ -41,10 +39,10 @@ def _layout():
 
 @settings(max_examples=24, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), group=st.sampled_from([64, 128, 256]), half=st.sampled_from(["bf16", "fp16"]),
-       x_blocks=st.sampled_from([1, 2]), m=st.integers(1, 16), rows=st.integers(1, 16), seed=st.integers(0, 2**16))
-def test_mma_group_steps_match_numpy(fmt, group, half, x_blocks, m, rows, seed):
-    """Three group steps in order (the ring wraps around with two stages), summed into the running sums."""
-    bits, p, lookup, stages = fmt
+       x_blocks=st.sampled_from([1, 2]), m=st.integers(1, 16), rows=st.integers(1, 16), step=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_mma_group_step_matches_numpy(fmt, group, half, x_blocks, m, rows, step, seed):
+    bits, p, lookup = fmt
     m = min(m, 8 * x_blocks)
     rng = np.random.default_rng(seed)
     dtype = torch.bfloat16 if half == "bf16" else torch.float16
@@ -68,7 +66,7 @@ def test_mma_group_steps_match_numpy(fmt, group, half, x_blocks, m, rows, seed):
     if lookup == "register":
         memory.write(table_at, register_table_words(table, dtype).numpy().astype(np.int32))
     memory.write(bytes_at, byte_table.numpy())
-    shared = Memory(SHARED_TABLE_BYTES + 16384, base=0)
+    shared = Memory(SHARED_TABLE_BYTES, base=0)
     if lookup == "shared":
         run_warp(shared_table_fill_ptx(1, weights_per_byte), [{"$1": bytes_at} for _ in range(32)], memory, shared)
 
@@ -88,35 +86,26 @@ def test_mma_group_steps_match_numpy(fmt, group, half, x_blocks, m, rows, seed):
             ops[f"${next(operand)}"] = x_at + 2 * (min(g + 8 * b, m - 1) * k + q * (group // 4))
         ops[f"${next(operand)}"] = scales_at + 2 * row_g * n_groups
         ops[f"${next(operand)}"] = scales_at + 2 * row_h * n_groups
-        group_operand = f"${next(operand)}"
+        ops[f"${next(operand)}"] = step
         valid = int(row_g < rows) | int(row_h < rows) << 1 | sum(int(g + 8 * b < m) << (2 + b) for b in range(x_blocks))
         ops[f"${next(operand)}"] = valid
         ops[f"${next(operand)}"] = table_at
-        ops[f"${next(operand)}"] = n_groups  # steps of this K split
         lanes.append(ops)
     if lookup == "register":
         ptx = MMA_GROUP_PTX[(group, half, x_blocks)]
     else:
-        ptx = _mma_group_ptx(group, half, x_blocks, "shared", weights_per_byte, stages, warps=1)
-    if stages:
-        starts = [{"$1": lane[f"${2 * n_acc}"], "$2": lane[f"${2 * n_acc + 1}"], "$3": lane[f"${2 * n_acc + 5 + x_blocks}"],
-                   "$4": n_groups} for lane in lanes]
-        run_warp(mma_ring_prologue_ptx(group, weights_per_byte, stages, warps=1), starts, memory, shared)
+        ptx = MMA_SHARED_GROUP_PTX[(group, half, x_blocks, weights_per_byte)]
     degrees: list[int] = []
-    for step in range(n_groups):
-        for lane in lanes:
-            lane[group_operand] = step
-        out = run_warp(ptx, lanes, memory, shared, degrees)
-        for lane in lanes:  # the new sums are the next step's old sums
-            for i in range(n_acc):
-                lane[f"${n_acc + i}"] = lane[f"${i}"]
+    out = run_warp(ptx, lanes, memory, shared, degrees)
     assert all(d == 1 for d in degrees)  # each lane reads its own copy of the table: no bank conflicts
 
     rounded = table.to(dtype).float()  # the kernel's tables hold 16-bit weights
     w = dequantize_parts(words, scales, rounded, None, bits, p, group, 0, k, "rotated").double().numpy()
+    cols = slice(step * group, (step + 1) * group)
+    w = w[:, cols]
     w[rows:] = 0.0
-    xs = np.zeros((16, k))
-    xs[:m] = x.double().numpy()
+    xs = np.zeros((16, group))
+    xs[:m] = x.double().numpy()[:, cols]
     contribution = w @ xs.T                                       # [16 rows, 16 x rows]
     for lane in range(32):
         g, q = lane // 4, lane % 4

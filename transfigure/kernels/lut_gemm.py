@@ -175,62 +175,8 @@ def shared_table_fill_ptx(warps: int, weights_per_byte: int = 2) -> str:
     return "\n".join(lines + ["bar.sync 0;", "mov.u32 $0, 0;", "}"])
 
 
-RING_SYMBOL = "transfigure_lut_ring"
-RING_BYTES_MAX = 14336  # with the 32 KB table and Triton's own ~1 KB: under the 48 KB a kernel gets without opt-in
-
-
-def _ring_layout(group_size: int, weights_per_byte: int, stages: int, warps: int) -> tuple[int, int]:
-    """(bytes per row and lane of one group step's codes, ring bytes) of the cp.async code ring."""
-    row_bytes = group_size // (4 * weights_per_byte)
-    return row_bytes, stages * 32 * warps * 2 * row_bytes
-
-
-def _ring_chunks(row_bytes: int, warps: int) -> tuple[int, int, int]:
-    """(chunk bytes, chunks per row, bytes of one chunk for every lane): a lane's codes of one row go to the
-    ring in chunks of up to 16 bytes, each chunk index in its own array of the program's lanes side by side,
-    so a warp's 16-byte reads of the ring hit every bank once."""
-    unit = min(row_bytes, 16)
-    return unit, row_bytes // unit, 32 * warps * unit
-
-
-def _cp_async_lines(dst: str, stage_offset: int, row: int, src: str, row_bytes: int, warps: int,
-                    valid_pred: str) -> list[str]:
-    """Copy a lane's ``row_bytes`` codes of row ``row`` (0: g, 1: g + 8) from global ``src`` into its ring stage
-    (``dst`` = ring + lane offset, ``stage_offset`` = the stage's start), zeros when not ``valid_pred``."""
-    unit, chunks, plane = _ring_chunks(row_bytes, warps)
-    lines = [f"selp.b32 f, {unit}, 0, {valid_pred};"]
-    kind = "cg" if unit == 16 else "ca"
-    for chunk in range(chunks):
-        offset = stage_offset + (row * chunks + chunk) * plane
-        lines.append(f"cp.async.{kind}.shared.global [{dst}+{offset}], [{src}+{chunk * unit}], {unit}, f;")
-    return lines
-
-
-def mma_ring_prologue_ptx(group_size: int, weights_per_byte: int, stages: int, warps: int) -> str:
-    """PTX run once per program before the pipelined steps (``_mma_group_ptx(..., stages=S)``): declares the
-    code ring (S slots of every lane's two rows of one group step, in shared memory) and starts the copies of
-    steps 0 .. S-2, one cp.async group each. Operands: output 0 (0, an ordering token); inputs 1 / 2 the lane's
-    code addresses of rows g / g + 8 at its first step, 3 the validity bits, 4 the number of steps."""
-    row_bytes, ring_bytes = _ring_layout(group_size, weights_per_byte, stages, warps)
-    assert ring_bytes <= RING_BYTES_MAX
-    # wait_all: a previous work item of a persistent program may still have copies in flight into the ring
-    lines = [f".shared .align 16 .b8 {RING_SYMBOL}[{ring_bytes}];", "{", "cp.async.wait_all;",
-             ".reg .b32 f, slot, tid;",
-             ".reg .b64 o, ag, ah;", ".reg .pred pg, ph, more;", "and.b32 f, $3, 1;", "setp.ne.b32 pg, f, 0;",
-             "and.b32 f, $3, 2;", "setp.ne.b32 ph, f, 0;", "mov.u32 tid, %tid.x;", f"mov.u64 o, {RING_SYMBOL};",
-             "cvt.u32.u64 slot, o;", f"mad.lo.u32 slot, tid, {_ring_chunks(row_bytes, warps)[0]}, slot;"]
-    stage_bytes = 2 * 32 * warps * row_bytes
-    for step in range(stages - 1):
-        lines += [f"setp.gt.u32 more, $4, {step};", "and.pred pg, pg, more;", "and.pred ph, ph, more;",
-                  f"add.s64 ag, $1, {step * row_bytes * 4};", f"add.s64 ah, $2, {step * row_bytes * 4};"]
-        lines += _cp_async_lines("slot", step * stage_bytes, 0, "ag", row_bytes, warps, "pg")
-        lines += _cp_async_lines("slot", step * stage_bytes, 1, "ah", row_bytes, warps, "ph")
-        lines.append("cp.async.commit_group;")
-    return "\n".join(lines + ["mov.u32 $0, 0;", "}"])
-
-
 def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = "register",
-                   weights_per_byte: int = 2, stages: int = 0, warps: int = 4) -> str:
+                   weights_per_byte: int = 2) -> str:
     """PTX of one group step of the tensor-core LUT GEMV (``_lut_mma_gemv_kernel``), run by every lane of a
     warp for one group of ``group_size`` columns and 16 weight rows, as ``inline_asm_elementwise(pack=1)``.
 
@@ -258,27 +204,18 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
     ``lookup="shared"``: codes are decoded from the byte table in shared memory (``_shared_lookup_ptx``,
     filled by ``shared_table_fill_ptx``) instead of registers; the last operand is then unused. With
     ``weights_per_byte = 4`` (2-bit codes, scalar or 2-dim) one byte holds an mma step's four columns of a
-    row: one 8-byte load gives both A registers of that row.
-
-    ``stages = S > 0`` (shared lookup): the codes come through a ring in shared memory filled by cp.async S-1
-    group steps ahead (``mma_ring_prologue_ptx`` starts the first S-1; each step starts step + S-1, waits for
-    its own and reads it back) -- each lane copies and reads only its own slots, so no barrier is needed, and
-    the bytes in flight per warp no longer cost registers: without it a warp holds one step's codes in flight
-    and the kernel is bound by latency (2-bit codes took as long as 4-bit ones). The last operand is then the
-    number of steps of the program's K split."""
+    row: one 8-byte load gives both A registers of that row."""
     assert group_size in (64, 128, 256) and x_blocks in (1, 2) and lookup in ("register", "shared")
     assert weights_per_byte == 2 or lookup == "shared"
-    assert not stages or lookup == "shared"
     codes_g, codes_h, xs = _mma_lane_registers(group_size, x_blocks, weights_per_byte)
     n_acc = 4 * x_blocks
-    operand = iter(f"${i}" for i in range(2 * n_acc, 2 * n_acc + 8 + x_blocks))
+    operand = iter(f"${i}" for i in range(2 * n_acc, 2 * n_acc + 7 + x_blocks))
     code_g, code_h = next(operand), next(operand)
     x_addr = [next(operand) for _ in range(x_blocks)]
-    scale_g, scale_h, group, valid, table, n_steps = (next(operand) for _ in range(6))
+    scale_g, scale_h, group, valid, table = (next(operand) for _ in range(5))
     kind = "bf16" if half == "bf16" else "f16"
-    lines = ["{", _LOOKUP_SCRATCH, ".reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, f, slot, ahead;",
-             ".reg .pred pg, ph, px0, px1, more, qg, qh;", ".reg .b64 o, ag, ah, ax0, ax1, sg, sh, rb;",
-             ".reg .b16 hg, hh;", ".reg .f32 scg, sch;",
+    lines = ["{", _LOOKUP_SCRATCH, ".reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, f;", ".reg .pred pg, ph, px0, px1;",
+             ".reg .b64 o, ag, ah, ax0, ax1, sg, sh;", ".reg .b16 hg, hh;", ".reg .f32 scg, sch;",
              ".reg .f32 " + ", ".join(f"d{b}_{i}" for b in range(x_blocks) for i in range(4)) + ";",
              ".reg .b32 " + ", ".join(codes_g + codes_h + sum(xs, [])) + ";",
              ".reg .b32 " + ", ".join(f"p{r}{i}" for r in "gh" for i in range(8)) + ";"]
@@ -289,33 +226,8 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
               f"mul.wide.u32 o, {group}, {group_size * 2};"]
     lines += [f"add.s64 ax{b}, {x_addr[b]}, o;" for b in range(x_blocks)]
     lines += [f"mul.wide.u32 o, {group}, 2;", f"add.s64 sg, {scale_g}, o;", f"add.s64 sh, {scale_h}, o;"]
-    lines += [f"mov.b32 {r}, 0;" for r in (sum(xs, []) if stages else codes_g + codes_h + sum(xs, []))]
-    lines += ["mov.b16 hg, 0;", "mov.b16 hh, 0;"]
-    loads = [(f"px{b}", xs[b], f"ax{b}") for b in range(x_blocks)]
-    if stages:  # start the copy of step + S - 1, wait for this step's, read it from the ring
-        row_bytes, _ = _ring_layout(group_size, weights_per_byte, stages, warps)
-        unit, chunks, plane = _ring_chunks(row_bytes, warps)
-        slot_bytes = 2 * 32 * warps * row_bytes
-        ahead_bytes = (stages - 1) * row_bytes * 4  # S - 1 steps further along the row
-        lines += [f"add.u32 ahead, {group}, {stages - 1};", f"setp.lt.u32 more, ahead, {n_steps};",
-                  "and.pred qg, pg, more;", "and.pred qh, ph, more;", f"mov.u64 rb, {RING_SYMBOL};",
-                  "cvt.u32.u64 slot, rb;", "mov.u32 f, %tid.x;", f"mad.lo.u32 slot, f, {unit}, slot;",
-                  f"and.b32 f, ahead, {stages - 1};", f"mad.lo.u32 t1, f, {slot_bytes}, slot;",
-                  f"add.s64 o, ag, {ahead_bytes};"]
-        lines += _cp_async_lines("t1", 0, 0, "o", row_bytes, warps, "qg")
-        lines.append(f"add.s64 o, ah, {ahead_bytes};")
-        lines += _cp_async_lines("t1", 0, 1, "o", row_bytes, warps, "qh")
-        lines += ["cp.async.commit_group;", f"cp.async.wait_group {stages - 1};", f"and.b32 f, {group}, {stages - 1};",
-                  f"mad.lo.u32 t1, f, {slot_bytes}, slot;"]
-        for row, regs in enumerate((codes_g, codes_h)):
-            per_chunk = unit // 4
-            for chunk in range(chunks):
-                part = regs[chunk * per_chunk:(chunk + 1) * per_chunk]
-                vec = f".v{len(part)}" if len(part) > 1 else ""
-                offset = (row * chunks + chunk) * plane
-                lines.append(f"ld.shared{vec}.u32 {{{', '.join(part)}}}, [t1+{offset}];")
-    else:
-        loads = [("pg", codes_g, "ag"), ("ph", codes_h, "ah")] + loads
+    lines += [f"mov.b32 {r}, 0;" for r in codes_g + codes_h + sum(xs, [])] + ["mov.b16 hg, 0;", "mov.b16 hh, 0;"]
+    loads = [("pg", codes_g, "ag"), ("ph", codes_h, "ah")] + [(f"px{b}", xs[b], f"ax{b}") for b in range(x_blocks)]
     for pred, regs, address in loads:
         for start in range(0, len(regs), 4):
             chunk = regs[start:start + 4]
@@ -359,7 +271,7 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
 
 def _mma_constraints(x_blocks: int) -> str:
     n_acc = 4 * x_blocks
-    return ",".join(["=f"] * n_acc + ["f"] * n_acc + ["l"] * (2 + x_blocks + 2) + ["r", "r", "l", "r"])
+    return ",".join(["=f"] * n_acc + ["f"] * n_acc + ["l"] * (2 + x_blocks + 2) + ["r", "r", "l"])
 
 
 MMA_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb)
@@ -747,33 +659,25 @@ if triton_available():
                                          pack=1)
 
     @triton.jit
-    def _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g, scale_h, grp, valid, table, n_steps,
+    def _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g, scale_h, grp, valid, table,
                    ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, PURE: tl.constexpr):
         """One group step (``_mma_group_ptx``) for one block of 8 rows of ``x``."""
         return tl.inline_asm_elementwise(
             ASM, CONSTRAINTS,
             [acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g, scale_h, grp + tl.zeros_like(valid), valid,
-             table, n_steps + tl.zeros_like(valid)],
+             table],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=PURE, pack=1)
 
     @triton.jit
     def _mma_group2(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
-                    scale_h, grp, valid, table, n_steps, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                    PURE: tl.constexpr):
+                    scale_h, grp, valid, table, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, PURE: tl.constexpr):
         """One group step for two blocks of 8 rows of ``x`` (M = 9..16): two mmas per decoded fragment."""
         return tl.inline_asm_elementwise(
             ASM, CONSTRAINTS,
             [acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g, scale_h,
-             grp + tl.zeros_like(valid), valid, table, n_steps + tl.zeros_like(valid)],
+             grp + tl.zeros_like(valid), valid, table],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
             is_pure=PURE, pack=1)
-
-    @triton.jit
-    def _start_ring(code_g, code_h, valid, n_steps, RING_ASM: tl.constexpr):
-        """``mma_ring_prologue_ptx``: start the cp.async copies of the first steps' codes; returns zeros."""
-        steps = n_steps + tl.zeros_like(valid)
-        return tl.inline_asm_elementwise(RING_ASM, "=r,l,l,r,r", [code_g, code_h, valid, steps], dtype=tl.int32,
-                                         is_pure=False, pack=1)
 
     @triton.jit
     def _fill_shared_table(pairs_ptr, like, FILL_ASM: tl.constexpr):
@@ -838,8 +742,7 @@ if triton_available():
                   WARPS: tl.constexpr, G: tl.constexpr, P: tl.constexpr, WEIGHTS_PER_BYTE: tl.constexpr,
                   X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                   UNROLL: tl.constexpr, SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr,
-                  GROUP_CONSTRAINTS: tl.constexpr, STAGES: tl.constexpr, RING_ASM: tl.constexpr,
-                  EMULATE: tl.constexpr):
+                  GROUP_CONSTRAINTS: tl.constexpr, EMULATE: tl.constexpr):
         """One work item of ``_lut_mma_gemv_kernel``: row block ``pid_n`` over K split ``pid_k``."""
         ROWS: tl.constexpr = 16 * WARPS
         lane = tid % 32
@@ -860,8 +763,6 @@ if triton_available():
         scale_g = (scales_ptr + row_g.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
         scale_h = (scales_ptr + row_h.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
         table = (words_ptr + tl.zeros_like(tid)).to(tl.int64, bitcast=True)
-        if STAGES > 0 and not EMULATE:
-            valid += _start_ring(code_g, code_h, valid, groups_per_split, RING_ASM)  # adds 0; orders the steps
         acc0 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc1 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc2 = tl.zeros([32 * WARPS], dtype=tl.float32)
@@ -884,12 +785,12 @@ if triton_available():
                             8 * P // WEIGHTS_PER_BYTE)
                 elif X_BLOCKS == 1:
                     acc0, acc1, acc2, acc3 = _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g,
-                                                        scale_h, grp, valid, table, groups_per_split, GROUP_ASM,
-                                                        GROUP_CONSTRAINTS, not SHARED_LOOKUP)
+                                                        scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS,
+                                                        not SHARED_LOOKUP)
                 else:
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_group2(
                         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
-                        scale_h, grp, valid, table, groups_per_split, GROUP_ASM, GROUP_CONSTRAINTS, not SHARED_LOOKUP)
+                        scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS, not SHARED_LOOKUP)
 
         # lane (g, q) holds y[2q][row_g], y[2q + 1][row_g], y[2q][row_h], y[2q + 1][row_h] (and rows 8 + 2q ...)
         _store_mma_block(y_ptr, bias_ptr, work_ptr, acc0, acc1, acc2, acc3, 2 * q, row_g, row_h, M, N, pid_k, SPLIT_K,
@@ -920,8 +821,7 @@ if triton_available():
                              X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr,
                              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr,
                              SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr, GROUP_CONSTRAINTS: tl.constexpr,
-                             FILL_ASM: tl.constexpr, PERSISTENT: tl.constexpr, STAGES: tl.constexpr,
-                             RING_ASM: tl.constexpr, EMULATE: tl.constexpr):
+                             FILL_ASM: tl.constexpr, PERSISTENT: tl.constexpr, EMULATE: tl.constexpr):
         """Decode GEMM on the tensor cores (M <= 8 * X_BLOCKS <= 16, 4-bit scalar codes, 16-bit activations):
         each warp owns 16 output features, each lane decodes its own contiguous slice of their codes in
         registers and feeds ``mma.sync`` directly (``_mma_group_ptx``: no shared memory, no layout conversion,
@@ -937,8 +837,7 @@ if triton_available():
         codes are decoded from copies of the pair table in shared memory (``_shared_lookup_ptx``), filled at
         the start by FILL_ASM (which declares that memory). The grid is 1-D over (row block, K split) work
         items; PERSISTENT programs take several (a grid smaller than the items, so the table fill is paid once
-        per program). STAGES > 0: the codes come through a cp.async ring in shared memory (RING_ASM starts it
-        per item; ``_mma_group_ptx``'s ``stages``)."""
+        per program)."""
         ROWS: tl.constexpr = 16 * WARPS
         if EMULATE:
             tid = tl.arange(0, 32 * WARPS)
@@ -953,13 +852,13 @@ if triton_available():
                 _mma_item(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, grid_ptr, bias_ptr, y_ptr, work_ptr,
                           count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split, item // SPLIT_K,
                           item % SPLIT_K, tid, ready, WARPS, G, P, WEIGHTS_PER_BYTE, X_BLOCKS, HALF_IS_BF16, SPLIT_K,
-                          HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, STAGES, RING_ASM, EMULATE)
+                          HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE)
         else:  # one item per program (a loop around the item costs registers: 75 -> 121 at G = 128)
             item = tl.program_id(0)
             _mma_item(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, grid_ptr, bias_ptr, y_ptr, work_ptr,
                       count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split, item // SPLIT_K, item % SPLIT_K,
                       tid, ready, WARPS, G, P, WEIGHTS_PER_BYTE, X_BLOCKS, HALF_IS_BF16, SPLIT_K, HAS_BIAS, UNROLL,
-                      SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, STAGES, RING_ASM, EMULATE)
+                      SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE)
 
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
@@ -1173,11 +1072,7 @@ if triton_available():
         emulate = interpreter_mode()
         half = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
         x_blocks = 1 if m <= 8 else 2
-        stages = meta.get("STAGES", 0)
-        if stages:
-            ptx = _mma_group_ptx(group_size, half, x_blocks, "shared", weights_per_byte, stages, warps)
-            bytes_table = (pair_table if weights_per_byte == 2 else quad_table)(table, bits, p, x2.dtype)
-        elif shared:
+        if shared:
             ptx = MMA_SHARED_GROUP_PTX[(group_size, half, x_blocks, weights_per_byte)]
             bytes_table = (pair_table if weights_per_byte == 2 else quad_table)(table, bits, p, x2.dtype)
         else:
@@ -1193,8 +1088,6 @@ if triton_available():
             HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None, UNROLL=meta["UNROLL"],
             SHARED_LOOKUP=shared, GROUP_ASM=ptx, GROUP_CONSTRAINTS=MMA_GROUP_CONSTRAINTS[x_blocks],
             FILL_ASM=shared_table_fill_ptx(warps, weights_per_byte), PERSISTENT=programs < tiles * split,
-            STAGES=stages, RING_ASM=mma_ring_prologue_ptx(group_size, weights_per_byte, stages, warps) if stages
-            else "",
             EMULATE=emulate, num_warps=warps, num_stages=1, **extra)
         return y
 
@@ -1243,14 +1136,12 @@ if triton_available():
         _reg_mm(128, 2, 1, 4, 1), _reg_mm(32, 16, 1, 4, 1),
     ]
 
-    def _mma(warps, split, unroll, lookup="register", per_sm=0, stages=0):
+    def _mma(warps, split, unroll, lookup="register", per_sm=0):
         meta = {"MODE": "mma", "WARPS": warps, "SPLIT_K": split, "UNROLL": unroll}
         if lookup != "register":
             meta["LOOKUP"] = lookup
         if per_sm:
             meta["PER_SM"] = per_sm
-        if stages:
-            meta["STAGES"] = stages
         return Config(meta, warps, 1)
 
     # M <= 16, 4-bit scalar codes, 16-bit activations, group sizes 64 / 128 / 256. Within 5% of each other on
@@ -1265,12 +1156,6 @@ if triton_available():
         _mma(4, 4, 1, "shared", 4), _mma(4, 8, 1, "shared", 4), _mma(4, 8, 1, "shared", 6), _mma(4, 16, 1, "shared", 6),
         _mma(8, 8, 1, "shared", 3), _mma(4, 2, 1, "shared", 6), _mma(8, 4, 1, "shared", 3),
         _mma(2, 8, 1, "shared", 8), _mma(2, 16, 1, "shared", 8),
-        # cp.async code ring (not timed on a GPU yet)
-        _mma(4, 1, 1, "shared", 0, 4), _mma(4, 2, 1, "shared", 0, 4), _mma(4, 4, 1, "shared", 0, 4),
-        _mma(4, 8, 1, "shared", 0, 4), _mma(4, 2, 1, "shared", 0, 2), _mma(4, 4, 1, "shared", 0, 2),
-        _mma(2, 2, 1, "shared", 0, 8), _mma(2, 4, 1, "shared", 0, 8), _mma(8, 1, 1, "shared", 0, 2),
-        _mma(8, 2, 1, "shared", 0, 2), _mma(4, 4, 1, "shared", 3, 4), _mma(4, 8, 1, "shared", 3, 4),
-        _mma(2, 8, 1, "shared", 6, 8), _mma(8, 4, 1, "shared", 2, 2),
     ]
 
     def _c(bm, bn, bk, split, warps, stages):
@@ -1320,11 +1205,6 @@ if triton_available():
         Config({"MODE": "dequant"}),
     ]
 
-    def _ring_fits(meta: dict, group_size: int, weights_per_byte: int) -> bool:
-        """A cp.async code ring (STAGES) within the shared memory left beside the byte table."""
-        stages = meta.get("STAGES", 0)
-        return not stages or _ring_layout(group_size, weights_per_byte, stages, meta["WARPS"])[1] <= RING_BYTES_MAX
-
     def _register_lookup_available() -> bool:
         """The register-table kernels are inline NVIDIA PTX: CUDA devices, or the CPU interpreter (emulated)."""
         return torch.version.hip is None
@@ -1355,8 +1235,7 @@ if triton_available():
                         and x2.dtype in (torch.float16, torch.bfloat16) and n_groups % c.meta["SPLIT_K"] == 0
                         and (n_groups // c.meta["SPLIT_K"]) % c.meta["UNROLL"] == 0
                         and (c.meta["UNROLL"] == 1 or group_size < 256)  # unrolled 256-groups spill
-                        and (not c.meta.get("PER_SM") or m <= 8)  # persistent + two x blocks spill
-                        and _ring_fits(c.meta, group_size, 8 // bits)):
+                        and (not c.meta.get("PER_SM") or m <= 8)):  # persistent + two x blocks spill
                     keep.append(c)
                 continue
             if c.meta.get("MODE") == "register_mm":
