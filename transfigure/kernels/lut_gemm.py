@@ -1144,18 +1144,16 @@ if triton_available():
             meta["PER_SM"] = per_sm
         return Config(meta, warps, 1)
 
-    # M <= 16, 4-bit scalar codes, 16-bit activations, group sizes 64 / 128 / 256. Within 5% of each other on
-    # the H100 for most shapes (benchmarks/results/explore_lut_mma.md); the split decides on small shapes.
+    # M <= 16, 16-bit activations, group sizes 64 / 128 / 256. The register lookup (4-bit scalar codes) wins
+    # the 1B shapes, the shared byte tables (every 4-bit and 2-bit format) the 8B ones, persistent programs
+    # (PER_SM) the long-K ones (benchmarks/results/explore_lut_mma_*.md, H100). A cp.async ring for the codes
+    # was tried and never won (explore_lut_mma_ring*.md): the steps are not bound by load latency.
     _MMA_CONFIGS = [
-        _mma(4, 4, 1), _mma(4, 8, 1), _mma(4, 16, 1), _mma(4, 32, 1), _mma(4, 8, 2), _mma(4, 4, 2),
-        _mma(8, 8, 1), _mma(8, 16, 1), _mma(8, 4, 2), _mma(2, 8, 1), _mma(2, 16, 1), _mma(4, 2, 2), _mma(4, 1, 2),
-        _mma(8, 2, 2), _mma(4, 16, 2), _mma(8, 1, 1), _mma(4, 2, 1),
-        _mma(4, 1, 1, "shared"), _mma(4, 2, 1, "shared"), _mma(4, 4, 1, "shared"), _mma(4, 8, 1, "shared"),
-        _mma(8, 1, 1, "shared"), _mma(8, 2, 1, "shared"), _mma(8, 4, 1, "shared"), _mma(4, 2, 2, "shared"),
-        _mma(4, 4, 2, "shared"), _mma(8, 2, 2, "shared"),
-        _mma(4, 4, 1, "shared", 4), _mma(4, 8, 1, "shared", 4), _mma(4, 8, 1, "shared", 6), _mma(4, 16, 1, "shared", 6),
-        _mma(8, 8, 1, "shared", 3), _mma(4, 2, 1, "shared", 6), _mma(8, 4, 1, "shared", 3),
-        _mma(2, 8, 1, "shared", 8), _mma(2, 16, 1, "shared", 8),
+        _mma(4, 4, 1), _mma(4, 8, 1), _mma(4, 16, 1), _mma(4, 8, 2), _mma(4, 4, 2), _mma(8, 8, 1), _mma(2, 16, 1),
+        _mma(4, 1, 2), _mma(8, 1, 1), _mma(4, 2, 1),
+        _mma(4, 1, 1, "shared"), _mma(4, 2, 1, "shared"), _mma(4, 4, 1, "shared"), _mma(8, 2, 1, "shared"),
+        _mma(8, 4, 1, "shared"), _mma(4, 2, 2, "shared"), _mma(4, 4, 2, "shared"), _mma(8, 2, 2, "shared"),
+        _mma(8, 8, 1, "shared", 3), _mma(8, 4, 1, "shared", 3), _mma(4, 8, 1, "shared", 6), _mma(4, 4, 1, "shared", 4),
     ]
 
     def _c(bm, bn, bk, split, warps, stages):
@@ -1263,10 +1261,11 @@ if triton_available():
                 continue
             keep.append(c)
         if register_ok and (bits, p) == (4, 1) and x2.dtype == torch.bfloat16 and m <= 64:
-            # On the H100 the register-table configs won every 1B and 8B shape at M = 1..64 (quant.json,
-            # profile_decode_*.json); the others only cost compile and tuning time. dequant stays as a floor.
-            register = [c for c in keep
-                        if c.meta.get("REGISTER") or c.meta.get("MODE") in ("mma", "register_mm", "dequant")]
+            # On the H100 the tensor-core configs won every 1B and 8B shape at M = 1..16 (the pair kernel's
+            # register configs came within 0.1 us once, 512 x 2048), register_mm above (quant.json,
+            # explore_lut_mma_*.json); the others only cost compile and tuning time. dequant stays as a floor.
+            fast = ("mma",) if m <= 16 else ("register_mm", "dequant")
+            register = [c for c in keep if c.meta.get("MODE") in fast + ("dequant",)]
             if any(c.meta.get("MODE") != "dequant" for c in register):
                 keep = register
         return keep
