@@ -168,22 +168,29 @@ def test_every_gemv_config_of_one_byte_pairs_matches_reference(bits, p, group, k
     assert int(_COUNTERS[x.device].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("m,group,k", [(2, 64, 1024), (5, 128, 700), (16, 128, 512), (40, 64, 256)])
-def test_every_register_mm_config_matches_reference(m, group, k):
-    """The small-M register-table kernel (4-bit scalar codes, tensor-core dot), every config that keeps it,
-    with a bias and split-K, fp16 (the interpreter's half type)."""
-    _, pk = _packed(7 + m, 45, k, 4, 1, group, 0)
+def _every_config_of_mode_matches_reference(mode, seed, m, n, k, bits, p, group, bias_seed):
+    """Every candidate config of kernel ``mode`` (fp16 activations and bias, the interpreter's half type) equals
+    the reference; at least one of them splits K. Returns the packed weight."""
+    _, pk = _packed(seed, n, k, bits, p, group, 0)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
     args = list(pk.op_args())
-    args[4] = torch.randn(45, generator=torch.Generator().manual_seed(9)).half()
+    args[4] = torch.randn(n, generator=torch.Generator().manual_seed(bias_seed)).half()
     expected = lut_linear_reference(x, *args).float()
-    configs = [c for c in configs_for(m, pk.padded_in_features, 1, group, 4, torch.float16)
-               if c.meta.get("MODE") == "register_mm"]
+    configs = [c for c in configs_for(m, pk.padded_in_features, p, group, bits, torch.float16)
+               if c.meta.get("MODE") == mode]
     assert configs and any(c.meta["SPLIT_K"] > 1 for c in configs)
     for config in configs:
         actual = lut_linear_triton(x, *args, config=config).float()
         err = ((actual - expected).norm() / expected.norm()).item()
         assert err < 3e-3, (config.describe(), err)
+    return pk
+
+
+@pytest.mark.parametrize("m,group,k", [(2, 64, 1024), (5, 128, 700), (16, 128, 512), (40, 64, 256)])
+def test_every_register_mm_config_matches_reference(m, group, k):
+    """The small-M register-table kernel (4-bit scalar codes, tensor-core dot), every config that keeps it,
+    with a bias and split-K, fp16 (the interpreter's half type)."""
+    pk = _every_config_of_mode_matches_reference("register_mm", 7 + m, m, 45, k, 4, 1, group, bias_seed=9)
     assert not [c for c in configs_for(m, pk.padded_in_features, 1, group, 3, torch.float16)
                 if c.meta.get("MODE") == "register_mm"]  # 4-bit scalar codes only
 
@@ -206,21 +213,10 @@ def test_every_mma_config_matches_reference(m, group, k, n, bits, p):
     """The tensor-core decode kernel (``_lut_mma_gemv_kernel``, its EMULATE path here), every config the tuner
     would try, with a bias, split-K, persistent programs (one SM on the CPU), row counts that leave warps
     partly empty and M past one block of 8 x rows; 4-bit and 2-bit codes, scalar and 2-dim."""
-    _, pk = _packed(11 + m, n, k, bits, p, group, 0)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
-    args = list(pk.op_args())
-    args[4] = torch.randn(n, generator=torch.Generator().manual_seed(5)).half()
-    expected = lut_linear_reference(x, *args).float()
-    configs = [c for c in configs_for(m, pk.padded_in_features, p, group, bits, torch.float16)
-               if c.meta.get("MODE") == "mma"]
-    assert configs and any(c.meta["SPLIT_K"] > 1 for c in configs)
-    for config in configs:
-        actual = lut_linear_triton(x, *args, config=config).float()
-        err = ((actual - expected).norm() / expected.norm()).item()
-        assert err < 3e-3, (config.describe(), err)
+    _every_config_of_mode_matches_reference("mma", 11 + m, m, n, k, bits, p, group, bias_seed=5)
     from transfigure.kernels.lut_gemm import _COUNTERS
 
-    assert int(_COUNTERS[x.device].abs().sum()) == 0  # every split-K tile counter is left at zero
+    assert int(_COUNTERS[torch.device("cpu")].abs().sum()) == 0  # every split-K tile counter is left at zero
 
 
 def test_mma_configs_only_where_the_kernel_applies():

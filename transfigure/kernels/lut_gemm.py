@@ -13,6 +13,7 @@ Reference (CPU path and oracle): dequantize to dense float32, one matmul.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -145,6 +146,7 @@ def _shared_lookup_ptx(word: str, out: list[str], lane_base: str, weights_per_by
     return lines
 
 
+@functools.cache  # the launcher passes it per call: build (and hash, as a constexpr) each string once
 def shared_table_fill_ptx(warps: int, weights_per_byte: int = 2) -> str:
     """PTX run once by every thread of a program before the shared-lookup steps: copies the 256-entry byte
     table (operand 1, global address: ``pair_table`` for two weights per byte, ``quad_table`` for four) into
@@ -1067,7 +1069,7 @@ if triton_available():
         if meta.get("PER_SM"):  # persistent programs
             programs = min(programs, meta["PER_SM"] * _sm_count(x2.device))
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        work = torch.empty(split * m * n if split > 1 else 1, dtype=torch.float32, device=x2.device)
+        work = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if split > 1 else y
         counts = _tile_counters(x2.device, tiles) if split > 1 else y
         emulate = interpreter_mode()
         half = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
@@ -1087,7 +1089,8 @@ if triton_available():
             G=group_size, P=p, WEIGHTS_PER_BYTE=weights_per_byte, X_BLOCKS=x_blocks,
             HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None, UNROLL=meta["UNROLL"],
             SHARED_LOOKUP=shared, GROUP_ASM=ptx, GROUP_CONSTRAINTS=MMA_GROUP_CONSTRAINTS[x_blocks],
-            FILL_ASM=shared_table_fill_ptx(warps, weights_per_byte), PERSISTENT=programs < tiles * split,
+            FILL_ASM=shared_table_fill_ptx(warps, weights_per_byte) if shared else "",
+            PERSISTENT=programs < tiles * split,
             EMULATE=emulate, num_warps=warps, num_stages=1, **extra)
         return y
 
