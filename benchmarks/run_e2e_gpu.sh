@@ -7,15 +7,18 @@ PARTS=${PARTS:-/tmp/e2e_parts}
 mkdir -p "$OUT" "$PARTS"
 export PYTHONUNBUFFERED=1
 VARIANTS=${VARIANTS:-"eager inductor transfigure transfigure+lut-4bit transfigure+sparsity-50 transfigure+lut-4bit+sparsity-50"}
-# LOOP=step times transfigure.generate (compiled step, no per-token host sync) instead of generate()
+# LOOP=custom times generate(custom_generate=transfigure.decoding_loop(backend)), LOOP=step transfigure.generate
+# (compiled step, no per-token host sync) instead of transformers' loop; a variant written name@loop overrides
+# LOOP for itself, so one run can hold the generate() baseline and the other loops side by side.
 LOOP=${LOOP:-generate}
 # REPEATS=n runs the variant list n times, interleaved (A B A B ...); the report shows medians and ranges.
 for rep in $(seq 1 ${REPEATS:-1}); do
-for v in $VARIANTS; do
+for spec in $VARIANTS; do
+  v=${spec%@*}; loop=$LOOP; [ "$spec" != "$v" ] && loop=${spec#*@}
   extra=""; { [ "$v" = "transfigure" ] && [ "$rep" = 1 ]; } || extra="--no-warm"
-  part="$PARTS/part_${v}_r$rep"; log="$PARTS/log_${v}_r$rep.txt"
-  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$LOOP" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} $extra --out "$part" > "$log" 2>&1 \
-    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$LOOP" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} --no-warm --no-static-launcher --out "$part" >> "$log" 2>&1; } \
+  part="$PARTS/part_${v}_${loop}_r$rep"; log="$PARTS/log_${v}_${loop}_r$rep.txt"
+  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$loop" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} $extra --out "$part" > "$log" 2>&1 \
+    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$loop" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} --no-warm --no-static-launcher --out "$part" >> "$log" 2>&1; } \
     || echo "variant $v (repeat $rep) failed" >> "$PARTS/failures.txt"
   tail -n 3 "$log"
 done
@@ -23,11 +26,12 @@ done
 cat "$PARTS"/log_*.txt > "$OUT/e2e_decode_log.txt" 2>/dev/null
 cp "$PARTS/failures.txt" "$OUT/" 2>/dev/null
 python - "$PARTS" "$OUT" <<'PY'
-import sys, glob
+import sys, glob, os
 from transfigure import bench
 parts = sorted(glob.glob(f"{sys.argv[1]}/part_*/e2e_decode*.json"))
 if parts:
     result = bench.merge(parts)
-    bench.save(result, sys.argv[2], stem="e2e_decode" if result.get("loop", "generate") == "generate" else "e2e_decode_step_loop")
+    stem = os.environ.get("STEM") or bench.stem_for([r["loop"] for r in result["rows"] if r["variant"] != "eager"])
+    bench.save(result, sys.argv[2], stem=stem)
     print(bench.markdown(result))
 PY

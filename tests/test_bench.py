@@ -99,3 +99,26 @@ def test_lora_training_profile_smoke_and_summary(tmp_path, monkeypatch):
     assert rows["lora-unfused"]["kernels"]
     summary = module.summarize([str(tmp_path / "profile_training.json")], str(tmp_path))
     assert "| default | lora-unfused |" in summary and (tmp_path / "lora_training.png").stat().st_size > 0
+
+
+def test_decode_bench_custom_loop_beside_the_generate_baseline(tmp_path):
+    """loop="custom" times generate(custom_generate=transfigure.decoding_loop(...)); merged with a generate() run,
+    the table labels each row's loop and takes ratios against Inductor through transformers' own loop."""
+    parts = []
+    for loop, variants in (("generate", ["inductor"]), ("custom", ["inductor", "transfigure"])):
+        out = tmp_path / loop
+        result = bench.run(models=["llama"], new_tokens=[4], variants=variants, prompt_len=8, device="cpu",
+                           out_dir=out, progress=False, warm_compile=False, lowering="eager", loop=loop)
+        assert all(r["error"] is None and r["tokens_per_s"] > 0 and r["loop"] == loop for r in result["rows"]), result
+        parts.append(out / f"{bench.stem_for([loop])}.json")
+    merged = bench.merge(parts)
+    assert merged["loop"] == "mixed" and len(merged["rows"]) == 3
+    text = bench.markdown(merged)
+    base = next(r["tokens_per_s"] for r in merged["rows"] if r["loop"] == "generate")
+    custom = next(r for r in merged["rows"] if r["loop"] == "custom" and r["variant"] == "transfigure")
+    assert f"| transfigure [{bench.LOOP_NAMES['custom']}] | {custom['tokens_per_s']:.1f} | " \
+           f"{custom['tokens_per_s'] / base:.2f}x |" in text
+    assert "| inductor [transformers generate()] |" in text and "| 1.00x |" in text
+    bench.save(merged, tmp_path, stem=bench.stem_for([r["loop"] for r in merged["rows"]]))
+    assert (tmp_path / "e2e_decode_custom_generate_loop.png").exists()
+    assert bench.stem_for(["generate"]) == "e2e_decode" and bench.stem_for(["step"]) == "e2e_decode_step_loop"

@@ -6,7 +6,7 @@
 
 from .backends import Backend, backend, inspect
 from .backends.backend import StaleWeightsError
-from .backends.decode import generate
+from .backends.decode import decoding_loop, generate
 from .compiler import GraphView, OptionError, Pass, PassResult, Report, option, register_pass
 from .compiler.graph import trainable_tensors_for
 from .passes.attention_transfer import distill_attention
@@ -39,6 +39,7 @@ __all__ = [
     "StaleWeightsError",
     "backend",
     "calibrate",
+    "decoding_loop",
     "distill_attention",
     "generate",
     "inspect",

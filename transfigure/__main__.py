@@ -246,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--no-static-launcher", action="store_true", help="Inductor's use_static_cuda_launcher = False")
     p_bench.add_argument("--lowering", choices=("inductor", "eager"), default="inductor",
                          help="what runs the rewritten graphs (eager: quick CPU smoke runs)")
-    p_bench.add_argument("--loop", choices=("generate", "step"), default="generate",
-                         help="generate: transformers' generate() (the issue's harness); step: transfigure.generate, a "
-                              "compiled one-token step without a host sync per token, for Inductor and transfigure alike")
+    p_bench.add_argument("--loop", choices=("generate", "custom", "step"), default="generate",
+                         help="generate: transformers' generate() (the issue's harness); custom: generate() with "
+                              "custom_generate=transfigure.decoding_loop (a compiled one-token step without a host sync "
+                              "per token); step: transfigure.generate, the same loop as a function. custom and step "
+                              "apply to Inductor and transfigure alike")
     p_bench.add_argument("--training", action="store_true",
                          help="training-step benchmark instead of decode: full fine-tuning, LoRA, GaLore")
     p_bench.add_argument("--train-variants", nargs="*", default=list(TRAINING_VARIANTS))

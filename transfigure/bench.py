@@ -39,6 +39,7 @@ class Row:
     compile_cold_s: float | None = None
     compile_warm_s: float | None = None
     error: str | None = None
+    loop: str = "generate"
 
 
 def _sync(device: str) -> None:
@@ -89,9 +90,14 @@ def _variant_options(variant: str, model, device: str) -> dict[str, Any] | None:
 def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prompt_len: int, device: str,
                 dtype: torch.dtype, warm_compile: bool = True, lowering: str = "inductor", loop: str = "generate") -> Row:
     """``loop="generate"``: transformers' ``generate()`` with a compiled static-cache step (the issue's harness);
-    ``loop="step"``: :func:`transfigure.generate` (a compiled one-token step without a host sync per token) for
-    every compiled variant, Inductor included, so both sides skip generate()'s per-token host work."""
-    row = Row(model_name, variant, batch, new_tokens)
+    ``loop="custom"``: transformers' ``generate()`` with ``custom_generate=transfigure.decoding_loop(backend)``
+    (transformers prepares the call, our loop decodes: compiled one-token step, no host sync per token);
+    ``loop="step"``: :func:`transfigure.generate` (the same loop as a plain function). Under "custom" and
+    "step" every compiled variant, Inductor included, runs the loop, so both sides skip generate()'s per-token
+    host work; the eager variant always runs transformers' loop."""
+    if loop not in LOOPS:
+        raise ValueError(f"bench loop {loop!r}: one of {', '.join(LOOPS)}")
+    row = Row(model_name, variant, batch, new_tokens, loop=loop if variant != "eager" else "generate")
     torch._dynamo.reset()
     model = build_model(model_name, device, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
@@ -109,6 +115,11 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     if backend is not None and loop == "step":
         decode = lambda n: transfigure.generate(model, prompt, n, backend=backend)  # noqa: E731
         compile_fn = lambda: None  # noqa: E731 - Dynamo's reset alone makes the kept step compile again
+    elif backend is not None and loop == "custom":
+        decoding_loop = transfigure.decoding_loop(backend)
+        decode = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,  # noqa: E731
+                                          custom_generate=decoding_loop)
+        compile_fn = lambda: None  # noqa: E731
     else:
         decode = lambda n: _generate(model, prompt, n)  # noqa: E731
         if backend is not None:
@@ -150,6 +161,11 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     return row
 
 
+LOOPS = ("generate", "custom", "step")
+LOOP_NAMES = {"generate": "transformers generate()",
+              "custom": "generate(custom_generate=transfigure.decoding_loop)",
+              "step": "transfigure.generate"}
+
 DEFAULT_VARIANTS = ("eager", "inductor", "transfigure", "transfigure+lut-4bit", "transfigure+sparsity-50",
                     "transfigure+lut-4bit+sparsity-50")
 
@@ -172,7 +188,7 @@ def run(models: Sequence[str] = ("llama-1b",), batches: Sequence[int] = (1,), ne
         print(rows[-1], flush=True)
     result = {**environment(device), "prompt_len": prompt_len, "loop": loop, "rows": [dataclasses.asdict(r) for r in rows]}
     if out_dir:
-        save(result, out_dir, stem="e2e_decode" if loop == "generate" else "e2e_decode_step_loop")
+        save(result, out_dir, stem=stem_for([loop]))
     return result
 
 
@@ -210,7 +226,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["batch"], row["new_tokens"], row["variant"]), []).append(row)
+        key = (row["model"], row["batch"], row["new_tokens"], row["variant"], row.get("loop", "generate"))
+        groups.setdefault(key, []).append(row)
     out = []
     for key, runs in groups.items():
         ok = [r for r in runs if not r["error"]]
@@ -227,36 +244,65 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _row_loop(row: dict[str, Any]) -> str:
+    return row.get("loop", "generate")
+
+
 def markdown(result: dict[str, Any]) -> str:
+    """The table. Ratios are against the ``inductor`` row of the same model, batch and length, taken through
+    transformers' own loop when the result has that row (the baseline users run), else through the same loop."""
     rows = summarize(result["rows"])
     repeated = any(r["runs"] > 1 for r in rows)
-    how = "generate()" if result.get("loop", "generate") == "generate" else "transfigure.generate (compiled step, no per-token host sync)"
+    loops = sorted({_row_loop(r) for r in rows if r["variant"] != "eager"} or {"generate"})
+    how = LOOP_NAMES[loops[0]] if len(loops) == 1 else "the loop named per row"
+    mixed = len(loops) > 1
     lines = [f"Decode through {how}, prompt {result['prompt_len']} tokens — {result['device']}, torch {result['torch']}, "
              f"triton {result['triton']}, {result['date']}" + ("; medians of interleaved repeats, range in brackets" if repeated else ""),
              "", "| model | batch | new | variant | tok/s | vs inductor | decode tok/s | TTFT ms | peak GiB | compile cold s | warm s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = {(r["model"], r["batch"], r["new_tokens"]): r["tokens_per_s"] for r in rows if r["variant"] == "inductor" and not r["error"]}
+    base = {}
+    for r in sorted(rows, key=lambda r: _row_loop(r) != "generate", reverse=True):  # generate() rows win
+        if r["variant"] == "inductor" and not (r["error"] and r.get("failed", 0) == r["runs"]):
+            base[(r["model"], r["batch"], r["new_tokens"])] = r["tokens_per_s"]
+            base[(r["model"], r["batch"], r["new_tokens"], _row_loop(r))] = r["tokens_per_s"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
+        label = r["variant"] + (f" [{LOOP_NAMES[_row_loop(r)]}]" if mixed else "")
         if r["error"] and r.get("failed", 0) == r["runs"]:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['variant']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {label} | error: {r['error']} | | | | | | |")
             continue
-        ref = base.get((r["model"], r["batch"], r["new_tokens"]))
+        group = (r["model"], r["batch"], r["new_tokens"])
+        ref = base.get(group) if mixed else base.get((*group, _row_loop(r)), base.get(group))
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
         speed = f"{r['tokens_per_s']:.1f}"
         if r["runs"] > 1:
             speed += f" [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}, {r['runs']} runs" + (f", {r['failed']} failed" if r["failed"] else "") + "]"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['variant']} | {speed} | {ratio} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {label} | {speed} | {ratio} | "
                      f"{fmt(r['decode_tokens_per_s'], '.1f')} | {fmt(r['ttft_ms'], '.1f')} | {fmt(r['peak_gib'], '.2f')} | "
                      f"{fmt(r['compile_cold_s'], '.1f')} | {fmt(r['compile_warm_s'], '.1f')} |")
+    if mixed:
+        lines += ["", "Ratios: against `inductor` through transformers' generate() with its static cache and "
+                  "torch.compile (CUDA graphs), the baseline users run."]
     return "\n".join(lines)
+
+
+def stem_for(loops: Sequence[str]) -> str:
+    """Results file name for a run over these loops."""
+    loops = sorted(set(loops))
+    if loops == ["generate"]:
+        return "e2e_decode"
+    if loops == ["step"]:
+        return "e2e_decode_step_loop"
+    return "e2e_decode_" + "_".join(loops) + "_loop"
 
 
 def merge(parts: Sequence[str | Path]) -> dict[str, Any]:
     """Join result files of separate runs (one process per variant, so one crash loses one variant)."""
     results = [json.loads(Path(p).read_text()) for p in parts]
     merged = dict(results[0])
-    merged["rows"] = [row for r in results for row in r["rows"]]
+    merged["rows"] = [{"loop": r.get("loop", "generate"), **row} for r in results for row in r["rows"]]
+    loops = {row["loop"] for row in merged["rows"] if row["variant"] != "eager"}
+    merged["loop"] = loops.pop() if len(loops) == 1 else "mixed"
     return merged
 
 
@@ -278,7 +324,7 @@ def save(result: dict[str, Any], out_dir: str | Path, stem: str = "e2e_decode") 
     for axis, group in zip(axes[0], groups):
         rows = [r for r in ok if (r["model"], r["batch"], r["new_tokens"]) == group]
         spread = [[r["tokens_per_s"] - r["tokens_per_s_min"] for r in rows], [r["tokens_per_s_max"] - r["tokens_per_s"] for r in rows]]
-        axis.barh([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows], xerr=spread, color="#4c72b0", capsize=3)
+        axis.barh([r["variant"] + ("" if _row_loop(r) == "generate" else f" ({_row_loop(r)})") for r in rows], [r["tokens_per_s"] for r in rows], xerr=spread, color="#4c72b0", capsize=3)
         axis.set_xlabel("tokens/s (higher is better)")
         axis.set_title(f"{group[0]}, batch {group[1]}, {group[2]} new tokens")
     figure.suptitle(f"{result['device']} — torch {result['torch']}")

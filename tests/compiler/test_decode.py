@@ -79,3 +79,142 @@ def test_bad_arguments_are_named():
         transfigure.generate(model, torch.zeros(1, 3, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="pad_token_id=-1"):
         transfigure.generate(model, torch.zeros(1, 3, dtype=torch.long), 2, eos_token_id=2, pad_token_id=-1)
+
+
+# --- transformers' generate() with custom_generate=transfigure.decoding_loop(...) -------------------------------
+
+def _both(model, prompt, loop, seed=1, **kwargs):
+    """transformers' own loop and ours on the same call (same RNG state for sampling)."""
+    torch.manual_seed(seed)
+    theirs = model.generate(prompt, **kwargs)
+    torch.manual_seed(seed)
+    ours = model.generate(prompt, custom_generate=loop, **kwargs)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gpt2"])
+def test_decoding_loop_gives_transformers_tokens_greedy_and_sampled(arch):
+    model = tiny_model(arch)
+    prompt = _prompt(model.config.vocab_size)
+    loop = transfigure.decoding_loop(transfigure.backend(lowering="eager"))
+    for kwargs in (dict(do_sample=False),
+                   dict(do_sample=True, top_k=20, temperature=0.8),
+                   dict(do_sample=True, top_p=0.9, repetition_penalty=1.3),
+                   dict(do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=10)):
+        theirs, ours = _both(model, prompt, loop, max_new_tokens=12, pad_token_id=0, eos_token_id=None, **kwargs)
+        assert theirs.shape == (2, 19)
+        assert torch.equal(theirs, ours), kwargs
+
+
+@pytest.mark.parametrize("check_every", [1, 4, 16])
+def test_decoding_loop_stops_where_transformers_stops(check_every):
+    """EOS rows are padded and the result ends at the step where the last row finished, wherever the host checks."""
+    model = tiny_model("llama")
+    prompt = _prompt(model.config.vocab_size)
+    free = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    loop = transfigure.decoding_loop(transfigure.backend(lowering="eager"), check_every=check_every)
+    first_row_eos, second_row_eos = int(free[0, 9]), int(free[1, 11])
+    assert first_row_eos != second_row_eos and second_row_eos not in free[1, 7:11].tolist()
+    for eos in ([first_row_eos], [first_row_eos, second_row_eos]):
+        theirs, ours = _both(model, prompt, loop, max_new_tokens=12, do_sample=False, pad_token_id=7, eos_token_id=eos)
+        assert torch.equal(theirs, ours), eos
+    assert ours.shape[1] < 19  # both rows finished: cut where the later one did
+    assert ours[0, 10:].eq(7).all()
+
+
+def test_decoding_loop_runs_other_stopping_criteria_and_streams():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = tiny_model("llama")
+    prompt = _prompt(model.config.vocab_size, batch=1)
+    free = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    token = int(free[0, 12])
+    criteria = StoppingCriteriaList([StopAfterToken(token)])
+    theirs, ours = _both(model, prompt, transfigure.decoding_loop(transfigure.backend(lowering="eager"), check_every=3),
+                         max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         stopping_criteria=criteria)
+    assert torch.equal(theirs, ours) and ours.shape[1] == 13
+    streamer = Collect()
+    streamed = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              token_streamer=streamer, custom_generate=transfigure.decoding_loop(
+                                  transfigure.backend(lowering="eager"), check_every=5))
+    assert streamer.ended and sum(streamer.chunks, []) == streamed[0].tolist()
+    assert [len(c) for c in streamer.chunks] == [7, 5, 5, 2]  # the prompt, then one chunk per host check
+    # transformers drops ``streamer=`` for custom_generate callables: documented, and still the case?
+    streamer = Collect()
+    model.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0, streamer=streamer,
+                   custom_generate=transfigure.decoding_loop(transfigure.backend(lowering="eager")))
+    assert len(sum(streamer.chunks, [])) in (7, 11)
+
+
+def test_decoding_loop_keeps_one_compiled_step_and_returns_a_dict_when_asked():
+    model = tiny_model("llama")
+    prompt = _prompt(model.config.vocab_size)
+    loop = transfigure.decoding_loop(transfigure.backend(lowering="inductor"))
+    torch._dynamo.reset()
+    counters.clear()
+    expected = _greedy_without_cache(model, prompt, 10)
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         custom_generate=loop, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected) and out.past_key_values is not None
+    model.generate(prompt[:, :4], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+                   custom_generate=loop)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("case", ["beam", "padded", "scores", "own cache"])
+def test_decoding_loop_hands_what_it_does_not_cover_to_transformers(case):
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    prompt = _prompt(model.config.vocab_size)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    reason = {"beam": "beam_search", "padded": "padded batch", "scores": "output_scores",
+              "own cache": "cache passed in"}[case]
+    if case == "beam":
+        kwargs["num_beams"] = 2
+    elif case == "padded":
+        mask = torch.ones_like(prompt)
+        mask[1, :2] = 0
+        kwargs["attention_mask"] = mask
+    elif case == "scores":
+        kwargs.update(return_dict_in_generate=True, output_scores=True)
+    loop = transfigure.decoding_loop(transfigure.backend(lowering="eager"))
+    if case == "own cache":
+        theirs = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kwargs)
+        with pytest.warns(UserWarning, match=reason):
+            ours = model.generate(prompt, past_key_values=DynamicCache(config=model.config), custom_generate=loop,
+                                  **kwargs)
+    else:
+        theirs = model.generate(prompt, **kwargs)
+        with pytest.warns(UserWarning, match=reason):
+            ours = model.generate(prompt, custom_generate=loop, **kwargs)
+    if case == "scores":
+        assert torch.equal(theirs.sequences, ours.sequences) and len(ours.scores) == 6
+    else:
+        assert torch.equal(theirs, ours)
+
+
+def test_decoding_loop_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="check_every"):
+        transfigure.decoding_loop(check_every=0)
+    with pytest.raises(ValueError, match="cache_bucket"):
+        transfigure.decoding_loop(cache_bucket=0)

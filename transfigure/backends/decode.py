@@ -1,21 +1,33 @@
-"""Greedy decoding with a compiled one-token step and no host sync per token (gpt-fast's loop, for HF models).
+"""Decoding with a compiled one-token step and no host sync per token (gpt-fast's loop, for HF models).
 
 ``model.generate()`` spends about 3 ms of host time per token on a 1B Llama (H100, transformers 5) against
-1.5-1.7 ms of GPU work, so a faster compiled model barely shows through it. :func:`generate` keeps the GPU fed:
-the prompt runs eagerly into a transformers ``StaticCache``, then a compiled one-token step (CUDA graphs on
-CUDA) decodes with the argmax kept on the device, and the host only looks at the tokens every ``check_every``
-steps (for EOS). Same tokens as ``model.generate(do_sample=False)``; measured speed of the step loop:
-``benchmarks/results/profile_decode_{1b,8b}.md``.
+1.5-1.7 ms of GPU work, and it looks at the tokens on the host after every step, so the two add up and a faster
+compiled model barely shows through it. The loop here keeps the GPU fed: the prompt runs eagerly into a
+transformers ``StaticCache``, then a compiled one-token step (CUDA graphs on CUDA) decodes with token selection
+and stopping rules kept on the device, and the host only looks at the tokens every ``check_every`` steps.
+
+Two ways in:
+
+* :func:`decoding_loop` plugs it into transformers' own ``generate()`` through its ``custom_generate`` hook:
+  ``model.generate(ids, max_new_tokens=..., custom_generate=transfigure.decoding_loop(backend))``. Greedy and
+  sampling with any logits processors and stopping criteria give the same tokens as transformers' loop;
+  what the loop does not cover (beam search, padded batches, per-step scores, ...) runs transformers' own
+  method, with a warning that says why.
+* :func:`generate`: the same loop as a plain function (greedy).
+
+Measured speed: ``benchmarks/results/e2e_decode_*``.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["generate"]
+__all__ = ["decoding_loop", "generate"]
 
 _STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _DEFAULT_BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
@@ -28,6 +40,81 @@ def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None):
     if key not in per_model:
         per_model[key] = (backend, torch.compile(model, backend=backend, fullgraph=True, mode=mode))
     return per_model[key][1]
+
+
+def _resolve(model: torch.nn.Module, backend: Any, mode: str | None, device: torch.device):
+    if mode == "default":
+        mode = "reduce-overhead" if device.type == "cuda" else None
+    if backend is None:
+        from .backend import Backend
+
+        backend = _DEFAULT_BACKENDS.setdefault(model, Backend())
+    return _compiled_step(model, backend, mode)
+
+
+def _check_loop_arguments(who: str, check_every: int, cache_bucket: int) -> None:
+    if cache_bucket < 1:
+        raise ValueError(f"{who}: cache_bucket must be >= 1, got {cache_bucket}")
+    if check_every < 1:
+        raise ValueError(f"{who}: check_every must be >= 1, got {check_every}")
+
+
+def _decode(model: torch.nn.Module, step: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
+            choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eos: torch.Tensor | None,
+            pad: torch.Tensor | int | None, stop: Callable[[torch.Tensor], torch.Tensor] | None,
+            check_every: int, cache_bucket: int, streamer: Any = None) -> tuple[torch.Tensor, Any]:
+    """The loop. ``choose(tokens so far, last logits) -> next tokens``; a row stops when its new token is in ``eos``
+    or ``stop(tokens so far)`` says so; finished rows continue with ``pad`` (when given); decoding ends at the step
+    where every row has finished, found on the device and read back every ``check_every`` steps (the tokens
+    returned end exactly there, as in transformers' loop). Returns the tokens ``[batch, prompt + new]`` and the cache.
+    """
+    import transformers
+
+    device = input_ids.device
+    batch, prompt = input_ids.shape
+    cache_len = -(-(prompt + max_new_tokens) // cache_bucket) * cache_bucket
+    cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
+    # the prompt runs eagerly: it allocates the cache (transformers marks its tensors static for CUDA graphs)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **keep_last).logits
+    tokens = torch.empty(batch, prompt + max_new_tokens, dtype=input_ids.dtype, device=device)
+    tokens[:, :prompt] = input_ids
+    tracks_stops = eos is not None or stop is not None
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    # steps each row was still running after: its finishing step, or max_new_tokens if it never finished
+    steps_running = torch.zeros(batch, dtype=torch.long, device=device)
+    positions = torch.arange(prompt, prompt + max_new_tokens, device=device)
+    streamed = prompt
+    done = max_new_tokens
+    for i in range(max_new_tokens):
+        if i:
+            # a fresh [batch, 1] tensor, not a slice of ``tokens``: its strides would change with the lengths
+            logits = step(input_ids=next_token[:, None], past_key_values=cache,
+                          cache_position=positions[i - 1 : i], use_cache=True).logits
+        # consumed before the next replay of the step overwrites its output
+        next_token = choose(tokens[:, : prompt + i], logits[:, -1])
+        if pad is not None and tracks_stops:
+            next_token = torch.where(unfinished, next_token, pad)
+        tokens[:, prompt + i] = next_token
+        if tracks_stops:
+            stopping = torch.zeros_like(unfinished)
+            if eos is not None:
+                stopping = torch.isin(next_token, eos)
+            if stop is not None:
+                stopping = stopping | stop(tokens[:, : prompt + i + 1])
+            unfinished = unfinished & ~stopping
+            steps_running += unfinished
+        checkpoint = (i + 1) % check_every == 0 or i + 1 == max_new_tokens
+        if checkpoint and streamer is not None:
+            streamer.put(tokens[:, streamed : prompt + i + 1].cpu())
+            streamed = prompt + i + 1
+        if checkpoint and tracks_stops and not bool(unfinished.any()):
+            done = i + 1
+            break
+    end = prompt + done
+    if tracks_stops and not bool(unfinished.any()):
+        end = prompt + int(steps_running.max()) + 1
+    return tokens[:, :end], cache
 
 
 @torch.no_grad()
@@ -48,57 +135,167 @@ def generate(
     ``backend``: what compiles the decode step — a ``transfigure.backend(...)`` object (build it once and
     reuse it), ``"inductor"``, or None for ``transfigure.backend()`` without passes (one per model).
     ``mode``: torch.compile's mode; ``"default"`` means ``"reduce-overhead"`` (CUDA graphs) on CUDA and none on
-    CPU. With ``eos_token_id`` a finished row continues with ``pad_token_id`` (default: the EOS id) and decoding
-    stops once every row finished (checked every ``check_every`` tokens). The KV cache length is rounded up to a
-    multiple of ``cache_bucket`` so calls with other prompt / output lengths reuse the compiled step (its shapes
-    include the cache's). Returns ``[batch, prompt + new]``.
+    CPU. With ``eos_token_id`` a finished row continues with ``pad_token_id`` (default: the EOS id) and the
+    result ends at the step where every row has finished (checked on the host every ``check_every`` tokens).
+    The KV cache length is rounded up to a multiple of ``cache_bucket`` so calls with other prompt / output
+    lengths reuse the compiled step (its shapes include the cache's). Returns ``[batch, prompt + new]``.
+    For sampling, logits processors, stopping criteria or streamers, use
+    ``model.generate(..., custom_generate=transfigure.decoding_loop(backend))``.
     """
-    import transformers
-
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"transfigure.generate: input_ids must be [batch, prompt>=1], got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"transfigure.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if cache_bucket < 1:
-        raise ValueError(f"transfigure.generate: cache_bucket must be >= 1, got {cache_bucket}")
-    if check_every < 1:
-        raise ValueError(f"transfigure.generate: check_every must be >= 1, got {check_every}")
-    device = input_ids.device
-    if mode == "default":
-        mode = "reduce-overhead" if device.type == "cuda" else None
-    if backend is None:
-        from .backend import Backend
-
-        backend = _DEFAULT_BACKENDS.setdefault(model, Backend())
-    step = _compiled_step(model, backend, mode)
-
-    batch, prompt = input_ids.shape
-    cache_len = -(-(prompt + max_new_tokens) // cache_bucket) * cache_bucket
-    cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
-    # the prompt runs eagerly: it allocates the cache (transformers marks its tensors static for CUDA graphs)
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
-    tokens = torch.empty(batch, prompt + max_new_tokens, dtype=input_ids.dtype, device=device)
-    tokens[:, :prompt] = input_ids
-    next_token = logits[:, -1].argmax(-1)
-    tokens[:, prompt] = next_token
+    _check_loop_arguments("transfigure.generate", check_every, cache_bucket)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     vocab = getattr(model.config, "vocab_size", None)
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad)):
         if value is not None and (value < 0 or (vocab is not None and value >= vocab)):
             raise ValueError(f"transfigure.generate: {name}={value} is not a token id of this model (vocab {vocab}); "
                              "finished rows are fed their pad token, so it must be one")
-    finished = next_token == eos_token_id if eos_token_id is not None else None
-    positions = torch.arange(prompt, prompt + max_new_tokens, device=device)
-    end = prompt + max_new_tokens
-    for i in range(1, max_new_tokens):
-        logits = step(input_ids=next_token[:, None], past_key_values=cache, cache_position=positions[i - 1 : i],
-                      use_cache=True).logits
-        next_token = logits[:, -1].argmax(-1)  # consumed before the next replay overwrites the logits
-        if finished is not None:
-            next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
-            finished = finished | (next_token == eos_token_id)
-        tokens[:, prompt + i] = next_token
-        if finished is not None and i % check_every == 0 and bool(finished.all()):
-            end = prompt + i + 1
-            break
-    return tokens[:, :end]
+    step = _resolve(model, backend, mode, input_ids.device)
+    eos = None if eos_token_id is None else torch.tensor([eos_token_id], device=input_ids.device)
+    tokens, _ = _decode(model, step, input_ids, max_new_tokens, choose=lambda _, logits: logits.argmax(-1), eos=eos,
+                        pad=pad, stop=None, check_every=check_every, cache_bucket=cache_bucket)
+    return tokens
+
+
+# model inputs transformers' generate() prepares that the loop reproduces itself (cache positions, positions
+# without padding, the one-position logits)
+_LOOP_MODEL_KWARGS = {"attention_mask", "past_key_values", "use_cache", "position_ids", "cache_position",
+                      "logits_to_keep"}
+
+
+class decoding_loop:  # noqa: N801 - used like a function: custom_generate=transfigure.decoding_loop(backend)
+    """transfigure's decode loop as transformers' ``generate(custom_generate=...)`` callable.
+
+    ``model.generate(input_ids, max_new_tokens=256, custom_generate=transfigure.decoding_loop(backend))`` runs
+    transformers' usual input and generation-config preparation, then this loop: the compiled one-token step
+    (``backend`` as in :func:`generate`; build the object once and reuse it, the step is kept per model and
+    backend), logits processors and stopping criteria applied on the device every step, greedy or sampled
+    tokens, finished rows padded, the host looking at the tokens every ``check_every`` steps. Returns what
+    transformers' loop returns (the sequences, or ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``).
+
+    Streaming: transformers (5.17-5.23) does not hand ``streamer=`` to a ``custom_generate`` callable (only the
+    prompt reaches it); pass it as ``token_streamer=`` instead, and it gets the new tokens in chunks of
+    ``check_every``.
+
+    Cases the loop does not cover run transformers' own decoding method for the generation mode instead, with a
+    warning naming the reason: beam search and other non-sampling modes, a padded batch (an attention mask with
+    zeros), a cache passed in by the caller, per-step outputs (``output_scores``, ``output_logits``,
+    attentions, hidden states), ``synced_gpus``, encoder-decoder models, extra model inputs.
+    """
+
+    def __init__(self, backend: Any = None, *, mode: str | None = "default", check_every: int = 16,
+                 cache_bucket: int = 256):
+        _check_loop_arguments("transfigure.decoding_loop", check_every, cache_bucket)
+        self.backend = backend
+        self.mode = mode
+        self.check_every = check_every
+        self.cache_bucket = cache_bucket
+
+    def __repr__(self) -> str:
+        return (f"transfigure.decoding_loop(backend={self.backend!r}, mode={self.mode!r}, "
+                f"check_every={self.check_every}, cache_bucket={self.cache_bucket})")
+
+    @staticmethod
+    def unsupported(model: torch.nn.Module, input_ids: torch.Tensor, stopping_criteria: Any, generation_config: Any,
+                    synced_gpus: bool, model_kwargs: dict[str, Any], extra: dict[str, Any]) -> str | None:
+        """Why this call needs transformers' own loop (``None``: the compiled loop covers it)."""
+        from transformers.generation.configuration_utils import GenerationMode
+
+        mode = generation_config.get_generation_mode()
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            return f"generation mode {mode.value!r} (the loop does greedy and sampling)"
+        if getattr(model.config, "is_encoder_decoder", False):
+            return "an encoder-decoder model"
+        if synced_gpus:
+            return "synced_gpus"
+        wanted = [name for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+                  if generation_config.return_dict_in_generate and getattr(generation_config, name, False)]
+        if wanted:
+            return f"{', '.join(wanted)} (per-step outputs)"
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return "a padded batch (attention_mask has zeros)"
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and (getattr(cache, "_is_user_defined", False) or cache.get_seq_length() > 0):
+            return "a cache passed in by the caller"
+        others = sorted(k for k, v in {**model_kwargs, **extra}.items()
+                        if k not in _LOOP_MODEL_KWARGS and v is not None)
+        if others:
+            return f"inputs {others} (the loop feeds the model input_ids only)"
+        if (stopping_criteria.max_length or generation_config.max_length or 0) <= input_ids.shape[1]:
+            return "no new tokens to generate"
+        return None
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                 generation_config: Any, synced_gpus: bool = False, streamer: Any = None, token_streamer: Any = None,
+                 **model_kwargs: Any):
+        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+        if streamer is None and token_streamer is not None:
+            streamer = token_streamer
+            streamer.put(input_ids.cpu())  # what generate() does for its own ``streamer=``
+        mode_kwargs = {k: model_kwargs.pop(k) for k in ("assistant_model", "inputs_tensor", "tokenizer",
+                                                         "assistant_tokenizer") if k in model_kwargs}
+        reason = self.unsupported(model, input_ids, stopping_criteria, generation_config, synced_gpus, model_kwargs,
+                                  mode_kwargs)
+        if reason is not None:
+            return self._transformers_loop(reason, model, input_ids, logits_processor, stopping_criteria,
+                                           generation_config, synced_gpus, streamer, model_kwargs, mode_kwargs)
+        max_length = stopping_criteria.max_length or generation_config.max_length
+        eos_criteria = [c for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+        others = [c for c in stopping_criteria if not isinstance(c, (EosTokenCriteria, MaxLengthCriteria))]
+        eos = torch.cat([c.eos_token_id.to(input_ids.device).reshape(-1) for c in eos_criteria]) if eos_criteria else None
+        # transformers pads finished rows only when an EOS rule exists
+        pad = generation_config._pad_token_tensor if eos is not None else None
+        if pad is not None:
+            pad = pad.to(input_ids.device)
+
+        def stop(tokens: torch.Tensor) -> torch.Tensor:
+            finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            for criterion in others:
+                finished = finished | criterion(tokens, None)
+            return finished
+
+        do_sample = generation_config.do_sample
+        processors = list(logits_processor or [])
+
+        def choose(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            if not processors and not do_sample:
+                return logits.argmax(-1)
+            scores = logits_processor(tokens, logits.to(copy=True, dtype=torch.float32))
+            if do_sample:
+                return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            return scores.argmax(-1)
+
+        step = _resolve(model, self.backend, self.mode, input_ids.device)
+        sequences, cache = _decode(model, step, input_ids, max_length - input_ids.shape[1], choose=choose, eos=eos,
+                                   pad=pad, stop=stop if others else None, check_every=self.check_every,
+                                   cache_bucket=self.cache_bucket, streamer=streamer)
+        if streamer is not None:
+            streamer.end()
+        if generation_config.return_dict_in_generate:
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+            return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
+        return sequences
+
+    @staticmethod
+    def _transformers_loop(reason, model, input_ids, logits_processor, stopping_criteria, generation_config,
+                           synced_gpus, streamer, model_kwargs, mode_kwargs):
+        from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+        mode = generation_config.get_generation_mode(mode_kwargs.get("assistant_model"))
+        method = GENERATION_MODES_MAPPING.get(mode)
+        if method is None or "/" in method:
+            raise NotImplementedError(
+                f"transfigure.decoding_loop: generation mode {mode.value!r} is a transformers Hub recipe ({method}); "
+                "call generate() without custom_generate for it")
+        warnings.warn(f"transfigure.decoding_loop: running transformers' own {method} for this call: {reason}",
+                      stacklevel=3)
+        return getattr(type(model), method)(model, input_ids, logits_processor=logits_processor,
+                                            stopping_criteria=stopping_criteria, generation_config=generation_config,
+                                            synced_gpus=synced_gpus, streamer=streamer, **mode_kwargs, **model_kwargs)
