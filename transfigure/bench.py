@@ -47,8 +47,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _generate(model, prompt, new_tokens: int) -> torch.Tensor:
-    return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+def _generate(model, prompt, new_tokens: int, **kwargs: Any) -> torch.Tensor:
+    """Greedy ``generate()`` with the model's EOS rule on (what users run). A random model rarely picks its EOS
+    id, and when it does the timing would cover fewer tokens: that is an error, not a number."""
+    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+    made = out.shape[1] - prompt.shape[1]
+    if made != new_tokens:
+        raise RuntimeError(f"generate() stopped at EOS after {made} of {new_tokens} tokens; the timing would be wrong")
+    return out
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
@@ -117,8 +123,7 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
         compile_fn = lambda: None  # noqa: E731 - Dynamo's reset alone makes the kept step compile again
     elif backend is not None and loop == "custom":
         decoding_loop = transfigure.decoding_loop(backend)
-        decode = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,  # noqa: E731
-                                          custom_generate=decoding_loop)
+        decode = lambda n: _generate(model, prompt, n, custom_generate=decoding_loop)  # noqa: E731
         compile_fn = lambda: None  # noqa: E731
     else:
         decode = lambda n: _generate(model, prompt, n)  # noqa: E731

@@ -218,3 +218,17 @@ def test_decoding_loop_bad_arguments_are_named():
         transfigure.decoding_loop(check_every=0)
     with pytest.raises(ValueError, match="cache_bucket"):
         transfigure.decoding_loop(cache_bucket=0)
+
+
+def test_kept_buffers_do_not_leak_between_calls():
+    """The loop reuses its cache and token buffers for calls of the same shapes (CUDA graphs keep their
+    addresses); what it returned before stays intact, and a new prompt does not see the previous one's cache."""
+    model = tiny_model("llama")
+    backend = transfigure.backend(lowering="eager")
+    first_prompt, second_prompt = _prompt(model.config.vocab_size, seed=1), _prompt(model.config.vocab_size, seed=2)
+    first = transfigure.generate(model, first_prompt, 8, backend=backend)
+    kept = first.clone()
+    second = transfigure.generate(model, second_prompt, 8, backend=backend)
+    assert torch.equal(first, kept)
+    assert torch.equal(second, _greedy_without_cache(model, second_prompt, 8))
+    assert torch.equal(transfigure.generate(model, first_prompt, 8, backend=backend), kept)

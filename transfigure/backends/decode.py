@@ -30,6 +30,7 @@ import torch
 __all__ = ["decoding_loop", "generate"]
 
 _STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_BUFFERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _DEFAULT_BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
@@ -42,14 +43,15 @@ def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None):
     return per_model[key][1]
 
 
-def _resolve(model: torch.nn.Module, backend: Any, mode: str | None, device: torch.device):
+def _resolve(model: torch.nn.Module, backend: Any, mode: str | None, device: torch.device) -> tuple[Any, str | None]:
+    """(backend, torch.compile mode) for this model and device."""
     if mode == "default":
         mode = "reduce-overhead" if device.type == "cuda" else None
     if backend is None:
         from .backend import Backend
 
         backend = _DEFAULT_BACKENDS.setdefault(model, Backend())
-    return _compiled_step(model, backend, mode)
+    return backend, mode
 
 
 def _check_loop_arguments(who: str, check_every: int, cache_bucket: int) -> None:
@@ -59,51 +61,107 @@ def _check_loop_arguments(who: str, check_every: int, cache_bucket: int) -> None
         raise ValueError(f"{who}: check_every must be >= 1, got {check_every}")
 
 
-def _decode(model: torch.nn.Module, step: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
-            choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eos: torch.Tensor | None,
+def _greedy_step(model: torch.nn.Module, cache: Any, tokens: torch.Tensor, position: torch.Tensor,
+                 unfinished: torch.Tensor, steps_running: torch.Tensor, eos: torch.Tensor | None,
+                 pad: torch.Tensor | None) -> None:
+    """One greedy decode step with the token choice and the EOS bookkeeping inside the compiled graph.
+
+    Reads the last token from ``tokens``, writes the new one at ``position`` and updates ``unfinished`` /
+    ``steps_running`` in place (static buffers), so a step is ONE graph replay on the host: every eager op around
+    it costs tens of microseconds of host time, and at ~1.2 ms of GPU work per 4-bit 1B step those add up to the
+    bound (measured: 517 tok/s with the choice outside the graph against 678 with it in the plain greedy loop)."""
+    last = tokens.index_select(1, position - 1)
+    logits = model(input_ids=last, past_key_values=cache, cache_position=position - 1, use_cache=True).logits
+    token = logits[:, -1].argmax(-1)
+    if eos is not None:
+        token = torch.where(unfinished, token, pad)
+        unfinished.logical_and_(~torch.isin(token, eos))
+        steps_running.add_(unfinished)
+    tokens.index_copy_(1, position, token[:, None])
+
+
+def _compiled_greedy_step(model: torch.nn.Module, backend: Any, mode: str | None):
+    per_model = _STEPS.setdefault(model, {})
+    key = (id(backend), mode, "greedy")
+    if key not in per_model:
+        per_model[key] = (backend, torch.compile(_greedy_step, backend=backend, fullgraph=True, mode=mode))
+    return per_model[key][1]
+
+
+def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids: torch.Tensor, max_new_tokens: int,
+            *, choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, eos: torch.Tensor | None,
             pad: torch.Tensor | int | None, stop: Callable[[torch.Tensor], torch.Tensor] | None,
-            check_every: int, cache_bucket: int, streamer: Any = None) -> tuple[torch.Tensor, Any]:
-    """The loop. ``choose(tokens so far, last logits) -> next tokens``; a row stops when its new token is in ``eos``
-    or ``stop(tokens so far)`` says so; finished rows continue with ``pad`` (when given); decoding ends at the step
-    where every row has finished, found on the device and read back every ``check_every`` steps (the tokens
-    returned end exactly there, as in transformers' loop). Returns the tokens ``[batch, prompt + new]`` and the cache.
+            check_every: int, cache_bucket: int, streamer: Any = None, keep_cache: bool = False
+            ) -> tuple[torch.Tensor, Any]:
+    """The loop. ``choose(tokens so far, last logits) -> next tokens`` (None: greedy, decided inside the compiled
+    step, see :func:`_greedy_step`); a row stops when its new token is in ``eos`` or ``stop(tokens so far)`` says
+    so; finished rows continue with ``pad`` (when given); decoding ends at the step where every row has finished,
+    found on the device and read back every ``check_every`` steps (the tokens returned end exactly there, as in
+    transformers' loop). ``compiled`` = (backend, torch.compile mode). Returns the tokens ``[batch, prompt + new]``
+    and the cache; the cache and buffers are reused by the next call of the same shapes unless ``keep_cache``
+    (the caller keeps the cache).
     """
     import transformers
 
     device = input_ids.device
     batch, prompt = input_ids.shape
     cache_len = -(-(prompt + max_new_tokens) // cache_bucket) * cache_bucket
-    cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
+    key = (batch, cache_len, device, input_ids.dtype, getattr(model, "dtype", None))
+    kept = None if keep_cache else _BUFFERS.get(model)
+    if kept is not None and kept[0] == key:
+        cache, tokens, unfinished, steps_running = kept[1]
+        cache.reset()
+        unfinished.fill_(True)
+        steps_running.zero_()
+    else:
+        cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
+        # as long as the cache, so the compiled step sees the same shapes for every length in the bucket
+        tokens = torch.empty(batch, cache_len, dtype=input_ids.dtype, device=device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        # steps each row was still running after: its finishing step, or max_new_tokens if it never finished
+        steps_running = torch.zeros(batch, dtype=torch.long, device=device)
+        for buffer in (tokens, unfinished, steps_running):  # mutated in place by the CUDA-graphed step
+            torch._dynamo.mark_static_address(buffer)
+        if not keep_cache:
+            # the next call of the same shape reuses them: new addresses would make CUDA graphs record again
+            _BUFFERS[model] = (key, (cache, tokens, unfinished, steps_running))
     # the prompt runs eagerly: it allocates the cache (transformers marks its tensors static for CUDA graphs)
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **keep_last).logits
-    tokens = torch.empty(batch, prompt + max_new_tokens, dtype=input_ids.dtype, device=device)
+    fused = choose is None and stop is None
+    if fused and pad is not None and not isinstance(pad, torch.Tensor):
+        pad = torch.tensor(pad, dtype=input_ids.dtype, device=device)
     tokens[:, :prompt] = input_ids
     tracks_stops = eos is not None or stop is not None
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    # steps each row was still running after: its finishing step, or max_new_tokens if it never finished
-    steps_running = torch.zeros(batch, dtype=torch.long, device=device)
     positions = torch.arange(prompt, prompt + max_new_tokens, device=device)
+    if fused:
+        step = _compiled_greedy_step(model, *compiled)
+    else:
+        step = _compiled_step(model, *compiled)
     streamed = prompt
     done = max_new_tokens
     for i in range(max_new_tokens):
-        if i:
-            # a fresh [batch, 1] tensor, not a slice of ``tokens``: its strides would change with the lengths
-            logits = step(input_ids=next_token[:, None], past_key_values=cache,
-                          cache_position=positions[i - 1 : i], use_cache=True).logits
-        # consumed before the next replay of the step overwrites its output
-        next_token = choose(tokens[:, : prompt + i], logits[:, -1])
-        if pad is not None and tracks_stops:
-            next_token = torch.where(unfinished, next_token, pad)
-        tokens[:, prompt + i] = next_token
-        if tracks_stops:
-            stopping = torch.zeros_like(unfinished)
-            if eos is not None:
-                stopping = torch.isin(next_token, eos)
-            if stop is not None:
-                stopping = stopping | stop(tokens[:, : prompt + i + 1])
-            unfinished = unfinished & ~stopping
-            steps_running += unfinished
+        if i and fused:
+            step(model, cache, tokens, positions[i : i + 1], unfinished, steps_running, eos,
+                 pad if tracks_stops else None)
+        else:
+            if i:
+                # a fresh [batch, 1] tensor, not a slice of ``tokens``: its strides would change with the lengths
+                logits = step(input_ids=next_token[:, None], past_key_values=cache,
+                              cache_position=positions[i - 1 : i], use_cache=True).logits
+            # consumed before the next replay of the step overwrites its output
+            next_token = logits[:, -1].argmax(-1) if choose is None else choose(tokens[:, : prompt + i], logits[:, -1])
+            if pad is not None and tracks_stops:
+                next_token = torch.where(unfinished, next_token, pad)
+            tokens[:, prompt + i] = next_token
+            if tracks_stops:
+                stopping = torch.zeros_like(unfinished)
+                if eos is not None:
+                    stopping = torch.isin(next_token, eos)
+                if stop is not None:
+                    stopping = stopping | stop(tokens[:, : prompt + i + 1])
+                unfinished.logical_and_(~stopping)
+                steps_running += unfinished
         checkpoint = (i + 1) % check_every == 0 or i + 1 == max_new_tokens
         if checkpoint and streamer is not None:
             streamer.put(tokens[:, streamed : prompt + i + 1].cpu())
@@ -114,7 +172,7 @@ def _decode(model: torch.nn.Module, step: Callable, input_ids: torch.Tensor, max
     end = prompt + done
     if tracks_stops and not bool(unfinished.any()):
         end = prompt + int(steps_running.max()) + 1
-    return tokens[:, :end], cache
+    return tokens[:, :end].clone(), cache
 
 
 @torch.no_grad()
@@ -153,9 +211,9 @@ def generate(
         if value is not None and (value < 0 or (vocab is not None and value >= vocab)):
             raise ValueError(f"transfigure.generate: {name}={value} is not a token id of this model (vocab {vocab}); "
                              "finished rows are fed their pad token, so it must be one")
-    step = _resolve(model, backend, mode, input_ids.device)
+    compiled = _resolve(model, backend, mode, input_ids.device)
     eos = None if eos_token_id is None else torch.tensor([eos_token_id], device=input_ids.device)
-    tokens, _ = _decode(model, step, input_ids, max_new_tokens, choose=lambda _, logits: logits.argmax(-1), eos=eos,
+    tokens, _ = _decode(model, compiled, input_ids, max_new_tokens, choose=None, eos=eos,
                         pad=pad, stop=None, check_every=check_every, cache_bucket=cache_bucket)
     return tokens
 
@@ -264,17 +322,18 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
         processors = list(logits_processor or [])
 
         def choose(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            if not processors and not do_sample:
-                return logits.argmax(-1)
             scores = logits_processor(tokens, logits.to(copy=True, dtype=torch.float32))
             if do_sample:
                 return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             return scores.argmax(-1)
 
-        step = _resolve(model, self.backend, self.mode, input_ids.device)
-        sequences, cache = _decode(model, step, input_ids, max_length - input_ids.shape[1], choose=choose, eos=eos,
+        compiled = _resolve(model, self.backend, self.mode, input_ids.device)
+        plain_greedy = not processors and not do_sample
+        sequences, cache = _decode(model, compiled, input_ids, max_length - input_ids.shape[1],
+                                   choose=None if plain_greedy else choose, eos=eos,
                                    pad=pad, stop=stop if others else None, check_every=self.check_every,
-                                   cache_bucket=self.cache_bucket, streamer=streamer)
+                                   cache_bucket=self.cache_bucket, streamer=streamer,
+                                   keep_cache=bool(generation_config.return_dict_in_generate))
         if streamer is not None:
             streamer.end()
         if generation_config.return_dict_in_generate:
