@@ -12,8 +12,12 @@ independently (``signs`` has length ``K``, one sign per entry, so every block ca
 * :func:`fwht_triton` — for 16 <= h <= 128, tiles of R blocks times the h x h Hadamard matrix (built in
   registers from bit parities) on tensor cores; for 256 <= h <= 16384, ``H_h = H_A (x) H_B`` so a block seen
   as an ``[A, B]`` matrix ``X`` becomes ``H_A X H_B`` (two small ``tl.dot``; 16-bit inputs keep fp32 accuracy
-  by splitting the intermediate into hi + lo halves); other sizes (h < 16, h = 32768): butterflies on a
-  register-resident block (reshape + sum per stage; slow, correct).
+  by splitting the intermediate into hi + lo halves), from 4096 on also three factors of 16..32; h = 32768:
+  three factors or 16384-blocks combined; h < 16: butterflies on a register-resident block.
+  Precision: fp32 inputs get fp32-accurate sums. 16-bit inputs: for h < 4096 the result is the fp32 transform
+  rounded once to the input dtype; for h >= 4096 the tuner may also pick ROUND16 configs that round the
+  intermediate to the input dtype between factors -- bf16 relative L2 error 2.4e-3 against 1.7e-3 for the
+  single rounding (H100, ``benchmarks/results/explore_fwht_large.md``), for 10-25% more bandwidth.
 * ``torch.ops.transfigure.fwht(x, signs, hadamard_size, scale)`` — the op (CPU -> reference, CUDA -> Triton).
   Its adjoint is itself with the signs applied after instead of before, see :func:`ifwht_reference`.
 """
@@ -107,6 +111,15 @@ if triton_available():
         return tl.dot(h16, t_hi) + tl.dot(h16, t_lo)
 
     @triton.jit
+    def _dot_16(h, t, dtype: tl.constexpr, ROUND16: tl.constexpr):
+        """``h @ t`` on 16-bit tensor cores: fp32-accurate (hi + lo split), or with ``t`` rounded to ``dtype``
+        (ROUND16: one product instead of two, half the operand traffic through shared memory; one more rounding
+        of the input's precision per factor)."""
+        if ROUND16:
+            return tl.dot(h.to(dtype), t.to(dtype))
+        return _dot_fp32_accurate(h, t, dtype)
+
+    @triton.jit
     def _fwht_rows_kernel(x_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, scale, R: tl.constexpr, H: tl.constexpr,
                           LOG_H: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr):
         """Small blocks (16 <= h <= 128): R consecutive blocks as an [R, h] tile, Y = X @ H_h (tensor cores)."""
@@ -127,7 +140,8 @@ if triton_available():
 
     @triton.jit
     def _fwht_kron_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr, LOG_A: tl.constexpr,
-                          LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr, ROWS: tl.constexpr):
+                          LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr, ROWS: tl.constexpr,
+                          ROUND16: tl.constexpr):
         """Large blocks h = A * B (256..16384): H_h = H_A (x) H_B, so a block seen as X [A, B] maps to H_A X H_B.
 
         A program transforms block ``program_id(1)`` of ROWS consecutive rows: the two Hadamard factors (built
@@ -148,7 +162,7 @@ if triton_available():
                 x = x * signs.to(x.dtype)
             if LOWP:
                 t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
-                y = _dot_fp32_accurate(ha, t, x.dtype)
+                y = _dot_16(ha, t, x.dtype, ROUND16)
             else:
                 t = tl.dot(x, hb, input_precision="ieee")
                 y = tl.dot(ha, t, input_precision="ieee")
@@ -157,7 +171,7 @@ if triton_available():
     @triton.jit
     def _fwht_kron_batch_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr,
                                 LOG_A: tl.constexpr, LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr,
-                                BATCH: tl.constexpr):
+                                BATCH: tl.constexpr, ROUND16: tl.constexpr):
         """The Kronecker form over BATCH rows at once: X [BATCH, A, B] -> H_A X H_B per row, as ONE [BATCH*A, B]
         tensor-core product for H_B and one batched product for H_A. The row-loop kernel above runs one small
         (A x B) block per iteration, latency-bound for h <= 4096 (45-60% of copy bandwidth on the H100)."""
@@ -174,7 +188,7 @@ if triton_available():
         x2 = tl.reshape(x, [BATCH * A, B])
         if LOWP:
             t = tl.reshape(tl.dot(x2, hb.to(x.dtype)), [BATCH, A, B])  # exact products, fp32 sums
-            y = _dot_fp32_accurate(ha, t, x.dtype)
+            y = _dot_16(ha, t, x.dtype, ROUND16)
         else:
             t = tl.reshape(tl.dot(x2, hb, input_precision="ieee"), [BATCH, A, B])
             y = tl.dot(ha, t, input_precision="ieee")
@@ -183,7 +197,7 @@ if triton_available():
     @triton.jit
     def _fwht_kron3_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
                            LOG_A: tl.constexpr, LOG_B: tl.constexpr, LOG_C: tl.constexpr, HAS_SIGNS: tl.constexpr,
-                           LOWP: tl.constexpr, ROWS: tl.constexpr):
+                           LOWP: tl.constexpr, ROWS: tl.constexpr, ROUND16: tl.constexpr):
         """h = A * B * C (4096..32768, each factor 16 or 32): H_h = H_A (x) H_B (x) H_C, a block seen as X [A, B, C].
         H_C acts on the last axis ([A*B, C] @ H_C), H_B as one batched product over A, H_A on the first axis
         (H_A @ [A, B*C]) -- three tensor-core products with no transposes, where the two-factor split needs
@@ -205,8 +219,8 @@ if triton_available():
                 x = x * signs.to(x.dtype)
             if LOWP:
                 t = tl.reshape(tl.dot(tl.reshape(x, [A * B, C]), hc.to(x.dtype)), [A, B, C])  # exact, fp32 sums
-                u = _dot_fp32_accurate(hb, t, x.dtype)
-                y = _dot_fp32_accurate(ha, tl.reshape(u, [A, B * C]), x.dtype)
+                u = _dot_16(hb, t, x.dtype, ROUND16)
+                y = _dot_16(ha, tl.reshape(u, [A, B * C]), x.dtype, ROUND16)
             else:
                 t = tl.reshape(tl.dot(tl.reshape(x, [A * B, C]), hc, input_precision="ieee"), [A, B, C])
                 u = tl.dot(hb, t, input_precision="ieee")
@@ -237,6 +251,7 @@ if triton_available():
         x2 = x.contiguous().view(-1, K)
         y = torch.empty_like(x2)
         lowp = x.dtype in (torch.float16, torch.bfloat16)
+        round16 = lowp and bool(config.meta.get("ROUND16"))
         s = signs if signs is not None else x2
         if x2.numel() == 0:
             return y.view(x.shape)
@@ -254,21 +269,21 @@ if triton_available():
             _fwht_kron3_kernel[(triton.cdiv(x2.shape[0], rows_per_program), K // h)](
                 x2, s, y, x2.shape[0], K, float(scale), A=a, B=b, C=c, LOG_A=int(math.log2(a)),
                 LOG_B=int(math.log2(b)), LOG_C=int(math.log2(c)), HAS_SIGNS=signs is not None, LOWP=lowp,
-                ROWS=rows_per_program, num_warps=config.num_warps, num_stages=config.num_stages)
+                ROWS=rows_per_program, ROUND16=round16, num_warps=config.num_warps, num_stages=config.num_stages)
         elif "BATCH" in config.meta:
             a, b = _split(h)
             batch = config.meta["BATCH"]
             _fwht_kron_batch_kernel[(triton.cdiv(x2.shape[0], batch), K // h)](
                 x2, s, y, x2.shape[0], K, float(scale), A=a, B=b, LOG_A=int(math.log2(a)), LOG_B=int(math.log2(b)),
-                HAS_SIGNS=signs is not None, LOWP=lowp, BATCH=batch, num_warps=config.num_warps,
+                HAS_SIGNS=signs is not None, LOWP=lowp, BATCH=batch, ROUND16=round16, num_warps=config.num_warps,
                 num_stages=config.num_stages)
         else:
             a, b = _split(h)
             rows_per_program = config.meta.get("ROWS", 1)
             _fwht_kron_kernel[(triton.cdiv(x2.shape[0], rows_per_program), K // h)](
                 x2, s, y, x2.shape[0], K, float(scale), A=a, B=b, LOG_A=int(math.log2(a)), LOG_B=int(math.log2(b)),
-                HAS_SIGNS=signs is not None, LOWP=lowp, ROWS=rows_per_program, num_warps=config.num_warps,
-                num_stages=config.num_stages)
+                HAS_SIGNS=signs is not None, LOWP=lowp, ROWS=rows_per_program, ROUND16=round16,
+                num_warps=config.num_warps, num_stages=config.num_stages)
         return y.view(x.shape)
 
     def _launch(config: Config, x: torch.Tensor, signs: torch.Tensor | None, h: int, scale: float) -> torch.Tensor:
@@ -305,8 +320,15 @@ if triton_available():
         if h > 16384:  # two factors would need a 256-wide one: three factors, or 16384-blocks combined
             return [c for c in configs if c.meta.get("COMBINE")
                     or (c.meta.get("KRON3") and c.num_warps >= 8 and c.meta["ROWS"] <= max(rows, 1))]
-        # Kronecker kernel: several rows per program only pay off with many rows (prefill); never more than rows
-        keep = [c for c in configs if "ROWS" in c.meta and not c.meta.get("KRON3") and c.num_warps == (4 if h <= 2048 else 8)
+        # 16-bit inputs with h >= 4096 may round the intermediate product to the input dtype (ROUND16): measured
+        # on the H100 (explore_fwht_large.md) relative L2 error 2.4e-3 against 1.7e-3 for bf16's own output
+        # rounding, and 4096 / 8192 / 16384 at 0.89 / 0.82 / 0.58 of copy bandwidth against 0.82 / 0.71 / 0.48
+        round16_ok = h >= 4096 and x.dtype in (torch.float16, torch.bfloat16)
+        configs = [c for c in configs if round16_ok or not c.meta.get("ROUND16")]
+        # Kronecker kernel: several rows per program only pay off with many rows (prefill); never more than rows.
+        # 4 warps won every size up to 8192 on the H100; 8 at 16384
+        keep = [c for c in configs if "ROWS" in c.meta and not c.meta.get("KRON3")
+                and (c.num_warps == 4 if h <= 2048 else c.num_warps in (4, 8))
                 and (c.meta["ROWS"] == 1 or c.meta["ROWS"] <= rows)]
         # three factors of 16..32 from h = 4096 on
         keep += [c for c in configs if c.meta.get("KRON3") and h >= 4096 and c.meta["ROWS"] <= max(rows, 1)
@@ -325,6 +347,9 @@ if triton_available():
            for st in ((1,) if r == 1 else (1, 2))]
         + [Config({"BATCH": b}, num_warps=w, num_stages=1) for b in (2, 4, 8, 16, 32, 64) for w in (4, 8)]
         + [Config({"KRON3": 1, "ROWS": r}, num_warps=w, num_stages=1) for r in (1, 4) for w in (4, 8, 16)]
+        + [Config({"ROWS": r, "ROUND16": 1}, num_warps=w, num_stages=st) for r in (1, 4, 16) for w in (4, 8)
+           for st in ((1,) if r == 1 else (1, 2))]
+        + [Config({"KRON3": 1, "ROWS": r, "ROUND16": 1}, num_warps=w, num_stages=1) for r in (1, 4) for w in (4, 8)]
         + [Config({"COMBINE": 1})],
         key=lambda x, signs, h, scale: (x.dtype, h, x.numel() // x.shape[-1] > 64, signs is not None),
         launch=_launch_dot,
