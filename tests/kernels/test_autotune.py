@@ -61,3 +61,52 @@ def test_no_runnable_config_is_a_clear_error(cpu_tuning):
                        prune=lambda configs, args: [])
     with pytest.raises(RuntimeError, match="every config was pruned"):
         pruned.best_config(1)
+
+
+def test_shipped_tuning_applies_to_its_own_key_and_the_users_cache_wins(cpu_tuning, monkeypatch):
+    """A shipped table (data/autotune) answers keys it holds without benchmarking; keys it does not hold are
+    tuned; an entry in the user's cache overrides it; TRANSFIGURE_SHIPPED_TUNING=0 ignores it."""
+    import json
+
+    from transfigure.kernels import autotune
+
+    shipped_dir = cpu_tuning / "shipped"
+    shipped_dir.mkdir()
+    monkeypatch.setattr(autotune, "SHIPPED_TUNING_DIR", shipped_dir)
+    probe = make_tuner("shipped", [0.0, 0.0, 0.0], [])
+    even_key = probe._full_key((4,))
+    (shipped_dir / "shipped.json").write_text(json.dumps({even_key: {"config": Config({"id": 2}).as_json()}}))
+
+    calls = []
+    tuner = make_tuner("shipped", [0.02, 0.0, 0.01], calls)
+    assert tuner.best_config(4).meta["id"] == 2 and calls == []  # shipped: no benchmark, its choice
+    assert tuner.best_config(3).meta["id"] == 1 and calls  # not shipped: tuned
+
+    (cpu_tuning / "autotune").mkdir(exist_ok=True)
+    (cpu_tuning / "autotune" / "shipped.json").write_text(json.dumps({even_key: {"config": Config({"id": 0}).as_json()}}))
+    assert make_tuner("shipped", [0.02, 0.0, 0.01], []).best_config(4).meta["id"] == 0  # the user's cache wins
+
+    (cpu_tuning / "autotune" / "shipped.json").unlink()
+    monkeypatch.setenv("TRANSFIGURE_SHIPPED_TUNING", "0")
+    calls = []
+    assert make_tuner("shipped", [0.02, 0.0, 0.01], calls).best_config(4).meta["id"] == 1 and calls
+
+
+def test_shipped_tables_name_known_configs():
+    """Every shipped entry names a config its tuner still has (else it would be silently re-tuned)."""
+    import importlib
+    import json
+    import pkgutil
+
+    import transfigure.kernels
+    from transfigure.kernels import autotune
+
+    modules = [importlib.import_module(f"transfigure.kernels.{m.name}")
+               for m in pkgutil.iter_modules(transfigure.kernels.__path__)]
+    tuners = {t.name: t for t in (getattr(m, n) for m in modules for n in dir(m)) if isinstance(t, autotune.Autotuner)}
+    assert {"lut_linear", "fwht_dot"} <= set(tuners)
+    for path in sorted(autotune.SHIPPED_TUNING_DIR.glob("*.json")):
+        assert path.stem in tuners, f"{path.name}: no tuner of that name"
+        known = {json.dumps(c.as_json(), sort_keys=True) for c in tuners[path.stem].configs}
+        for key, entry in json.loads(path.read_text()).items():
+            assert json.dumps(entry["config"], sort_keys=True) in known, (path.name, key)

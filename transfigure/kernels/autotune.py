@@ -6,6 +6,12 @@ CPU machines). :class:`Autotuner` benchmarks each :class:`Config` once per *key*
 remembers the winner in memory and on disk (``$TRANSFIGURE_CACHE_DIR/autotune/<name>.json``, default
 ``~/.cache/transfigure``), and in interpreter mode uses the first config unless
 ``TRANSFIGURE_AUTOTUNE_CPU=1`` asks for a CPU timing of every config.
+
+The package ships tuning tables measured on the GPUs we benchmark (``transfigure/data/autotune/<name>.json``,
+same format): their keys name the GPU model and Triton version, so they apply only there, and only until the
+user's own cache has an entry for the key. They spare a fresh machine the benchmarking of every candidate on
+the first compile (8B-shaped Llama, H100: most of the extra cold compile time). ``TRANSFIGURE_SHIPPED_TUNING=0``
+ignores them.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class Config:
 def cache_dir() -> Path:
     root = os.environ.get("TRANSFIGURE_CACHE_DIR") or os.path.join(Path.home(), ".cache", "transfigure")
     return Path(root)
+
+
+SHIPPED_TUNING_DIR = Path(__file__).resolve().parent.parent / "data" / "autotune"
 
 
 def _device_tag(device: torch.device) -> str:
@@ -112,19 +121,28 @@ class Autotuner:
     def cache_file(self) -> Path:
         return cache_dir() / "autotune" / f"{self.name}.json"
 
+    @property
+    def shipped_file(self) -> Path:
+        return SHIPPED_TUNING_DIR / f"{self.name}.json"
+
     def _load_disk(self) -> None:
         if self._disk_loaded:
             return
         self._disk_loaded = True
-        try:
-            stored = json.loads(self.cache_file.read_text())
-        except (OSError, ValueError):
-            return
         by_json = {json.dumps(c.as_json(), sort_keys=True): c for c in self.configs}
-        for key, entry in stored.items():
-            config = by_json.get(json.dumps(entry.get("config"), sort_keys=True))
-            if config is not None:
-                self._best[key] = config
+        files = [self.cache_file]
+        if os.environ.get("TRANSFIGURE_SHIPPED_TUNING", "1") != "0":
+            files.insert(0, self.shipped_file)  # the user's own measurements win
+        for path in files:
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for key, entry in stored.items():
+                # a config no longer in the candidate list is ignored (the key is tuned again)
+                config = by_json.get(json.dumps(entry.get("config"), sort_keys=True))
+                if config is not None:
+                    self._best[key] = config
 
     def _store_disk(self, key: str, config: Config, timings: dict[str, float]) -> None:
         path = self.cache_file
