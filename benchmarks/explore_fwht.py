@@ -24,7 +24,11 @@ from transfigure.kernels.autotune import Config  # noqa: E402
 from transfigure.kernels.fwht import _launch_dot, fwht_reference  # noqa: E402
 
 
-def candidates(h: int) -> list[Config]:
+def candidates(h: int, wide: bool = False) -> list[Config]:
+    if wide:  # two factors only, more warps and stages (the 16384 search)
+        return [Config({"ROWS": rows, **flag}, num_warps=warps, num_stages=stages)
+                for flag in ({}, {"ROUND16": 1}) for rows in (1, 4, 16) for warps in (8, 16) for stages in (1, 2, 3)
+                if rows > 1 or stages == 1]
     out = []
     for round16 in (0, 1):
         flag = {"ROUND16": 1} if round16 else {}
@@ -48,6 +52,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="large")
+    ap.add_argument("--wide", action="store_true", help="two-factor configs with 8/16 warps and 1-3 stages only")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +64,7 @@ def main() -> None:
         scale = 1 / math.sqrt(h)
         ref = fwht_reference(x[:64].float(), signs, h, scale)
         copy_us = bench(lambda: x.clone())
-        for config in candidates(h):
+        for config in candidates(h, args.wide):
             row = {"h": h, "config": config.describe(), "copy_us": copy_us}
             try:
                 y = _launch_dot(config, x, signs, h, scale)

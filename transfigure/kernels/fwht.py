@@ -17,7 +17,7 @@ independently (``signs`` has length ``K``, one sign per entry, so every block ca
   Precision: fp32 inputs get fp32-accurate sums. 16-bit inputs: for h < 4096 the result is the fp32 transform
   rounded once to the input dtype; for h >= 4096 the tuner may also pick ROUND16 configs that round the
   intermediate to the input dtype between factors -- bf16 relative L2 error 2.4e-3 against 1.7e-3 for the
-  single rounding (H100, ``benchmarks/results/explore_fwht_large.md``), for 10-25% more bandwidth.
+  single rounding (H100, ``benchmarks/results/explore_fwht_*.md``), for 10-30% more bandwidth.
 * ``torch.ops.transfigure.fwht(x, signs, hadamard_size, scale)`` — the op (CPU -> reference, CUDA -> Triton).
   Its adjoint is itself with the signs applied after instead of before, see :func:`ifwht_reference`.
 """
@@ -321,8 +321,9 @@ if triton_available():
             return [c for c in configs if c.meta.get("COMBINE")
                     or (c.meta.get("KRON3") and c.num_warps >= 8 and c.meta["ROWS"] <= max(rows, 1))]
         # 16-bit inputs with h >= 4096 may round the intermediate product to the input dtype (ROUND16): measured
-        # on the H100 (explore_fwht_large.md) relative L2 error 2.4e-3 against 1.7e-3 for bf16's own output
-        # rounding, and 4096 / 8192 / 16384 at 0.89 / 0.82 / 0.58 of copy bandwidth against 0.82 / 0.71 / 0.48
+        # on the H100 (explore_fwht_large.md, explore_fwht_16384_wide.md) relative L2 error 2.4e-3 against 1.7e-3
+        # for bf16's own output rounding, and 4096 / 8192 / 16384 at 0.89 / 0.82 / 0.83 of copy bandwidth against
+        # 0.82 / 0.71 / 0.63 without it
         round16_ok = h >= 4096 and x.dtype in (torch.float16, torch.bfloat16)
         configs = [c for c in configs if round16_ok or not c.meta.get("ROUND16")]
         # Kronecker kernel: several rows per program only pay off with many rows (prefill); never more than rows.
@@ -344,11 +345,12 @@ if triton_available():
          Config({"R": 128}, num_warps=8, num_stages=1), Config({"R": 64}, num_warps=8, num_stages=1),
          Config({"R": 16}, num_warps=2, num_stages=1)]
         + [Config({"ROWS": r}, num_warps=w, num_stages=st) for r in (1, 4, 16) for w in (4, 8)
-           for st in ((1,) if r == 1 else (1, 2))]
+           for st in ((1,) if r == 1 else (1, 2, 3))]
         + [Config({"BATCH": b}, num_warps=w, num_stages=1) for b in (2, 4, 8, 16, 32, 64) for w in (4, 8)]
         + [Config({"KRON3": 1, "ROWS": r}, num_warps=w, num_stages=1) for r in (1, 4) for w in (4, 8, 16)]
+        # three stages: the next rows' loads in flight during this row's products (16384: 0.58 -> 0.83 of copy)
         + [Config({"ROWS": r, "ROUND16": 1}, num_warps=w, num_stages=st) for r in (1, 4, 16) for w in (4, 8)
-           for st in ((1,) if r == 1 else (1, 2))]
+           for st in ((1,) if r == 1 else (1, 2, 3))]
         + [Config({"KRON3": 1, "ROWS": r, "ROUND16": 1}, num_warps=w, num_stages=1) for r in (1, 4) for w in (4, 8)]
         + [Config({"COMBINE": 1})],
         key=lambda x, signs, h, scale: (x.dtype, h, x.numel() // x.shape[-1] > 64, signs is not None),
