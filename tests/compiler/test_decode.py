@@ -180,20 +180,20 @@ def test_decoding_loop_keeps_one_compiled_step_and_returns_a_dict_when_asked():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("case", ["beam", "padded", "scores", "own cache"])
+@pytest.mark.parametrize("case", ["beam", "right-padded", "scores", "own cache"])
 def test_decoding_loop_hands_what_it_does_not_cover_to_transformers(case):
     from transformers import DynamicCache
 
     model = tiny_model("llama")
     prompt = _prompt(model.config.vocab_size)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-    reason = {"beam": "beam_search", "padded": "padded batch", "scores": "output_scores",
+    reason = {"beam": "beam_search", "right-padded": "right-padded batch", "scores": "output_scores",
               "own cache": "cache passed in"}[case]
     if case == "beam":
         kwargs["num_beams"] = 2
-    elif case == "padded":
+    elif case == "right-padded":
         mask = torch.ones_like(prompt)
-        mask[1, :2] = 0
+        mask[1, -2:] = 0
         kwargs["attention_mask"] = mask
     elif case == "scores":
         kwargs.update(return_dict_in_generate=True, output_scores=True)
@@ -232,3 +232,37 @@ def test_kept_buffers_do_not_leak_between_calls():
     assert torch.equal(first, kept)
     assert torch.equal(second, _greedy_without_cache(model, second_prompt, 8))
     assert torch.equal(transfigure.generate(model, first_prompt, 8, backend=backend), kept)
+
+
+@pytest.mark.parametrize("arch", ["trained-llama", "gpt2"])
+def test_decoding_loop_handles_a_left_padded_batch(arch):
+    """Prompts of different lengths, left-padded: the loop gives the model a cache-long mask and positions that
+    skip the padding, and decodes what transformers' loop decodes (greedy in the compiled step, and sampled).
+    The trained tiny Llama's continuations depend on the positions (a random one repeats one token)."""
+    import warnings
+
+    from transfigure.models import text_corpus, trained_tiny_llama
+
+    if arch == "trained-llama":
+        model = trained_tiny_llama()
+        text = torch.tensor(list(text_corpus()[:4096]), dtype=torch.long)
+        prompt = torch.stack([text[i : i + 8] for i in (100, 1200, 2300)])
+    else:
+        model = tiny_model(arch)
+        prompt = _prompt(model.config.vocab_size, batch=3, length=8)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    loop = transfigure.decoding_loop(transfigure.backend(lowering="eager"))
+    results = {}
+    for name, kwargs in (("greedy", dict(do_sample=False)), ("sampled", dict(do_sample=True, top_k=10))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback to transformers' loop
+            theirs, ours = _both(model, prompt, loop, max_new_tokens=10, attention_mask=mask, pad_token_id=0,
+                                 eos_token_id=None, **kwargs)
+        assert torch.equal(theirs, ours), name
+        results[name] = ours
+    # the padding matters: without the mask the padded rows continue differently
+    unmasked = transfigure.generate(model, prompt, 10, backend=loop.backend)
+    assert torch.equal(unmasked[0], results["greedy"][0]) and not torch.equal(unmasked[1:], results["greedy"][1:])

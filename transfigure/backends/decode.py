@@ -11,7 +11,7 @@ Two ways in:
 * :func:`decoding_loop` plugs it into transformers' own ``generate()`` through its ``custom_generate`` hook:
   ``model.generate(ids, max_new_tokens=..., custom_generate=transfigure.decoding_loop(backend))``. Greedy and
   sampling with any logits processors and stopping criteria give the same tokens as transformers' loop;
-  what the loop does not cover (beam search, padded batches, per-step scores, ...) runs transformers' own
+  what the loop does not cover (beam search, right padding, per-step scores, ...) runs transformers' own
   method, with a warning that says why.
 * :func:`generate`: the same loop as a plain function (greedy).
 
@@ -63,7 +63,8 @@ def _check_loop_arguments(who: str, check_every: int, cache_bucket: int) -> None
 
 def _greedy_step(model: torch.nn.Module, cache: Any, tokens: torch.Tensor, position: torch.Tensor,
                  unfinished: torch.Tensor, steps_running: torch.Tensor, eos: torch.Tensor | None,
-                 pad: torch.Tensor | None) -> None:
+                 pad: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                 position_offsets: torch.Tensor | None = None) -> None:
     """One greedy decode step with the token choice and the EOS bookkeeping inside the compiled graph.
 
     Reads the last token from ``tokens``, writes the new one at ``position`` and updates ``unfinished`` /
@@ -71,7 +72,10 @@ def _greedy_step(model: torch.nn.Module, cache: Any, tokens: torch.Tensor, posit
     it costs tens of microseconds of host time, and at ~1.2 ms of GPU work per 4-bit 1B step those add up to the
     bound (H100, 1B, 4-bit, through generate(): 517 tok/s with the choice outside the graph, 657 with it inside)."""
     last = tokens.index_select(1, position - 1)
-    logits = model(input_ids=last, past_key_values=cache, cache_position=position - 1, use_cache=True).logits
+    padding = {} if attention_mask is None else {"attention_mask": attention_mask,
+                                                 "position_ids": (position - 1 + position_offsets)[:, None]}
+    logits = model(input_ids=last, past_key_values=cache, cache_position=position - 1, use_cache=True,
+                   **padding).logits
     token = logits[:, -1].argmax(-1)
     if eos is not None:
         token = torch.where(unfinished, token, pad)
@@ -91,15 +95,17 @@ def _compiled_greedy_step(model: torch.nn.Module, backend: Any, mode: str | None
 def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids: torch.Tensor, max_new_tokens: int,
             *, choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, eos: torch.Tensor | None,
             pad: torch.Tensor | int | None, stop: Callable[[torch.Tensor], torch.Tensor] | None,
-            check_every: int, cache_bucket: int, streamer: Any = None, keep_cache: bool = False
-            ) -> tuple[torch.Tensor, Any]:
+            check_every: int, cache_bucket: int, streamer: Any = None, keep_cache: bool = False,
+            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
     """The loop. ``choose(tokens so far, last logits) -> next tokens`` (None: greedy, decided inside the compiled
     step, see :func:`_greedy_step`); a row stops when its new token is in ``eos`` or ``stop(tokens so far)`` says
     so; finished rows continue with ``pad`` (when given); decoding ends at the step where every row has finished,
     found on the device and read back every ``check_every`` steps (the tokens returned end exactly there, as in
     transformers' loop). ``compiled`` = (backend, torch.compile mode). Returns the tokens ``[batch, prompt + new]``
     and the cache; the cache and buffers are reused by the next call of the same shapes unless ``keep_cache``
-    (the caller keeps the cache).
+    (the caller keeps the cache). ``attention_mask``: the prompt's ``[batch, prompt]`` mask of a LEFT-padded batch
+    (zeros = padding); the model then gets a cache-long mask and per-row positions that skip the padding, as
+    transformers' own loop gives it.
     """
     import transformers
 
@@ -125,9 +131,19 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
         if not keep_cache:
             # the next call of the same shape reuses them: new addresses would make CUDA graphs record again
             _BUFFERS[model] = (key, (cache, tokens, unfinished, steps_running))
+    padding: dict[str, torch.Tensor] = {}
+    position_offsets = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        full_mask = torch.ones(batch, cache_len, dtype=attention_mask.dtype, device=device)
+        full_mask[:, :prompt] = attention_mask
+        prompt_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # a row's position id = its cache index + offset (negative by the row's padding)
+        position_offsets = prompt_positions[:, -1] - (prompt - 1)
+        padding = {"attention_mask": full_mask, "position_ids": prompt_positions}
     # the prompt runs eagerly: it allocates the cache (transformers marks its tensors static for CUDA graphs)
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **keep_last).logits
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                   cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
     fused = choose is None and stop is None
     if fused and eos is not None and pad is None:
         pad = eos[0]  # what transformers falls back to when only an EOS id is known
@@ -145,12 +161,15 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
     for i in range(max_new_tokens):
         if i and fused:
             step(model, cache, tokens, positions[i : i + 1], unfinished, steps_running, eos,
-                 pad if tracks_stops else None)
+                 pad if tracks_stops else None, padding.get("attention_mask"), position_offsets)
         else:
             if i:
                 # a fresh [batch, 1] tensor, not a slice of ``tokens``: its strides would change with the lengths
+                step_padding = {} if not padding else {
+                    "attention_mask": padding["attention_mask"],
+                    "position_ids": (positions[i - 1 : i] + position_offsets)[:, None]}
                 logits = step(input_ids=next_token[:, None], past_key_values=cache,
-                              cache_position=positions[i - 1 : i], use_cache=True).logits
+                              cache_position=positions[i - 1 : i], use_cache=True, **step_padding).logits
             # consumed before the next replay of the step overwrites its output
             next_token = logits[:, -1].argmax(-1) if choose is None else choose(tokens[:, : prompt + i], logits[:, -1])
             if pad is not None and tracks_stops:
@@ -246,8 +265,8 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
     ``check_every``.
 
     Cases the loop does not cover run transformers' own decoding method for the generation mode instead, with a
-    warning naming the reason: beam search and other non-sampling modes, a padded batch (an attention mask with
-    zeros), a cache passed in by the caller, per-step outputs (``output_scores``, ``output_logits``,
+    warning naming the reason: beam search and other non-sampling modes, a right-padded batch (left padding is
+    handled), a cache passed in by the caller, per-step outputs (``output_scores``, ``output_logits``,
     attentions, hidden states), ``synced_gpus``, encoder-decoder models, extra model inputs.
     """
 
@@ -281,8 +300,10 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
         if wanted:
             return f"{', '.join(wanted)} (per-step outputs)"
         mask = model_kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            return "a padded batch (attention_mask has zeros)"
+        if mask is not None and mask.shape != input_ids.shape:
+            return f"an attention_mask of shape {tuple(mask.shape)} for input_ids {tuple(input_ids.shape)}"
+        if mask is not None and not bool((mask[:, 1:] >= mask[:, :-1]).all() and mask[:, -1].all()):
+            return "a right-padded batch (the loop takes left padding, as decoder-only generation wants)"
         cache = model_kwargs.get("past_key_values")
         if cache is not None and (getattr(cache, "_is_user_defined", False) or cache.get_seq_length() > 0):
             return "a cache passed in by the caller"
@@ -340,7 +361,8 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
                                    choose=None if plain_greedy else choose, eos=eos,
                                    pad=pad, stop=stop if others else None, check_every=self.check_every,
                                    cache_bucket=self.cache_bucket, streamer=streamer,
-                                   keep_cache=bool(generation_config.return_dict_in_generate))
+                                   keep_cache=bool(generation_config.return_dict_in_generate),
+                                   attention_mask=model_kwargs.get("attention_mask"))
         if streamer is not None:
             streamer.end()
         if generation_config.return_dict_in_generate:
