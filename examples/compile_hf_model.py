@@ -1,4 +1,5 @@
-"""Compile a Hugging Face model with transfigure: inference, a training step, and generate().
+"""Compile a Hugging Face model with transfigure: inference, a training step, and generate() -- plain, and with
+transfigure's decode loop plugged into generate() (``custom_generate=transfigure.decoding_loop(...)``).
 
 Uses a built-in tiny Llama config (random weights, no downloads); swap in any
 ``AutoModelForCausalLM.from_pretrained(path)`` the same way.
@@ -10,7 +11,7 @@ import transfigure
 from transfigure.models import example_inputs, tiny_model
 
 
-def main() -> None:
+def main() -> dict:
     model = tiny_model("llama")
     inputs = example_inputs("llama")
 
@@ -28,11 +29,20 @@ def main() -> None:
     optimizer.step()
     print(f"training step: loss {loss.item():.4f}")
 
-    # generate() with a compiled forward (one reusable backend object).
+    # generate() through transfigure's decode loop: transformers prepares the call, a compiled one-token step
+    # decodes (CUDA graphs on a GPU, the greedy choice inside the graph, no host sync per token).
     model.eval()
-    model.forward = torch.compile(model.forward, backend=transfigure.backend())
-    tokens = model.generate(inputs["input_ids"][:1, :8], max_new_tokens=8, do_sample=False)
-    print(f"generated {tokens.shape[1] - 8} tokens: {tokens[0, 8:].tolist()}")
+    prompt = inputs["input_ids"][:2, :8]
+    backend = transfigure.backend()  # one reusable backend object (a new one per call would recompile)
+    looped = model.generate(prompt, max_new_tokens=8, do_sample=False,
+                            custom_generate=transfigure.decoding_loop(backend))
+    print(f"decoding_loop generated: {looped[:, 8:].tolist()}")
+
+    # generate() with a compiled forward and transformers' own loop.
+    model.forward = torch.compile(model.forward, backend=backend)
+    tokens = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    print(f"generated {tokens.shape[1] - 8} tokens: {tokens[:, 8:].tolist()}")
+    return {"inference_error": error, "loss": loss.item(), "decoding_loop": looped, "generate": tokens}
 
 
 if __name__ == "__main__":

@@ -14,3 +14,12 @@ def test_quantization_sparsity_and_lora_compose_and_lora_wins_back_loss():
     # graph (LUT codes frozen) recovers part of it
     assert losses["dense"] < losses["compressed"] < losses["dense"] + 0.5
     assert losses["tuned"] < losses["compressed"]
+
+
+def test_compile_hf_model_example_decodes_the_same_tokens_both_ways():
+    from compile_hf_model import main
+
+    out = main()
+    assert out["inference_error"] < 1e-3
+    assert out["decoding_loop"].shape == out["generate"].shape == (2, 16)
+    assert (out["decoding_loop"] == out["generate"]).all()
