@@ -266,3 +266,17 @@ def test_decoding_loop_handles_a_left_padded_batch(arch):
     # the padding matters: without the mask the padded rows continue differently
     unmasked = transfigure.generate(model, prompt, 10, backend=loop.backend)
     assert torch.equal(unmasked[0], results["greedy"][0]) and not torch.equal(unmasked[1:], results["greedy"][1:])
+
+
+def test_decoding_loop_builds_its_backend_from_options_and_names_bad_ones():
+    model = tiny_model("llama")
+    prompt = _prompt(model.config.vocab_size)
+    with pytest.raises(transfigure.OptionError, match="lut_quant"):
+        transfigure.decoding_loop(lut_quant={"bits": 5})
+    with pytest.raises(ValueError, match="either a backend or options"):
+        transfigure.decoding_loop(transfigure.backend(), lowering="eager")
+    from_options = transfigure.decoding_loop(lowering="eager", lut_quant={"bits": 4})
+    from_backend = transfigure.decoding_loop(transfigure.backend(lowering="eager", lut_quant={"bits": 4}))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(prompt, custom_generate=from_options, **kwargs),
+                       model.generate(prompt, custom_generate=from_backend, **kwargs))

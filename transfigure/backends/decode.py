@@ -249,7 +249,8 @@ _LOOP_MODEL_KWARGS = {"attention_mask", "past_key_values", "use_cache", "positio
 class decoding_loop:  # noqa: N801 - used like a function: custom_generate=transfigure.decoding_loop(backend)
     """transfigure's decode loop as transformers' ``generate(custom_generate=...)`` callable.
 
-    ``model.generate(input_ids, max_new_tokens=256, custom_generate=transfigure.decoding_loop(backend))`` runs
+    ``model.generate(input_ids, max_new_tokens=256, custom_generate=transfigure.decoding_loop(backend))`` (or
+    ``decoding_loop(lut_quant={"bits": 4})``: the loop builds its backend from these options) runs
     transformers' usual input and generation-config preparation, then this loop: the compiled one-token step
     (``backend`` as in :func:`generate`; build the object once and reuse it, the step is kept per model and
     backend), logits processors and stopping criteria applied on the device every step, greedy or sampled
@@ -271,8 +272,15 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
     """
 
     def __init__(self, backend: Any = None, *, mode: str | None = "default", check_every: int = 16,
-                 cache_bucket: int = 256):
+                 cache_bucket: int = 256, **options: Any):
         _check_loop_arguments("transfigure.decoding_loop", check_every, cache_bucket)
+        if options:
+            if backend is not None:
+                raise ValueError("transfigure.decoding_loop: give either a backend or options for one "
+                                 f"(got a backend and options {sorted(options)})")
+            from .backend import Backend
+
+            backend = Backend(**options)  # options are validated here, before any generate() call
         self.backend = backend
         self.mode = mode
         self.check_every = check_every
