@@ -265,19 +265,17 @@ def markdown(result: dict[str, Any]) -> str:
              f"triton {result['triton']}, {result['date']}" + ("; medians of interleaved repeats, range in brackets" if repeated else ""),
              "", "| model | batch | new | variant | tok/s | vs inductor | decode tok/s | TTFT ms | peak GiB | compile cold s | warm s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = {}
-    for r in sorted(rows, key=lambda r: _row_loop(r) != "generate", reverse=True):  # generate() rows win
+    base = {}  # Inductor per (model, batch, new tokens); with several loops, the one through generate() wins
+    for r in sorted(rows, key=lambda r: _row_loop(r) != "generate", reverse=True):
         if r["variant"] == "inductor" and not (r["error"] and r.get("failed", 0) == r["runs"]):
             base[(r["model"], r["batch"], r["new_tokens"])] = r["tokens_per_s"]
-            base[(r["model"], r["batch"], r["new_tokens"], _row_loop(r))] = r["tokens_per_s"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         label = r["variant"] + (f" [{LOOP_NAMES[_row_loop(r)]}]" if mixed else "")
         if r["error"] and r.get("failed", 0) == r["runs"]:
             lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {label} | error: {r['error']} | | | | | | |")
             continue
-        group = (r["model"], r["batch"], r["new_tokens"])
-        ref = base.get(group) if mixed else base.get((*group, _row_loop(r)), base.get(group))
+        ref = base.get((r["model"], r["batch"], r["new_tokens"]))
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
         speed = f"{r['tokens_per_s']:.1f}"
         if r["runs"] > 1:

@@ -34,12 +34,14 @@ _BUFFERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyD
 _DEFAULT_BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
-def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None):
-    """One compiled step per (model, backend object, mode), reused across calls (no recompiles)."""
+def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None, greedy: bool = False):
+    """One compiled step per (model, backend object, mode, kind), reused across calls (no recompiles): the model
+    itself (returns logits), or :func:`_greedy_step` with the token choice inside the graph."""
     per_model = _STEPS.setdefault(model, {})
-    key = (id(backend), mode)
+    key = (id(backend), mode, greedy)
     if key not in per_model:
-        per_model[key] = (backend, torch.compile(model, backend=backend, fullgraph=True, mode=mode))
+        fn = _greedy_step if greedy else model
+        per_model[key] = (backend, torch.compile(fn, backend=backend, fullgraph=True, mode=mode))
     return per_model[key][1]
 
 
@@ -82,14 +84,6 @@ def _greedy_step(model: torch.nn.Module, cache: Any, tokens: torch.Tensor, posit
         unfinished.logical_and_(~torch.isin(token, eos))
         steps_running.add_(unfinished)
     tokens.index_copy_(1, position, token[:, None])
-
-
-def _compiled_greedy_step(model: torch.nn.Module, backend: Any, mode: str | None):
-    per_model = _STEPS.setdefault(model, {})
-    key = (id(backend), mode, "greedy")
-    if key not in per_model:
-        per_model[key] = (backend, torch.compile(_greedy_step, backend=backend, fullgraph=True, mode=mode))
-    return per_model[key][1]
 
 
 def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids: torch.Tensor, max_new_tokens: int,
@@ -152,10 +146,7 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
     tokens[:, :prompt] = input_ids
     tracks_stops = eos is not None or stop is not None
     positions = torch.arange(prompt, prompt + max_new_tokens, device=device)
-    if fused:
-        step = _compiled_greedy_step(model, *compiled)
-    else:
-        step = _compiled_step(model, *compiled)
+    step = _compiled_step(model, *compiled, greedy=fused)
     streamed = prompt
     done = max_new_tokens
     for i in range(max_new_tokens):
