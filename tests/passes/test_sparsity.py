@@ -286,3 +286,118 @@ def test_inductor_lowering_matches_eager_thresholds():
         expected = _output(model(x))
     with torch.no_grad():
         torch.testing.assert_close(_output(compiled(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- thresholds in the rotated basis of Hadamard-rotated LUT linears -----------------------------------------
+def _rotated_hooks(model, calibration, target, allocation="uniform"):
+    """Eager reference of rotated-basis sparsity: each block linear sees ``R^T s_R(R x)``, so a rotated LUT
+    linear computes ``s_R(R x) W_r^T`` (R is orthogonal; lut_quant's effective Hadamard size and signs)."""
+    from transfigure.kernels.fwht import ifwht_reference
+    from transfigure.kernels.lut_format import random_signs, rotate_input
+    from transfigure.kernels.rotated_sparse_lut import rotated_sparsify_reference
+    from transfigure.passes.quantize import effective_sizes
+
+    handles = []
+    modules = dict(model.named_modules())
+    for fqn, module in modules.items():
+        if not isinstance(module, torch.nn.Linear) or ".layers." not in fqn:
+            continue
+        k = module.in_features
+        h = effective_sizes(k, 128, 512, 1)[1]
+        tau = calibration.rotated_thresholds(target, allocation, h)[fqn]
+        signs = random_signs(-(-k // h) * h, 0)
+
+        def pre(module, args, h=h, tau=tau, signs=signs, k=k):
+            z = rotate_input(args[0], signs, h, signs.numel())
+            return (ifwht_reference(rotated_sparsify_reference(z, tau, h), signs, h)[..., :k], *args[1:])
+
+        handles.append(module.register_forward_pre_hook(pre))
+    return handles
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_rotated_basis_sparsity_with_lut_quant(arch):
+    """4-bit rotated LUT linears: the threshold moves into the rotated basis, q/k/v and gate/up become one
+    ``rotated_sparse_lut_linear`` each, and the output equals lut_quant alone fed ``R^T s_R(R x)``."""
+    model = tiny_model(arch)
+    calibration = calibrate(model, _random_batches(2), progress=False, greedy=False)
+    both = transfigure.backend(lowering="eager", lut_quant={"bits": 4},
+                               sparsity={"calibration": calibration, "allocation": "uniform", "rotated_basis": True})
+    x = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        sparse = _output(torch.compile(model, backend=both)(x))
+    result = both.report.graphs[0].passes[1].result
+    assert result.pass_name == "sparsity" and not result.warnings and len(result.rewritten) == 14
+    assert all("rotated-basis sparse LUT GEMV" in s.detail for s in result.rewritten)
+    code = both.report.graphs[0].final_code
+    assert code.count("torch.ops.transfigure.rotated_sparse_lut_linear.default(") == 8  # qkv, o, gate/up, down x 2
+    assert "torch.ops.transfigure.sparsify" not in code and "torch.ops.transfigure.lut_linear" not in code
+    torch._dynamo.reset()
+    quant_only = transfigure.backend(lowering="eager", lut_quant={"bits": 4})
+    compiled = torch.compile(model, backend=quant_only)
+    handles = _rotated_hooks(model, calibration, 0.5)
+    try:
+        with torch.no_grad():
+            expected = _output(compiled(x))
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(sparse, expected, rtol=2e-4, atol=2e-4)
+    with torch.no_grad():
+        assert (_output(compiled(x)) - sparse).abs().max() > 1e-3  # the thresholds did change the output
+
+
+def test_rotated_basis_off_or_uncalibrated_thresholds_before_the_rotation():
+    model = tiny_model("llama")
+    x = torch.randint(0, 256, (1, 5))
+    for calibration, options in ((calibrate(model, _random_batches(2), progress=False, greedy=False),
+                                  {}),
+                                 (calibrate(model, _random_batches(2), progress=False, greedy=False, rotations=()),
+                                  {"rotated_basis": True})):
+        torch._dynamo.reset()
+        backend = transfigure.backend(lowering="eager", lut_quant={"bits": 4},
+                                      sparsity={"calibration": calibration, "allocation": "uniform", **options})
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(x)
+        result = backend.report.graphs[0].passes[1].result
+        code = backend.report.graphs[0].final_code
+        assert "rotated_sparse_lut_linear" not in code and code.count("torch.ops.transfigure.sparsify") == 8
+        assert any("only threshold their input" in w for w in result.warnings)
+        assert any("rotations=(64, 128)" in w for w in result.warnings) == bool(options)
+
+
+def test_rotated_thresholds_hold_out_within_two_points(trained):
+    """tau calibrated on even chunks of the corpus gives the allocated sparsity of |Rx|/rms on the odd ones."""
+    from transfigure.kernels.lut_format import random_signs, rotate_input
+    from transfigure.kernels.rotated_sparse_lut import rotated_keep
+    from transfigure.passes.quantize import effective_sizes
+
+    model, calibration = trained
+    held_out = _held_out_split(128, 8, 6, part=1, seed=2)
+    modules = dict(model.named_modules())
+    for target, allocation in ((0.4, "uniform"), (0.5, "greedy")):
+        levels = calibration.sparsities(target, allocation)
+        dropped: dict[str, list[float]] = {}
+        handles = []
+        for site in calibration.sites:
+            k = site.in_features
+            h = effective_sizes(k, 128, 512, 1)[1]
+            tau = calibration.rotated_thresholds(target, allocation, h)[site.name]
+            signs = random_signs(k, 0)
+
+            def pre(module, args, name=site.name, h=h, tau=tau, signs=signs):
+                keep = rotated_keep(rotate_input(args[0], signs, h, signs.numel()), tau, h)
+                dropped.setdefault(name, []).append(1.0 - keep.float().mean().item())
+
+            handles.append(modules[site.name].register_forward_pre_hook(pre))
+        try:
+            with torch.no_grad():
+                for batch in held_out:
+                    model(input_ids=batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        worst = max(abs(sum(v) / len(v) - levels[name]) for name, v in dropped.items())
+        assert worst < 0.02, (target, allocation, worst)
+    path_levels = calibration.rotated_thresholds(0.5, "uniform", 64)
+    assert all(0.55 < t < 0.8 for fqn, t in path_levels.items() if not fqn.endswith("down_proj"))

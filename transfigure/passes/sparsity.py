@@ -22,7 +22,10 @@ What the pass matches
 * ``transfigure::lut_linear`` from the quantization pass (order 40) without rotation ->
   ``transfigure::sparse_lut_linear`` over the codes repacked column-major (see
   :mod:`transfigure.kernels.sparse_lut_gemv`). With a Hadamard rotation the rotated activation ``R s(x)`` is
-  dense, so only the threshold is inserted (same math, no speed-up).
+  dense, so only the threshold is inserted (same math, no speed-up) -- unless ``rotated_basis=True``: then the
+  *rotated* input is thresholded, ``s_R(R x)`` with ``tau`` relative to each block's RMS (calibrated by
+  ``calibrate(..., rotations=...)``), and 4-bit scalar LUT linears become ``transfigure::rotated_sparse_lut_linear``
+  (:mod:`transfigure.kernels.rotated_sparse_lut`); q/k/v and gate/up stay one op over their stacked rows.
 * any other rewritten linear: the threshold op is inserted on its input.
 Linears outside blocks (``lm_head``, BERT's pooler) are left alone, as in TEAL.
 """
@@ -64,6 +67,10 @@ class SparsityOptions:
     allocation: Literal["uniform", "greedy"] = option("greedy", "uniform: target on every input; greedy: TEAL's block-wise search")
     modules: tuple[str, ...] = option(("*",), "fnmatch patterns over linear module FQNs to sparsify")
     sparse_prefill: bool = option(True, "also threshold inputs of more than 8 tokens (False: dense prefill, sparse decode)")
+    rotated_basis: bool = option(False, "for Hadamard-rotated 4-bit lut_quant linears, threshold the rotated input "
+                                        "(calibrated |Rx|/rms quantile) and run the rotated-basis sparse LUT GEMV; "
+                                        "False: threshold x before the rotation (TEAL's sites, no sparse kernel). "
+                                        "On an H100 the sparse kernel measured slower than the dense 4-bit GEMV")
 
     def __post_init__(self):
         object.__setattr__(self, "calibration", _load_calibration(self.calibration))
@@ -129,6 +136,8 @@ class SparsityPass(Pass):
         rotated_lut: list[str] = []
         for s in sites:
             sharing.setdefault(s.input, []).append(s.fqn.rsplit(".", 1)[-1])
+        rotated_groups: dict[tuple, list[tuple[LinearCall, str]]] = {}
+        uncalibrated_rotations: set[int] = set()
         for site in sites:
             if not any(fnmatch.fnmatchcase(site.fqn, pattern) for pattern in opts.modules):
                 result.skip(site, "not matched by sparsity.modules")
@@ -139,18 +148,39 @@ class SparsityPass(Pass):
                 result.skip(site, f"allocated sparsity {level:.2f}: left dense")
                 continue
             shared = sharing.get(site.input, [])
-            detail = f"t={t:.4g} (s={level:.2f})" + (f", input shared by {'/'.join(shared)}" if len(shared) > 1 else "")
+            shared_detail = f", input shared by {'/'.join(shared)}" if len(shared) > 1 else ""
+            detail = f"t={t:.4g} (s={level:.2f})" + shared_detail
+            rotation = _rotated_lut_format(site.node) if opts.rotated_basis else None
+            if rotation is not None:
+                tau = calibration.rotated_thresholds(opts.target, opts.allocation, rotation).get(site.fqn)
+                if tau is None:
+                    uncalibrated_rotations.add(rotation)
+                elif tau > 0.0:
+                    key = (site.input, tau, site.node.args[3], site.node.args[5] is None, *site.node.args[6:])
+                    rotated_groups.setdefault(key, []).append(
+                        (site, f"tau={tau:.4g} of |Rx|/rms (s={level:.2f}){shared_detail}"))
+                    continue
             kind = self._rewrite(graph, site, t)
             result.rewrote(site, f"{detail}, {kind}")
             if kind == THRESHOLD_ONLY and _is_lut_linear(site.node) and _lut_rotation(site.node):
                 rotated_lut.append(site.fqn)
+        for (x, tau, *_), members in rotated_groups.items():
+            for site, detail, kind in self._rewrite_rotated(graph, [m[0] for m in members], x, tau,
+                                                            [m[1] for m in members]):
+                result.rewrote(site, f"{detail}, {kind}")
+        if uncalibrated_rotations:
+            sizes = tuple(sorted(uncalibrated_rotations))
+            result.warn(
+                f"the calibration has no rotated-basis statistics for Hadamard size(s) {sizes}: those quantized "
+                f"linears threshold their input before the rotation instead. calibrate(model, batches, "
+                f"rotations={sizes}) records them.")
         if rotated_lut:
             result.warn(
                 f"{len(rotated_lut)} quantized linear(s) (e.g. {rotated_lut[0]}) only threshold their input: lut_quant "
                 "rotates it by a Hadamard transform, which makes it dense again, so no sparse kernel applies and "
                 "these sites pay the quality cost without a decode speedup. Leave sparsity off for them "
-                "(sparsity.modules); lut_quant.hadamard_size=0 enables the sparse LUT kernel, but on an H100 it "
-                "measured slower than the dense 4-bit GEMV (README, kernel table)."
+                "(sparsity.modules). sparsity.rotated_basis=True thresholds the rotated input instead and runs a sparse "
+                "LUT kernel, but on an H100 that measured slower than the dense 4-bit tensor-core GEMV (README)."
             )
         result.note(f"target {opts.target}, allocation {opts.allocation}, calibration {calibration!r}")
         return result
@@ -185,6 +215,77 @@ class SparsityPass(Pass):
             node.meta["transfigure_linear"] = dataclasses.replace(node.meta["transfigure_linear"], input=xs)
         return THRESHOLD_ONLY
 
+    def _rewrite_rotated(self, graph: GraphView, sites: list[LinearCall], x: fx.Node, tau: float,
+                         details: list[str]) -> list[tuple[LinearCall, str, str]]:
+        """Rotated 4-bit LUT linears reading ``x`` -> ``rotated_sparse_lut_linear`` over column-major codes.
+
+        Siblings (q/k/v, gate/up) whose codes and scales are row blocks of one buffer (``lut_quant.fuse_siblings``)
+        become ONE op over the stacked rows plus slices, like ``lut_fuse`` does for dense LUT linears (which
+        cannot fuse them any more): one FWHT, one compaction and one sparse GEMV per input."""
+        from ..kernels import rotated_sparse_lut  # noqa: F401  (registers the op)
+        from ..kernels.sparse_lut_gemv import repack_column_major
+        from .fuse_lut import span
+
+        prefill = self.options.sparse_prefill
+        op = torch.ops.transfigure.rotated_sparse_lut_linear.default
+        order = {n: i for i, n in enumerate(graph.graph.nodes)}
+        pairs = sorted(zip(sites, details), key=lambda sd: graph.tensor(sd[0].node.args[1]).storage_offset())
+        sites, details = [p[0] for p in pairs], [p[1] for p in pairs]
+        nodes = [site.node for site in sites]
+        codes = [graph.tensor(n.args[1]) for n in nodes]
+        scales = [graph.tensor(n.args[2]) for n in nodes]
+        bits, _, group_size, h, in_features = nodes[0].args[6:]
+        fused_codes, fused_scales = (span(codes), span(scales)) if len(nodes) > 1 else (None, None)
+        biases = [graph.tensor(n.args[5]) if isinstance(n.args[5], fx.Node) else None for n in nodes]
+        signs = [graph.tensor(n.args[4]) if isinstance(n.args[4], fx.Node) else None for n in nodes]
+        fusable = (fused_codes is not None and fused_scales is not None and all(c.shape[0] % 32 == 0 for c in scales)
+                   and (nodes[0].args[5] is None or all(isinstance(b, torch.Tensor) for b in biases))
+                   and all(isinstance(t, torch.Tensor) and isinstance(signs[0], torch.Tensor) and torch.equal(t, signs[0])
+                           for t in signs))
+
+        def column_major(c, sc):
+            return graph.cached(c, f"sparsity.rotated_colmajor.{c.storage_offset()}.{c.shape[0]}",
+                                lambda: repack_column_major(c, sc, bits))
+
+        if not fusable:
+            out = []
+            for site, detail, c, sc in zip(sites, details, codes, scales):
+                codes_t, scales_t = column_major(c, sc)
+                args = list(site.node.args)
+                with graph.graph.inserting_before(site.node):
+                    new = graph.graph.call_function(op, (
+                        *args[:6], graph.add_input(f"{site.fqn}.codes_colmajor", codes_t),
+                        graph.add_input(f"{site.fqn}.scales_colmajor", scales_t), bits, group_size, h, in_features,
+                        tau, prefill))
+                graph.replace_linear(site, new)
+                out.append((site, detail, "rotated-basis sparse LUT GEMV"))
+            return out
+        parts = [column_major(c, sc) for c, sc in zip(codes, scales)]
+        codes_t = graph.cached(codes[0], f"sparsity.rotated_colmajor.fused{len(parts)}",
+                               lambda: torch.cat([ct for ct, _ in parts], dim=1))
+        scales_t = graph.cached(codes[0], f"sparsity.rotated_colmajor_scales.fused{len(parts)}",
+                                lambda: torch.cat([st for _, st in parts], dim=1))
+        name = sites[0].fqn.rsplit(".", 1)[0] + ".rotated_" + "_".join(s.fqn.rsplit(".", 1)[-1] for s in sites)
+        codes_node = graph.add_input(f"{name}.lut_codes", fused_codes)
+        scales_node = graph.add_input(f"{name}.lut_scales", fused_scales)
+        bias_node = None
+        if nodes[0].args[5] is not None:
+            bias_node = graph.add_input(f"{name}.bias", torch.cat([b.detach() for b in biases]), derived_from=biases)
+        first = min(nodes, key=order.__getitem__)
+        with graph.graph.inserting_before(first):
+            fused = graph.graph.call_function(op, (
+                x, codes_node, scales_node, *first.args[3:5], bias_node, graph.add_input(f"{name}.codes_colmajor", codes_t),
+                graph.add_input(f"{name}.scales_colmajor", scales_t), bits, group_size, h, in_features, tau, prefill))
+            fused.meta["transfigure_fused_linears"] = [s.fqn for s in sites]
+            pieces, start = [], 0
+            for c in scales:
+                pieces.append(graph.graph.call_function(torch.narrow, (fused, -1, start, c.shape[0])))
+                start += c.shape[0]
+        for site, piece in zip(sites, pieces):  # the insertion point is a member: replace after inserting all
+            graph.replace_linear(site, piece)
+        rows = "+".join(str(c.shape[0]) for c in scales)
+        return [(site, detail, f"rotated-basis sparse LUT GEMV, fused rows {rows}") for site, detail in zip(sites, details)]
+
     @staticmethod
     def _replace(graph: GraphView, site: LinearCall, args: tuple, kind: str) -> str:
         with graph.graph.inserting_before(site.node):
@@ -195,6 +296,20 @@ class SparsityPass(Pass):
 
 def _is_lut_linear(node: fx.Node) -> bool:
     return "lut_linear" in str(node.target) and "sparse" not in str(node.target)
+
+
+def _rotated_lut_format(node: fx.Node) -> int | None:
+    """The Hadamard size of a rotated ``lut_linear`` the rotated-basis sparse kernel handles, else None."""
+    from ..kernels import rotated_sparse_lut
+
+    if not _is_lut_linear(node) or len(node.args) != 11 or node.kwargs:
+        return None
+    x, codes, scales, table, signs, bias, bits, p, group_size, hadamard_size, in_features = node.args
+    if not all(isinstance(a, fx.Node) and a.op == "placeholder" for a in (codes, scales)):
+        return None
+    if not isinstance(hadamard_size, int) or not rotated_sparse_lut.supports(bits, p, group_size, hadamard_size):
+        return None
+    return hadamard_size
 
 
 def _lut_rotation(node: fx.Node) -> int:

@@ -44,6 +44,8 @@ from ..compiler.options import load_file
 HIST_LOW = -32.0  # log2 |x| range of the histogram; |x| below 2**-32 counts as zero
 HIST_HIGH = 24.0
 HIST_BINS = 16384  # bin width 0.0034 in log2: thresholds resolved to 0.24 %
+ROTATED_HIST_MAX = 8.0  # |z| / rms of its Hadamard block; larger ratios land in the last bin
+ROTATED_HIST_BINS = 8192
 FORMAT_VERSION = 1
 
 
@@ -63,6 +65,8 @@ class Site:
     params: int
     hist: torch.Tensor  # float64 [HIST_BINS] counts of log2|x| (bin 0 also holds |x| below 2**HIST_LOW)
     count: int = 0
+    # Hadamard size h -> float64 [ROTATED_HIST_BINS] counts of |z| / rms(z's h-block), z = R x (rotated basis)
+    rotated: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def quantile(self, p: float) -> float:
         """Threshold ``t`` with a fraction ``p`` of the calibration values at or below it (``|x| <= t``)."""
@@ -78,9 +82,26 @@ class Site:
         width = (HIST_HIGH - HIST_LOW) / HIST_BINS
         return float(2.0 ** (HIST_LOW + (i + min(max(frac, 0.0), 1.0)) * width))
 
+    def rotated_quantile(self, hadamard_size: int, p: float) -> float | None:
+        """``tau`` with a fraction ``p`` of the rotated ratios ``|z| / rms`` at or below it, or None when this
+        site was not calibrated for ``hadamard_size``."""
+        hist = self.rotated.get(hadamard_size)
+        if hist is None:
+            return None
+        if p <= 0:
+            return 0.0
+        cum = torch.cumsum(hist, 0)
+        goal = p * float(cum[-1])
+        i = min(int(torch.searchsorted(cum, torch.tensor([goal], dtype=cum.dtype)).item()), ROTATED_HIST_BINS - 1)
+        below = float(cum[i - 1]) if i > 0 else 0.0
+        inside = float(hist[i])
+        frac = (goal - below) / inside if inside > 0 else 1.0
+        return float((i + min(max(frac, 0.0), 1.0)) * ROTATED_HIST_MAX / ROTATED_HIST_BINS)
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "members": list(self.members), "layer": self.layer, "block": self.block,
-                "in_features": self.in_features, "params": self.params, "hist": self.hist, "count": self.count}
+                "in_features": self.in_features, "params": self.params, "hist": self.hist, "count": self.count,
+                "rotated": {str(h): hist for h, hist in self.rotated.items()}}
 
 
 class Calibration:
@@ -140,6 +161,13 @@ class Calibration:
                 out[m] = t
         return out
 
+    def rotated_thresholds(self, target: float, allocation: str, hadamard_size: int) -> dict[str, float | None]:
+        """Module FQN -> ``tau`` of the rotated-basis threshold (:mod:`transfigure.kernels.rotated_sparse_lut`)
+        at the site's allocated sparsity; None where the calibration has no statistics for ``hadamard_size``
+        (``calibrate(..., rotations=(hadamard_size,))`` records them)."""
+        levels = self.sparsities(target, allocation)
+        return {m: s.rotated_quantile(hadamard_size, levels[s.name]) for s in self.sites for m in s.members}
+
     def block_sparsity(self, levels: Mapping[str, float]) -> dict[str, float]:
         """Parameter-weighted sparsity of each block under per-site ``levels``."""
         num: dict[str, float] = {}
@@ -183,7 +211,8 @@ class Calibration:
         if state.get("format") != FORMAT_VERSION or list(state.get("hist", [])) != [HIST_LOW, HIST_HIGH, HIST_BINS]:
             raise ValueError(f"unsupported calibration format {state.get('format')!r} / histogram {state.get('hist')!r}")
         sites = [Site(d["name"], tuple(d["members"]), int(d["layer"]), d["block"], int(d["in_features"]),
-                      int(d["params"]), d["hist"].to(torch.float64), int(d["count"])) for d in state["sites"]]
+                      int(d["params"]), d["hist"].to(torch.float64), int(d["count"]),
+                      {int(h): v.to(torch.float64) for h, v in d.get("rotated", {}).items()}) for d in state["sites"]]
         greedy = {b: [(float(lvl), {k: float(v) for k, v in levels.items()}) for lvl, levels in path]
                   for b, path in state.get("greedy", {}).items()}
         return cls(sites, greedy, state.get("info", {}))
@@ -261,6 +290,30 @@ def _histogram(x: torch.Tensor) -> torch.Tensor:
     return torch.histc(logs, bins=HIST_BINS, min=HIST_LOW, max=HIST_HIGH).double().cpu()
 
 
+def _effective_rotation(in_features: int, hadamard_size: int) -> int:
+    from .quantize import effective_sizes
+
+    return effective_sizes(in_features, 128, hadamard_size, 1)[1]
+
+
+def _rotated_histogram(x: torch.Tensor, hadamard_size: int, seed: int) -> torch.Tensor:
+    """Histogram of ``|z| / rms(z's block)`` for ``z = H_h (d * x) / sqrt(h)`` with lut_quant's random signs
+    ``d`` (same seed and padding rule, so the same rotation whenever the seeds agree)."""
+    from ..kernels.fwht import fwht_reference
+    from ..kernels.lut_format import random_signs
+
+    h = hadamard_size
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    kp = -(-x.shape[-1] // h) * h
+    x = torch.nn.functional.pad(x, (0, kp - x.shape[-1]))
+    signs = random_signs(kp, seed).to(x.device)
+    z = fwht_reference(x, signs, h, 1.0 / math.sqrt(h)).reshape(-1, h)
+    rms = z.pow(2).mean(-1, keepdim=True).sqrt()
+    ratio = (z.abs() / rms.clamp_min(1e-30)).clamp_max(ROTATED_HIST_MAX * (1 - 1e-7))
+    ratio = ratio[(rms > 0).expand_as(ratio)]
+    return torch.histc(ratio, bins=ROTATED_HIST_BINS, min=0.0, max=ROTATED_HIST_MAX).double().cpu()
+
+
 @contextlib.contextmanager
 def _hooks(handles):
     try:
@@ -302,13 +355,25 @@ def calibrate(
     greedy_batches: int = 2,
     max_batches: int | None = None,
     progress: bool = True,
+    rotations: Iterable[int] = (512,),
+    rotation_seed: int = 0,
 ) -> Calibration:
     """Run ``model`` (HF causal LM or encoder) on ``batches`` and return a :class:`Calibration`.
 
     ``batches``: token-id tensors, or dicts/tuples of model arguments. The first ``greedy_batches`` batches'
     block inputs are kept (on the model's device) for the greedy search, which then runs per block with
     step ``greedy_step`` (of parameter-weighted block sparsity) up to ``greedy_max``.
+
+    ``rotations``: ``lut_quant.hadamard_size`` values for which the statistics of thresholding in the *rotated*
+    basis are also recorded (``|z| / rms`` per block of ``z = R x``, at the size lut_quant actually uses for each
+    input width; used when ``sparsity`` meets a ``lut_quant`` linear rotated by that size, see
+    :mod:`transfigure.kernels.rotated_sparse_lut`), with the random signs of ``lut_quant.seed = rotation_seed``.
+    ``()`` records none.
     """
+    rotations = tuple(int(h) for h in rotations)
+    for h in rotations:
+        if h < 1 or h & (h - 1):
+            raise ValueError(f"calibrate: rotations must be powers of two, got {h}")
     from tqdm.auto import tqdm
 
     linears = block_linears(model)
@@ -321,6 +386,7 @@ def calibrate(
 
     groups: list[list[str]] = []  # members sharing one input, in call order (first batch)
     hists: dict[str, torch.Tensor] = {}
+    rotated_hists: dict[tuple[str, int], torch.Tensor] = {}
     counts: dict[str, int] = {}
     state = {"last": None, "first": True}
     site_of: dict[str, str] = {}
@@ -342,6 +408,10 @@ def calibrate(
             h = _histogram(x)
             hists[fqn] = hists[fqn] + h if fqn in hists else h
             counts[fqn] = counts.get(fqn, 0) + x.numel()
+            for size in {_effective_rotation(x.shape[-1], r) for r in rotations}:
+                rh = _rotated_histogram(x, size, rotation_seed)
+                key = (fqn, size)
+                rotated_hists[key] = rotated_hists[key] + rh if key in rotated_hists else rh
             return None
         return pre
 
@@ -381,8 +451,9 @@ def calibrate(
         in_features = _linear_shape(linears[first])[0]
         params = sum(linears[m].weight.numel() for m in members)
         sites.append(Site(first, tuple(members), layer_index(first), block_of(first), in_features, params,
-                          hists[first], counts[first]))
-    info = {"model": type(model).__name__, "batches": n_batches, "tokens": tokens}
+                          hists[first], counts[first],
+                          {h: rotated_hists[(first, h)] for (f, h) in rotated_hists if f == first}))
+    info = {"model": type(model).__name__, "batches": n_batches, "tokens": tokens, "rotation_seed": rotation_seed}
     calibration = Calibration(sites, None, info)
     if greedy:
         calibration.greedy = _greedy_paths(model, calibration, stored, greedy_step, greedy_max, progress)

@@ -1,0 +1,144 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transfigure.kernels import lut_format
+from transfigure.kernels.autotune import Config
+from transfigure.kernels.rotated_sparse_lut import (
+    _rotated_sparse_lut_linear_cuda,
+    compact_rotated,
+    rotated_keep,
+    rotated_sparse_gemv_triton,
+    rotated_sparse_lut_linear,
+    rotated_sparse_lut_linear_reference,
+    rotated_sparsity,
+    supports,
+)
+from transfigure.kernels.sparse_lut_gemv import repack_column_major
+
+GAUSSIAN_HALF = 0.6745  # |N(0, 1)| median: tau for about 50% in the rotated basis
+
+
+def _problem(n, k, group, h, dtype, seed, bias=True):
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.sort(torch.randn(16, generator=generator))[0].reshape(16, 1)
+    weight = torch.randn(n, k, generator=generator)
+    packed = lut_format.pack(weight, table, bits=4, group_size=group, hadamard_size=h, signs_seed=seed)
+    codes_t, scales_t = repack_column_major(packed.codes, packed.scales, 4)
+    b = torch.randn(n, generator=generator).to(dtype) if bias else None
+    x = torch.randn(1, k, generator=generator).to(dtype)
+    return packed, codes_t, scales_t, b, x
+
+
+def _rotated_weight(packed):
+    return lut_format.dequantize(packed, "rotated").double()
+
+
+@given(
+    n=st.integers(1, 100),
+    k=st.integers(1, 300),
+    group=st.sampled_from([32, 64, 128]),
+    h=st.sampled_from([32, 64, 128, 256]),
+    tau=st.sampled_from([0.0, 0.5, GAUSSIAN_HALF, 1.2]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    split=st.sampled_from([1, 2, 4]),
+    register=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_over_compacted_rows_matches_reference(n, k, group, h, tau, dtype, split, register, bias, seed):
+    packed, codes_t, scales_t, b, x = _problem(n, k, group, h, dtype, seed, bias)
+    kp = packed.scales.shape[1] * group
+    z = lut_format.rotate_input(x, packed.signs, h, kp)
+    vals, idx, counts = compact_rotated(z, tau, h, group)
+    kept = torch.zeros(kp, dtype=torch.bool)
+    for g, c in enumerate(counts.tolist()):
+        kept[idx[g * group: g * group + c].long()] = True
+    assert torch.equal(kept, rotated_keep(z, tau, h).reshape(-1))
+    register = register and dtype == torch.float16
+    config = Config({"BLOCK_NB": 32, "BLOCK_K": 16, "SPLIT_K": split, "REGISTER": int(register)}, 4, 1)
+    actual = rotated_sparse_gemv_triton(vals, idx, counts, codes_t, packed.scales.t().contiguous(), packed.table, b,
+                                        group, dtype, config=config)
+    z_kept = torch.where(kept, z.reshape(-1).double(), 0.0)
+    expected = z_kept @ _rotated_weight(packed).T + (b.double() if b is not None else 0.0)
+    assert actual.shape == (1, n) and actual.dtype == dtype
+    # the register table holds fp16-rounded grid values; gathers use the fp32 grid
+    tol = 1e-5 if dtype == torch.float32 else (2e-3 if register else 1e-3)
+    scale = expected.abs().max().item() + 1.0
+    assert (actual.double().reshape(-1) - expected).abs().max().item() <= tol * scale
+
+
+def test_dropped_rows_are_not_read():
+    packed, codes_t, scales_t, b, x = _problem(64, 256, 64, 128, torch.float32, 3)
+    z = lut_format.rotate_input(x, packed.signs, 128, 256)
+    keep = rotated_keep(z, GAUSSIAN_HALF, 128).reshape(-1)
+    assert 0.3 < 1 - keep.float().mean().item() < 0.7
+    vals, idx, counts = compact_rotated(z, GAUSSIAN_HALF, 128, 64)
+    config = Config({"BLOCK_NB": 32, "BLOCK_K": 16, "SPLIT_K": 2, "REGISTER": 0}, 4, 1)
+    clean = rotated_sparse_gemv_triton(vals, idx, counts, codes_t, scales_t, packed.table, b, 64, torch.float32,
+                                       config=config)
+    poisoned = codes_t.clone()
+    poisoned[~keep] = torch.randint(-2**31, 2**31 - 1, (int((~keep).sum()), codes_t.shape[1]), dtype=torch.int32)
+    dirty = rotated_sparse_gemv_triton(vals, idx, counts, poisoned, scales_t, packed.table, b, 64, torch.float32,
+                                       config=config)
+    assert torch.equal(clean, dirty)
+    poisoned[keep.nonzero()[0]] ^= 0x11111111  # a kept row IS read
+    assert not torch.equal(clean, rotated_sparse_gemv_triton(vals, idx, counts, poisoned, scales_t, packed.table, b,
+                                                             64, torch.float32, config=config))
+
+
+@pytest.mark.parametrize("m,sparse_prefill", [(1, True), (3, True), (12, True), (12, False)])
+def test_op_paths_match_the_reference(m, sparse_prefill):
+    """The launcher the op runs on CUDA (here through the interpreter): one token -> compaction + sparse GEMV,
+    more -> rotated threshold + dense LUT GEMV (none above 8 tokens with ``sparse_prefill=False``)."""
+    packed, codes_t, scales_t, b, _ = _problem(80, 200, 64, 64, torch.float32, 7)
+    x = torch.randn(m, 200)
+    args = (packed.codes, packed.scales, packed.table, packed.signs, b, codes_t, scales_t, 4, 64, 64, 200,
+            GAUSSIAN_HALF, sparse_prefill)
+    expected = rotated_sparse_lut_linear_reference(x, *args)
+    actual = _rotated_sparse_lut_linear_cuda(x, *args)
+    assert torch.allclose(actual, expected, atol=1e-4, rtol=1e-4)
+    if m > 8 and not sparse_prefill:  # dense prefill: exactly the rotated LUT linear
+        dense = x.double() @ lut_format.dequantize(packed, "original").double()[:, :200].T + b.double()
+        assert torch.allclose(actual.double(), dense, atol=1e-3)
+
+
+def test_op_compiles_and_its_gradient_is_the_masked_one():
+    packed, codes_t, scales_t, b, _ = _problem(48, 128, 64, 128, torch.float32, 11)
+    args = (packed.codes, packed.scales, packed.table, packed.signs, b, codes_t, scales_t, 4, 64, 128, 128,
+            GAUSSIAN_HALF, True)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    fn = torch.compile(lambda x: rotated_sparse_lut_linear(x, *args), backend="aot_eager", fullgraph=True)
+    y = fn(x)
+    assert y.shape == (2, 3, 48)
+    grad = torch.randn_like(y)
+    (actual,) = torch.autograd.grad(y, x, grad)
+    # by hand: z = R x, y = (keep * z) W_r^T + b  =>  dx = R^T (keep * (grad W_r))
+    xd = x.detach().double()
+    z = lut_format.rotate_input(xd, packed.signs.double(), 128, 128)
+    keep = rotated_keep(z, GAUSSIAN_HALF, 128)
+    gz = torch.where(keep, grad.double() @ _rotated_weight(packed), 0.0)
+    expected = lut_format.rotate_input(gz, None, 128, 128) * packed.signs.double()  # H symmetric: R^T = D H / sqrt(h)
+    assert torch.allclose(actual.double(), expected, atol=1e-4)
+
+
+def test_tau_sets_the_sparsity_whatever_the_token_norm():
+    """The threshold is relative to the block's RMS, so scaling a token does not change what is dropped; and
+    after a random-sign Hadamard transform a heavy-tailed block is close to Gaussian (tau = 0.6745: about half).
+    Blocks whose energy sits in a few outlier channels are not (the rotated values take few distinct
+    magnitudes): that is why tau is calibrated per input rather than fixed."""
+    x = torch.distributions.StudentT(3.0).sample((64, 512))
+    signs = lut_format.random_signs(512, 0)
+    scaled = x * torch.logspace(-2, 2, 64)[:, None]
+    z, z_scaled = (lut_format.rotate_input(t, signs, 512, 512) for t in (x, scaled))
+    assert torch.equal(rotated_keep(z, GAUSSIAN_HALF, 512), rotated_keep(z_scaled, GAUSSIAN_HALF, 512))
+    assert abs(rotated_sparsity(x, signs, 512, GAUSSIAN_HALF) - 0.5) < 0.03
+    outliers = x.clone()
+    outliers[:, :4] *= 30.0
+    assert abs(rotated_sparsity(outliers, signs, 512, GAUSSIAN_HALF) - 0.5) > 0.03
+
+
+def test_supports():
+    assert supports(4, 1, 128, 512) and not supports(4, 1, 128, 0) and not supports(3, 1, 128, 512)
+    assert not supports(4, 2, 128, 512) and not supports(4, 1, 128, 16384)
