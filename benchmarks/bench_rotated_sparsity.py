@@ -44,9 +44,8 @@ def run(out_dir: Path) -> dict:
     from transfigure.kernels.grids import higgs_grid
     from transfigure.kernels.lut_format import pack
     from transfigure.kernels.lut_gemm import prepare_input
-    from transfigure.kernels.rotated_sparse_lut import (compact_rotated, rotated_sparse_gemv,
+    from transfigure.kernels.rotated_sparse_lut import (compact_rotated, decode_layout, rotated_sparse_gemv,
                                                         rotated_sparse_lut_linear_reference)
-    from transfigure.kernels.sparse_lut_gemv import repack_column_major
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -55,7 +54,7 @@ def run(out_dir: Path) -> dict:
     for name, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, device=device) / k**0.5
         packed = pack(weight, table, bits=4, group_size=128, hadamard_size=512, signs_seed=0)
-        codes_t, scales_t = repack_column_major(packed.codes, packed.scales, 4)
+        codes_t, scales_t = decode_layout(packed.codes, packed.scales)
         w16 = weight.to(torch.bfloat16)
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
         dense_args = (packed.codes, packed.scales, packed.table, packed.signs, None, 4, 1, 128, 512, k)
@@ -68,7 +67,7 @@ def run(out_dir: Path) -> dict:
                     tau, True)
             fn = lambda args=args: torch.ops.transfigure.rotated_sparse_lut_linear(x, *args)  # noqa: E731
             y = fn()
-            reference = rotated_sparse_lut_linear_reference(x.float(), *args)
+            reference = rotated_sparse_lut_linear_reference(x, *args)  # z rounded to bf16 as the FWHT kernel does
             kept = compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128)[2].sum().item() / k
             checks.append({"shape": name, "sparsity": level, "rel_err": rel_err(y, reference), "measured": 1 - kept})
             row[f"rot_{int(level * 100)}_us"] = bench_pair(fn)[1]
@@ -78,11 +77,36 @@ def run(out_dir: Path) -> dict:
             lambda: compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128))[1]
         vals, idx, counts = compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128)
         row["gemv50_us"] = bench_pair(lambda: rotated_sparse_gemv(vals, idx, counts, codes_t, scales_t, packed.table,
-                                                                  None, 128, torch.bfloat16))[1]
-        from transfigure.kernels.rotated_sparse_lut import _tuner
+                                                                  None, 128, torch.bfloat16, n))[1]
+        from transfigure.kernels.autotune import Config
+        from transfigure.kernels.rotated_sparse_lut import _configs, _tuner
 
         row["config"] = _tuner.best_config(vals, idx, counts, codes_t, scales_t, packed.table.float(), None, 128,
-                                           torch.bfloat16).describe()
+                                           torch.bfloat16, n).describe()
+        # the best of each kernel family at 50% (GEMV alone), to see what the tensor cores buy
+        for family, keep in (("mma", lambda c: c.meta.get("MODE") == "mma"),
+                             ("cuda_core", lambda c: c.meta.get("MODE") != "mma")):
+            best = None
+            for config in (c for c in _configs() if keep(c) and c.meta["SPLIT_K"] <= k // 128):
+                try:
+                    t = bench_pair(lambda config=config: rotated_sparse_gemv(
+                        vals, idx, counts, codes_t, scales_t, packed.table, None, 128, torch.bfloat16, n,
+                        config=config))[1]
+                except Exception as error:  # a config that fails to compile or launch is reported, not fatal
+                    print(f"{name} {config.describe()}: {type(error).__name__}: {error}"[:300], flush=True)
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, config.describe())
+            row[f"gemv50_{family}_us"], row[f"gemv50_{family}_config"] = best if best else (float("nan"), "-")
+        if "mma" in row["config"]:
+            y_mma = rotated_sparse_gemv(vals, idx, counts, codes_t, scales_t, packed.table, None, 128, torch.bfloat16, n)
+        else:
+            y_mma = rotated_sparse_gemv(vals, idx, counts, codes_t, scales_t, packed.table, None, 128, torch.bfloat16, n,
+                                        config=Config({"MODE": "mma", "SPLIT_K": 4}, 4, 1))
+        y_core = rotated_sparse_gemv(vals, idx, counts, codes_t, scales_t, packed.table, None, 128, torch.bfloat16, n,
+                                     config=Config({"BLOCK_NB": 128, "BLOCK_K": 16, "SPLIT_K": 4, "REGISTER": 0}, 4, 2))
+        checks.append({"shape": name, "sparsity": 0.5, "rel_err": rel_err(y_mma, y_core), "measured": float("nan"),
+                       "what": "mma vs CUDA-core GEMV"})
         rows.append(row)
         print(json.dumps(row), flush=True)
         del weight, packed, codes_t, scales_t, w16
@@ -102,7 +126,7 @@ def markdown(result: dict) -> str:
              f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}. One token, bf16, "
              "4-bit HIGGS codes g128, Hadamard 512; CUDA-graph replay medians (us); x = cuBLAS bf16 / ours.", "",
              "| shape | cuBLAS | dense 4-bit (x) | sparse 0% | 40% (x) | 50% (x) | 60% (x) | 50% vs dense 4-bit | "
-             "FWHT | +compaction | GEMV alone 50% | config |",
+             "FWHT | +compaction | GEMV alone 50% (tensor cores / CUDA cores) | config |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         c = r["cublas_us"]
@@ -110,11 +134,14 @@ def markdown(result: dict) -> str:
             f"| {r['shape']} | {c:.1f} | {r['lut4_us']:.1f} ({c / r['lut4_us']:.2f}x) | {r['rot_0_us']:.1f} | "
             f"{r['rot_40_us']:.1f} ({c / r['rot_40_us']:.2f}x) | {r['rot_50_us']:.1f} ({c / r['rot_50_us']:.2f}x) | "
             f"{r['rot_60_us']:.1f} ({c / r['rot_60_us']:.2f}x) | {r['lut4_us'] / r['rot_50_us']:.2f}x | "
-            f"{r['fwht_us']:.1f} | {r['fwht_compact_us']:.1f} | {r['gemv50_us']:.1f} | {r['config']} |")
+            f"{r['fwht_us']:.1f} | {r['fwht_compact_us']:.1f} | {r['gemv50_us']:.1f} "
+            f"({r.get('gemv50_mma_us', float('nan')):.1f} / {r.get('gemv50_cuda_core_us', float('nan')):.1f}) | "
+            f"{r['config']} |")
     lines += ["", "## Correctness (relative L2 error vs the fp32 reference) and measured sparsity", "",
-              "| shape | target | measured | rel err |", "|---|---|---|---|"]
+              "| shape | what | target | measured | rel err |", "|---|---|---|---|---|"]
     for ch in result["checks"]:
-        lines.append(f"| {ch['shape']} | {ch['sparsity']:.2f} | {ch['measured']:.3f} | {ch['rel_err']:.2e} |")
+        lines.append(f"| {ch['shape']} | {ch.get('what', 'op vs fp32 reference')} | {ch['sparsity']:.2f} | "
+                     f"{ch['measured']:.3f} | {ch['rel_err']:.2e} |")
     return "\n".join(lines) + "\n"
 
 

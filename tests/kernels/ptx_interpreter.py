@@ -180,7 +180,21 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
         address = regs[address] + (int(offset.group(1)) if offset else 0)
         width = 2 if op.endswith(".b16") else 4
         for i, reg in enumerate(_regs_in(dst)):
-            regs[reg] = space.read(address + width * i, width)
+            raw = space.read(address + width * i, width)
+            regs[reg] = bits_float(raw) if op.endswith(".f32") else raw
+        return
+    if op in ("cvt.rn.bf16x2.f32", "cvt.rn.f16x2.f32"):  # d = {half(a) in the upper half, half(b) in the lower}
+        dst, high, low = [t.strip() for t in rest.split(",")]
+        as_float = lambda t: regs[t] if isinstance(regs[t], float) else bits_float(regs[t])  # noqa: E731
+        kind = np.float16 if op == "cvt.rn.f16x2.f32" else None
+
+        def half_bits(x: float) -> int:
+            if kind is not None:
+                return int(np.array([x], dtype=np.float16).view(np.uint16)[0])
+            bits = float_bits(x)  # bf16: round the fp32 bits to nearest even at bit 16
+            return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+
+        regs[dst] = (half_bits(as_float(high)) << 16) | half_bits(as_float(low))
         return
     if op == "mov.b32" and rest.lstrip().startswith("{"):  # mov.b32 {h0, h1}, p: split into 16-bit halves
         halves, src = re.match(r"\{(\w+), (\w+)\}, (\S+)", rest).groups()[:2], rest.split(",")[-1]

@@ -8,6 +8,7 @@ from transfigure.kernels.autotune import Config
 from transfigure.kernels.rotated_sparse_lut import (
     _rotated_sparse_lut_linear_cuda,
     compact_rotated,
+    decode_layout,
     rotated_keep,
     rotated_sparse_gemv_triton,
     rotated_sparse_lut_linear,
@@ -15,7 +16,6 @@ from transfigure.kernels.rotated_sparse_lut import (
     rotated_sparsity,
     supports,
 )
-from transfigure.kernels.sparse_lut_gemv import repack_column_major
 
 GAUSSIAN_HALF = 0.6745  # |N(0, 1)| median: tau for about 50% in the rotated basis
 
@@ -25,7 +25,7 @@ def _problem(n, k, group, h, dtype, seed, bias=True):
     table = torch.sort(torch.randn(16, generator=generator))[0].reshape(16, 1)
     weight = torch.randn(n, k, generator=generator)
     packed = lut_format.pack(weight, table, bits=4, group_size=group, hadamard_size=h, signs_seed=seed)
-    codes_t, scales_t = repack_column_major(packed.codes, packed.scales, 4)
+    codes_t, scales_t = decode_layout(packed.codes, packed.scales)
     b = torch.randn(n, generator=generator).to(dtype) if bias else None
     x = torch.randn(1, k, generator=generator).to(dtype)
     return packed, codes_t, scales_t, b, x
@@ -43,11 +43,14 @@ def _rotated_weight(packed):
     tau=st.sampled_from([0.0, 0.5, GAUSSIAN_HALF, 1.2]),
     dtype=st.sampled_from([torch.float32, torch.float16]),
     split=st.sampled_from([1, 2, 4]),
-    register=st.booleans(),
+    mode=st.sampled_from(["gather", "register", "mma"]),
+    scale_each=st.booleans(),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_gemv_over_compacted_rows_matches_reference(n, k, group, h, tau, dtype, split, register, bias, seed):
+def test_gemv_over_compacted_rows_matches_reference(n, k, group, h, tau, dtype, split, mode, scale_each, bias, seed):
+    if mode == "mma":  # its interpreter emulation walks entries one by one: keep the problem small
+        n, k = min(n, 64), min(k, 96)
     packed, codes_t, scales_t, b, x = _problem(n, k, group, h, dtype, seed, bias)
     kp = packed.scales.shape[1] * group
     z = lut_format.rotate_input(x, packed.signs, h, kp)
@@ -55,18 +58,29 @@ def test_gemv_over_compacted_rows_matches_reference(n, k, group, h, tau, dtype, 
     kept = torch.zeros(kp, dtype=torch.bool)
     for g, c in enumerate(counts.tolist()):
         kept[idx[g * group: g * group + c].long()] = True
+        # after the survivors: the group's other inputs, value 0 (steps past the count read them unmasked)
+        tail = idx[g * group + c: (g + 1) * group].long()
+        assert torch.equal(torch.sort(torch.cat([idx[g * group: g * group + c].long(), tail]))[0],
+                           torch.arange(g * group, (g + 1) * group))
+        assert not vals[g * group + c: (g + 1) * group].any()
     assert torch.equal(kept, rotated_keep(z, tau, h).reshape(-1))
-    register = register and dtype == torch.float16
-    config = Config({"BLOCK_NB": 32, "BLOCK_K": 16, "SPLIT_K": split, "REGISTER": int(register)}, 4, 1)
-    actual = rotated_sparse_gemv_triton(vals, idx, counts, codes_t, packed.scales.t().contiguous(), packed.table, b,
-                                        group, dtype, config=config)
+    if mode == "mma":  # the tensor-core kernel (emulated lane by lane in the interpreter), 16-bit activations
+        dtype = torch.float16
+        config = Config({"MODE": "mma", "SPLIT_K": split, "UNROLL": 1 + split % 3}, 2, 1)
+        dtype_tol = 2e-3
+    else:
+        register = mode == "register" and dtype == torch.float16
+        config = Config({"BLOCK_NB": 32 if split == 1 else 64, "BLOCK_K": 16, "SPLIT_K": split,
+                         "REGISTER": int(register), "SCALE_EACH": int(scale_each)}, 4, 1)
+        # the register table holds fp16-rounded grid values; gathers use the fp32 grid
+        dtype_tol = 1e-5 if dtype == torch.float32 else (2e-3 if register else 1e-3)
+    actual = rotated_sparse_gemv_triton(vals, idx, counts, codes_t, scales_t, packed.table, b, group, dtype, n,
+                                        config=config)
     z_kept = torch.where(kept, z.reshape(-1).double(), 0.0)
     expected = z_kept @ _rotated_weight(packed).T + (b.double() if b is not None else 0.0)
     assert actual.shape == (1, n) and actual.dtype == dtype
-    # the register table holds fp16-rounded grid values; gathers use the fp32 grid
-    tol = 1e-5 if dtype == torch.float32 else (2e-3 if register else 1e-3)
     scale = expected.abs().max().item() + 1.0
-    assert (actual.double().reshape(-1) - expected).abs().max().item() <= tol * scale
+    assert (actual.double().reshape(-1) - expected).abs().max().item() <= dtype_tol * scale
 
 
 def test_dropped_rows_are_not_read():
@@ -76,16 +90,16 @@ def test_dropped_rows_are_not_read():
     assert 0.3 < 1 - keep.float().mean().item() < 0.7
     vals, idx, counts = compact_rotated(z, GAUSSIAN_HALF, 128, 64)
     config = Config({"BLOCK_NB": 32, "BLOCK_K": 16, "SPLIT_K": 2, "REGISTER": 0}, 4, 1)
-    clean = rotated_sparse_gemv_triton(vals, idx, counts, codes_t, scales_t, packed.table, b, 64, torch.float32,
+    clean = rotated_sparse_gemv_triton(vals, idx, counts, codes_t, scales_t, packed.table, b, 64, torch.float32, 64,
                                        config=config)
     poisoned = codes_t.clone()
-    poisoned[~keep] = torch.randint(-2**31, 2**31 - 1, (int((~keep).sum()), codes_t.shape[1]), dtype=torch.int32)
-    dirty = rotated_sparse_gemv_triton(vals, idx, counts, poisoned, scales_t, packed.table, b, 64, torch.float32,
+    poisoned[~keep] = torch.randint(0, 256, (int((~keep).sum()), codes_t.shape[1]), dtype=torch.uint8)
+    dirty = rotated_sparse_gemv_triton(vals, idx, counts, poisoned, scales_t, packed.table, b, 64, torch.float32, 64,
                                        config=config)
     assert torch.equal(clean, dirty)
-    poisoned[keep.nonzero()[0]] ^= 0x11111111  # a kept row IS read
+    poisoned[keep.nonzero()[0]] ^= 0x11  # a kept row IS read
     assert not torch.equal(clean, rotated_sparse_gemv_triton(vals, idx, counts, poisoned, scales_t, packed.table, b,
-                                                             64, torch.float32, config=config))
+                                                             64, torch.float32, 64, config=config))
 
 
 @pytest.mark.parametrize("m,sparse_prefill", [(1, True), (3, True), (12, True), (12, False)])

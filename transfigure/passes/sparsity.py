@@ -222,8 +222,7 @@ class SparsityPass(Pass):
         Siblings (q/k/v, gate/up) whose codes and scales are row blocks of one buffer (``lut_quant.fuse_siblings``)
         become ONE op over the stacked rows plus slices, like ``lut_fuse`` does for dense LUT linears (which
         cannot fuse them any more): one FWHT, one compaction and one sparse GEMV per input."""
-        from ..kernels import rotated_sparse_lut  # noqa: F401  (registers the op)
-        from ..kernels.sparse_lut_gemv import repack_column_major
+        from ..kernels.rotated_sparse_lut import decode_layout  # (importing registers the op)
         from .fuse_lut import span
 
         prefill = self.options.sparse_prefill
@@ -238,33 +237,29 @@ class SparsityPass(Pass):
         fused_codes, fused_scales = (span(codes), span(scales)) if len(nodes) > 1 else (None, None)
         biases = [graph.tensor(n.args[5]) if isinstance(n.args[5], fx.Node) else None for n in nodes]
         signs = [graph.tensor(n.args[4]) if isinstance(n.args[4], fx.Node) else None for n in nodes]
-        fusable = (fused_codes is not None and fused_scales is not None and all(c.shape[0] % 32 == 0 for c in scales)
+        fusable = (fused_codes is not None and fused_scales is not None
                    and (nodes[0].args[5] is None or all(isinstance(b, torch.Tensor) for b in biases))
                    and all(isinstance(t, torch.Tensor) and isinstance(signs[0], torch.Tensor) and torch.equal(t, signs[0])
                            for t in signs))
 
-        def column_major(c, sc):
-            return graph.cached(c, f"sparsity.rotated_colmajor.{c.storage_offset()}.{c.shape[0]}",
-                                lambda: repack_column_major(c, sc, bits))
+        def layout(c, sc, rows):
+            return graph.cached(c, f"sparsity.rotated_decode_layout.{c.storage_offset()}.{rows}",
+                                lambda: decode_layout(c, sc))
 
         if not fusable:
             out = []
             for site, detail, c, sc in zip(sites, details, codes, scales):
-                codes_t, scales_t = column_major(c, sc)
+                codes_tm, scales_tm = layout(c, sc, c.shape[0])
                 args = list(site.node.args)
                 with graph.graph.inserting_before(site.node):
                     new = graph.graph.call_function(op, (
-                        *args[:6], graph.add_input(f"{site.fqn}.codes_colmajor", codes_t),
-                        graph.add_input(f"{site.fqn}.scales_colmajor", scales_t), bits, group_size, h, in_features,
+                        *args[:6], graph.add_input(f"{site.fqn}.codes_decode", codes_tm),
+                        graph.add_input(f"{site.fqn}.scales_decode", scales_tm), bits, group_size, h, in_features,
                         tau, prefill))
                 graph.replace_linear(site, new)
                 out.append((site, detail, "rotated-basis sparse LUT GEMV"))
             return out
-        parts = [column_major(c, sc) for c, sc in zip(codes, scales)]
-        codes_t = graph.cached(codes[0], f"sparsity.rotated_colmajor.fused{len(parts)}",
-                               lambda: torch.cat([ct for ct, _ in parts], dim=1))
-        scales_t = graph.cached(codes[0], f"sparsity.rotated_colmajor_scales.fused{len(parts)}",
-                                lambda: torch.cat([st for _, st in parts], dim=1))
+        codes_tm, scales_tm = layout(fused_codes, fused_scales, fused_codes.shape[0])
         name = sites[0].fqn.rsplit(".", 1)[0] + ".rotated_" + "_".join(s.fqn.rsplit(".", 1)[-1] for s in sites)
         codes_node = graph.add_input(f"{name}.lut_codes", fused_codes)
         scales_node = graph.add_input(f"{name}.lut_scales", fused_scales)
@@ -274,8 +269,8 @@ class SparsityPass(Pass):
         first = min(nodes, key=order.__getitem__)
         with graph.graph.inserting_before(first):
             fused = graph.graph.call_function(op, (
-                x, codes_node, scales_node, *first.args[3:5], bias_node, graph.add_input(f"{name}.codes_colmajor", codes_t),
-                graph.add_input(f"{name}.scales_colmajor", scales_t), bits, group_size, h, in_features, tau, prefill))
+                x, codes_node, scales_node, *first.args[3:5], bias_node, graph.add_input(f"{name}.codes_decode", codes_tm),
+                graph.add_input(f"{name}.scales_decode", scales_tm), bits, group_size, h, in_features, tau, prefill))
             fused.meta["transfigure_fused_linears"] = [s.fqn for s in sites]
             pieces, start = [], 0
             for c in scales:
