@@ -280,3 +280,15 @@ def test_decoding_loop_builds_its_backend_from_options_and_names_bad_ones():
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(model.generate(prompt, custom_generate=from_options, **kwargs),
                        model.generate(prompt, custom_generate=from_backend, **kwargs))
+
+
+def test_linearizing_backends_are_refused_with_the_helper_named():
+    """Over a KV cache the linearize pass leaves attention softmax (and the prompt runs eagerly), so the loop's
+    tokens would be the original model's: both entry points refuse and name the decoder that does it."""
+    model = tiny_model("llama")
+    backend = transfigure.backend(linearize={"feature_map": "elu"})
+    prompt = _prompt(model.config.vocab_size, batch=1)
+    with pytest.raises(ValueError, match="LinearAttentionDecoder"):
+        transfigure.generate(model, prompt, 3, backend=backend)
+    with pytest.raises(ValueError, match="LinearAttentionDecoder"):
+        model.generate(prompt, max_new_tokens=3, do_sample=False, custom_generate=transfigure.decoding_loop(backend))

@@ -151,3 +151,25 @@ def test_lolcats_linear_part_is_linear_attention_over_blocks_at_least_one_back(T
     # tolerance scales with the size of the terms (sums of up to 90 products of features in [0, 1])
     torch.testing.assert_close(num, scores @ v.repeat_interleave(G, 1), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(den, scores.sum(-1, keepdim=True), rtol=1e-5, atol=1e-4)
+
+
+def test_in_place_updates_of_the_graph_survive_the_rewrite():
+    """The pass erases only what its rewrite left unused: an in-place update of a graph input in the same graph
+    (here a decode step's token buffer, as in transfigure's decoding loop; a static KV cache updates likewise)
+    stays. A whole-graph dead-code elimination dropped it: FX does not see ``Tensor.index_copy_`` as impure."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 6))
+
+    def step(model, ids, buffer, position):
+        token = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)
+        buffer.index_copy_(1, position, token[:, None])
+        buffer.add_(0)
+
+    backend = transfigure.backend(lowering="eager", linearize={"feature_map": "elu"})
+    buffer = torch.full((1, 4), -1)
+    torch.compile(step, backend=backend, fullgraph=True)(model, ids, buffer, torch.tensor([2]))
+    assert len(backend.report.graphs[0].passes[0].result.rewritten) == 2  # the attention was linearized
+    expected = torch.compile(model, backend=transfigure.backend(lowering="eager", linearize={"feature_map": "elu"}))
+    with torch.no_grad():
+        token = expected(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)
+    assert buffer.tolist() == [[-1, -1, int(token), -1]]

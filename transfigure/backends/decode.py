@@ -53,6 +53,16 @@ def _resolve(model: torch.nn.Module, backend: Any, mode: str | None, device: tor
         from .backend import Backend
 
         backend = _DEFAULT_BACKENDS.setdefault(model, Backend())
+    if any(getattr(p, "name", None) == "linearize" for p in getattr(backend, "passes", ())):
+        # The loop decodes over a KV cache: the linearize pass leaves attention over a cache softmax (key length !=
+        # query length), and the prompt runs eagerly, so the tokens would be the original model's, not the
+        # linearized one's.
+        raise ValueError(
+            "transfigure decoding loop: this backend linearizes attention, which cannot run over transformers' KV "
+            "cache (README, section linearize). Decode with "
+            "transfigure.passes.linearize.LinearAttentionDecoder(model, feature_map=..., window=..., state=...)"
+            ".generate(input_ids, max_new_tokens) (per-token cost flat in the context), or leave linearize out of "
+            "the decoding backend.")
     return backend, mode
 
 

@@ -204,6 +204,29 @@ def load_state(state: Mapping[str, Any] | str | None) -> dict[str, torch.Tensor]
     return {str(k): v for k, v in dict(state).items() if isinstance(v, torch.Tensor)}
 
 
+def _mutates(node: fx.Node) -> bool:
+    """Whether a node may have an effect besides its output: FX's own rule, plus in-place methods and
+    functions of the Dynamo graph (``index_copy_``, ``add_``, ``setitem``...), which it does not know."""
+    if node.is_impure():
+        return True
+    name = getattr(node.target, "__name__", node.target if isinstance(node.target, str) else "")
+    return (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) or name == "setitem" \
+        or "out" in node.kwargs
+
+
+def _erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
+    """Erase the nodes the rewrite left without users, starting from ``candidates`` and walking up, never a
+    node that may mutate something (a whole-graph ``eliminate_dead_code`` dropped the in-place KV-cache and
+    token-buffer updates of a decode step: FX does not see ``Tensor.index_copy_`` as impure)."""
+    pending = set(candidates)
+    while pending:
+        node = pending.pop()
+        if node.users or node.op not in ("call_function", "call_method") or _mutates(node):
+            continue
+        pending.update(node.all_input_nodes)
+        graph.erase_node(node)
+
+
 @register_pass
 class LinearizePass(Pass):
     name = "linearize"
@@ -215,6 +238,7 @@ class LinearizePass(Pass):
         opts: LinearizeOptions = self.options
         result = PassResult(self.name)
         state = load_state(opts.state)
+        feeding: set[fx.Node] = set()  # inputs of replaced attention calls: may become dead (e.g. repeat_kv)
         for site in graph.attention_calls():
             if opts.layers and site.layer not in opts.layers:
                 result.skip(site, f"layer {site.layer} not in layers={list(opts.layers)}")
@@ -271,13 +295,14 @@ class LinearizePass(Pass):
                 )
             new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
             site.node.replace_all_uses_with(new)
+            feeding.update(site.node.all_input_nodes)
             graph.graph.erase_node(site.node)
             detail = (f"{opts.feature_map} {'causal' if causal else 'bidirectional'} ({how}), window={opts.window if causal else 'none'}, "
                       f"H={H} Hk={Hk} d={d}, GQA {gqa_form}, mask={'yes' if site.attn_mask is not None else 'no'}")
             if params:
                 detail += ", " + ("trained state" if any(f"{prefix}.{n}" in state for n in params) else "fresh parameters")
             result.rewrote(site, detail)
-        graph.graph.eliminate_dead_code()
+        _erase_unused(graph.graph, feeding)
         return result
 
     def _params(self, graph: GraphView, prefix: str, opts: LinearizeOptions, H: int, Hk: int, d: int, state) -> dict[str, torch.Tensor]:
