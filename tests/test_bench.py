@@ -2,6 +2,10 @@
 
 import json
 
+import torch
+
+import transfigure
+
 from transfigure import bench
 from transfigure.__main__ import main
 
@@ -122,3 +126,27 @@ def test_decode_bench_custom_loop_beside_the_generate_baseline(tmp_path):
     bench.save(merged, tmp_path, stem=bench.stem_for([r["loop"] for r in merged["rows"]]))
     assert (tmp_path / "e2e_decode_custom_generate_loop.png").exists()
     assert bench.stem_for(["generate"]) == "e2e_decode" and bench.stem_for(["step"]) == "e2e_decode_step_loop"
+
+
+def test_a_pass_that_rewrote_nothing_is_named_with_its_reason():
+    """A decode step over a KV cache: linearize leaves its attention softmax, so a bench row would time the original
+    model under the variant's name; the bench turns such a row into an error carrying the pass's skip reason."""
+    import transformers
+
+    from transfigure.bench import _passes_that_rewrote_nothing
+    from transfigure.models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 5))
+    idle = {}
+    for options in ({"linearize": {"feature_map": "elu"}}, {"lut_quant": {"bits": 4}}):
+        torch._dynamo.reset()
+        backend = transfigure.backend(lowering="eager", **options)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(5))
+            step = torch.compile(model, backend=backend, fullgraph=True)
+            step(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True, cache_position=torch.tensor([5]))
+        idle[next(iter(options))] = _passes_that_rewrote_nothing(backend)
+    assert idle["lut_quant"] == {}
+    assert list(idle["linearize"]) == ["linearize"] and "KV cache" in idle["linearize"]["linearize"]

@@ -156,6 +156,11 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     if backend is not None:
         row.compile_cold_s = max(cold - total, 0.0)
+    idle = _passes_that_rewrote_nothing(backend)
+    if idle:
+        # e.g. linearize under transformers' loop: every decode step attends over the KV cache, which the pass
+        # leaves softmax -- the row would time the original model under the variant's name
+        row.error = "; ".join(f"{name} rewrote no site ({reason})" for name, reason in idle.items())
     if compile_fn is not None and warm_compile:
         torch._dynamo.reset()
         compile_fn()
@@ -164,6 +169,21 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _passes_that_rewrote_nothing(backend: Any) -> dict[str, str]:
+    """Pass name -> its first skip reason, for each pass the backend was asked for that rewrote no site in any
+    graph it compiled."""
+    report = getattr(backend, "report", None)
+    if report is None or not len(report):
+        return {}
+    idle = {}
+    for name in getattr(backend, "raw_options", {}):
+        results = [p.result for graph in report.graphs for p in graph.passes if p.name == name]
+        if results and not any(r.rewritten for r in results):
+            skipped = [s for r in results for s in r.sites if s.status == "skipped"]
+            idle[name] = f"{skipped[0].fqn}: {skipped[0].detail}" if skipped else "no matching site"
+    return idle
 
 
 LOOPS = ("generate", "custom", "step")
