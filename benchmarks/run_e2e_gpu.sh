@@ -4,6 +4,8 @@
 set -u
 OUT=${OUT:-benchmarks/results}
 PARTS=${PARTS:-/tmp/e2e_parts}
+# parts of an earlier run would be merged into this run's table: start empty unless KEEP_PARTS=1
+[ -n "${KEEP_PARTS:-}" ] || rm -rf "$PARTS"
 mkdir -p "$OUT" "$PARTS"
 export PYTHONUNBUFFERED=1
 VARIANTS=${VARIANTS:-"eager inductor transfigure transfigure+lut-4bit transfigure+sparsity-50 transfigure+lut-4bit+sparsity-50"}
