@@ -75,10 +75,11 @@ def _dense_rotated_weight(codes, scales, table, signs, bits, group_size, hadamar
 
 def rotated_sparse_lut_linear_reference(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, signs: torch.Tensor | None,
-    bias: torch.Tensor | None, codes_t: torch.Tensor, scales_t: torch.Tensor, bits: int, group_size: int,
+    bias: torch.Tensor | None, codes_tm: torch.Tensor, scales_tm: torch.Tensor, bits: int, group_size: int,
     hadamard_size: int, in_features: int, tau: float, sparse_prefill: bool = True,
 ) -> torch.Tensor:
-    """``s_R(R x) W_r^T + b`` from the row-major codes (``codes_t``/``scales_t`` are the decode kernel's copy).
+    """``s_R(R x) W_r^T + b`` from the row-major codes (``codes_tm``/``scales_tm``: the decode kernels' copy in
+    :func:`decode_layout`).
 
     ``z = R x`` is rounded to ``x.dtype`` before thresholding, as the FWHT kernel returns it."""
     kp = scales.shape[1] * group_size
@@ -126,7 +127,7 @@ def sparse_mma_step_ptx(half: str) -> str:
 
     The K order inside an ``mma.m16n8k16`` is free as long as A and B agree: lane ``(g, q)`` takes entries
     ``4 q .. 4 q + 3`` of the step (A/B columns ``2 q, 2 q + 1, 2 q + 8, 2 q + 9``). Per entry it loads the
-    index and value, then ONE word of codes from that input's row (``tile_major_codes``: its rows ``g`` and
+    index and value, then ONE word of codes from that input's row (``decode_layout``: its rows ``g`` and
     ``g + 8`` of all four m-tiles), decodes each byte through the shared pair table (``_shared_lookup_ptx``:
     (row g, row g + 8) at that input) and re-pairs them with ``prmt`` into A registers (two inputs of one row).
     B is the activations as column ``g`` -- nonzero only in lane group 0 (one token). Every slot of a group
@@ -214,7 +215,7 @@ if triton_available():
                                    STEP_CONSTRAINTS: tl.constexpr, FILL_ASM: tl.constexpr, UNROLL: tl.constexpr,
                                    EMULATE: tl.constexpr):
         """Tensor-core sparse LUT GEMV over compacted rotated activations (one token, 4-bit codes in
-        ``tile_major_codes`` layout): warp ``w`` of program ``pid_n`` owns outputs ``[64 T, 64 T + 64)``,
+        ``decode_layout`` layout): warp ``w`` of program ``pid_n`` owns outputs ``[64 T, 64 T + 64)``,
         ``T = pid_n * WARPS + w``; per group it runs ``ceil(count / 16)`` steps of ``sparse_mma_step_ptx`` (16
         surviving inputs each, the group's accumulators in the mma fragments), then lane group ``q = 0`` (column 0
         = the token) scales its 8 outputs by the group scales. Every tensor has one element per thread (roles from
@@ -401,7 +402,7 @@ if triton_available():
         if SCALE_EACH:
             acc_lo = tl.sum(all_lo, axis=0)
             acc_hi = tl.sum(all_hi, axis=0)
-        # byte column j = 32 T + 4 g + t holds outputs 64 T + 16 t + g (low nibble) and + 8 (tile_major_codes)
+        # byte column j = 32 T + 4 g + t holds outputs 64 T + 16 t + g (low nibble) and + 8 (decode_layout)
         rows_lo = (cols // 32) * 64 + (cols % 4) * 16 + (cols % 32) // 4
         rows_hi = rows_lo + 8
         if SPLIT_K == 1:
@@ -455,7 +456,8 @@ if triton_available():
             warps = config.num_warps
             grid = (triton.cdiv(n_pad // 64, warps), split)
             tile_counts = _tile_counters(vals.device, grid[0]) if split > 1 else y
-            grid_half = table.reshape(-1).to(half).to(torch.float32).contiguous()
+            # the interpreter's emulation reads the grid rounded like the pair table; the GPU never does
+            grid_half = table.reshape(-1).to(half).to(torch.float32).contiguous() if interpreter_mode() else table
             _rotated_sparse_mma_kernel[grid](
                 vals, idx, counts, codes_tm, scales_tm, pair_table(table, 4, 1, half), grid_half, bias_arg, y, work,
                 tile_counts, n, n_pad, row_bytes, n_groups, per_split, WARPS=warps, G=group_size, SPLIT_K=split,
@@ -511,36 +513,35 @@ if triton_available():
     def rotated_sparse_gemv(vals, idx, counts, codes_tm, scales_tm, table, bias, group_size: int, half: torch.dtype,
                             n: int, config: Config | None = None) -> torch.Tensor:
         """The GEMV over compacted rotated activations (``compact_rotated_triton``) and tile-major codes /
-        scales (``tile_major_codes`` / ``tile_major_scales``): ``[1, n]`` in ``half``."""
+        scales (``decode_layout``): ``[1, n]`` in ``half``."""
         table = table.to(device=vals.device, dtype=torch.float32).contiguous()
         args = (vals, idx, counts, codes_tm, scales_tm, table, bias, group_size, half, n)
         return _launch(config, *args) if config is not None else _tuner(*args)
 
     rotated_sparse_gemv_triton = rotated_sparse_gemv
 
-    def _rotated_sparse_lut_linear_cuda(x, codes, scales, table, signs, bias, codes_t, scales_t, bits, group_size,
+    def _rotated_sparse_lut_linear_cuda(x, codes, scales, table, signs, bias, codes_tm, scales_tm, bits, group_size,
                                         hadamard_size, in_features, tau, sparse_prefill=True):
         kp = scales.shape[1] * group_size
         n = scales.shape[0]
-        if _tokens(x) == 1:
-            z = prepare_input(x, signs, hadamard_size, kp)
-            vals, idx, counts = compact_rotated_triton(z, tau, hadamard_size, group_size)
-            y = rotated_sparse_gemv(vals, idx, counts, codes_t, scales_t, table, bias, group_size, x.dtype, n)
-            return y.reshape(*x.shape[:-1], n)
         z = prepare_input(x, signs, hadamard_size, kp)
-        if sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
-            z = rotated_sparsify_reference(z, tau, hadamard_size)
-        y = lut_linear_triton(z, codes, scales, table, None, bias, bits, 1, group_size, 0, kp)
+        if _tokens(x) == 1:
+            vals, idx, counts = compact_rotated_triton(z, tau, hadamard_size, group_size)
+            y = rotated_sparse_gemv(vals, idx, counts, codes_tm, scales_tm, table, bias, group_size, x.dtype, n)
+        else:
+            if sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
+                z = rotated_sparsify_reference(z, tau, hadamard_size)
+            y = lut_linear_triton(z, codes, scales, table, None, bias, bits, 1, group_size, 0, kp)
         return y.reshape(*x.shape[:-1], n)
 
 
-def _fake(x, codes, scales, table, signs, bias, codes_t, scales_t, bits, group_size, hadamard_size, in_features, tau,
+def _fake(x, codes, scales, table, signs, bias, codes_tm, scales_tm, bits, group_size, hadamard_size, in_features, tau,
           sparse_prefill=True):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, scales, table, signs, bias, codes_t, scales_t, bits, group_size, hadamard_size, in_features, tau, *rest = inputs
+    x, codes, scales, table, signs, bias, codes_tm, scales_tm, bits, group_size, hadamard_size, in_features, tau, *rest = inputs
     ctx.save_for_backward(x, codes, scales, table, signs)
     ctx.meta = (bits, group_size, hadamard_size, in_features, tau, rest[0] if rest else True)
     ctx.has_bias = bias is not None

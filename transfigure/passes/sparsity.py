@@ -138,6 +138,7 @@ class SparsityPass(Pass):
             sharing.setdefault(s.input, []).append(s.fqn.rsplit(".", 1)[-1])
         rotated_groups: dict[tuple, list[tuple[LinearCall, str]]] = {}
         uncalibrated_rotations: set[int] = set()
+        taus: dict[int, dict[str, float | None]] = {}  # Hadamard size -> module FQN -> tau
         for site in sites:
             if not any(fnmatch.fnmatchcase(site.fqn, pattern) for pattern in opts.modules):
                 result.skip(site, "not matched by sparsity.modules")
@@ -152,7 +153,9 @@ class SparsityPass(Pass):
             detail = f"t={t:.4g} (s={level:.2f})" + shared_detail
             rotation = _rotated_lut_format(site.node) if opts.rotated_basis else None
             if rotation is not None:
-                tau = calibration.rotated_thresholds(opts.target, opts.allocation, rotation).get(site.fqn)
+                if rotation not in taus:
+                    taus[rotation] = calibration.rotated_thresholds(opts.target, opts.allocation, rotation)
+                tau = taus[rotation].get(site.fqn)
                 if tau is None:
                     uncalibrated_rotations.add(rotation)
                 elif tau > 0.0:
@@ -242,14 +245,13 @@ class SparsityPass(Pass):
                    and all(isinstance(t, torch.Tensor) and isinstance(signs[0], torch.Tensor) and torch.equal(t, signs[0])
                            for t in signs))
 
-        def layout(c, sc, rows):
-            return graph.cached(c, f"sparsity.rotated_decode_layout.{c.storage_offset()}.{rows}",
-                                lambda: decode_layout(c, sc))
+        def layout(c, sc):
+            return graph.cached(c, "sparsity.rotated_decode_layout", lambda: decode_layout(c, sc))
 
         if not fusable:
             out = []
             for site, detail, c, sc in zip(sites, details, codes, scales):
-                codes_tm, scales_tm = layout(c, sc, c.shape[0])
+                codes_tm, scales_tm = layout(c, sc)
                 args = list(site.node.args)
                 with graph.graph.inserting_before(site.node):
                     new = graph.graph.call_function(op, (
@@ -259,7 +261,7 @@ class SparsityPass(Pass):
                 graph.replace_linear(site, new)
                 out.append((site, detail, "rotated-basis sparse LUT GEMV"))
             return out
-        codes_tm, scales_tm = layout(fused_codes, fused_scales, fused_codes.shape[0])
+        codes_tm, scales_tm = layout(fused_codes, fused_scales)
         name = sites[0].fqn.rsplit(".", 1)[0] + ".rotated_" + "_".join(s.fqn.rsplit(".", 1)[-1] for s in sites)
         codes_node = graph.add_input(f"{name}.lut_codes", fused_codes)
         scales_node = graph.add_input(f"{name}.lut_scales", fused_scales)

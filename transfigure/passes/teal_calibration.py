@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -296,17 +297,23 @@ def _effective_rotation(in_features: int, hadamard_size: int) -> int:
     return effective_sizes(in_features, 128, hadamard_size, 1)[1]
 
 
+@functools.lru_cache(maxsize=32)
+def _signs(padded: int, seed: int) -> torch.Tensor:
+    from ..kernels.lut_format import random_signs
+
+    return random_signs(padded, seed)
+
+
 def _rotated_histogram(x: torch.Tensor, hadamard_size: int, seed: int) -> torch.Tensor:
     """Histogram of ``|z| / rms(z's block)`` for ``z = H_h (d * x) / sqrt(h)`` with lut_quant's random signs
     ``d`` (same seed and padding rule, so the same rotation whenever the seeds agree)."""
     from ..kernels.fwht import fwht_reference
-    from ..kernels.lut_format import random_signs
 
     h = hadamard_size
     x = x.detach().float().reshape(-1, x.shape[-1])
     kp = -(-x.shape[-1] // h) * h
     x = torch.nn.functional.pad(x, (0, kp - x.shape[-1]))
-    signs = random_signs(kp, seed).to(x.device)
+    signs = _signs(kp, seed).to(x.device)
     z = fwht_reference(x, signs, h, 1.0 / math.sqrt(h)).reshape(-1, h)
     rms = z.pow(2).mean(-1, keepdim=True).sqrt()
     ratio = (z.abs() / rms.clamp_min(1e-30)).clamp_max(ROTATED_HIST_MAX * (1 - 1e-7))
