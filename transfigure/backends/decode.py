@@ -20,6 +20,8 @@ Measured speed: ``benchmarks/results/e2e_decode_*``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import warnings
 import weakref
@@ -86,7 +88,7 @@ def _greedy_step(model: torch.nn.Module, cache: Any, tokens: torch.Tensor, posit
     last = tokens.index_select(1, position - 1)
     padding = {} if attention_mask is None else {"attention_mask": attention_mask,
                                                  "position_ids": (position - 1 + position_offsets)[:, None]}
-    logits = model(input_ids=last, past_key_values=cache, cache_position=position - 1, use_cache=True,
+    logits = model(input_ids=last, **_cache_kwarg(model, cache), cache_position=position - 1, use_cache=True,
                    **padding).logits
     token = logits[:, -1].argmax(-1)
     if eos is not None:
@@ -146,7 +148,7 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
         padding = {"attention_mask": full_mask, "position_ids": prompt_positions}
     # the prompt runs eagerly: it allocates the cache (transformers marks its tensors static for CUDA graphs)
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+    logits = model(input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
                    cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
     fused = choose is None and stop is None
     if fused and eos is not None and pad is None:
@@ -169,7 +171,7 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
                 step_padding = {} if not padding else {
                     "attention_mask": padding["attention_mask"],
                     "position_ids": (positions[i - 1 : i] + position_offsets)[:, None]}
-                logits = step(input_ids=next_token[:, None], past_key_values=cache,
+                logits = step(input_ids=next_token[:, None], **_cache_kwarg(model, cache),
                               cache_position=positions[i - 1 : i], use_cache=True, **step_padding).logits
             # consumed before the next replay of the step overwrites its output
             next_token = logits[:, -1].argmax(-1) if choose is None else choose(tokens[:, : prompt + i], logits[:, -1])
@@ -243,8 +245,20 @@ def generate(
 
 # model inputs transformers' generate() prepares that the loop reproduces itself (cache positions, positions
 # without padding, the one-position logits)
-_LOOP_MODEL_KWARGS = {"attention_mask", "past_key_values", "use_cache", "position_ids", "cache_position",
+_LOOP_MODEL_KWARGS = {"attention_mask", "past_key_values", "cache", "use_cache", "position_ids", "cache_position",
                       "logits_to_keep"}
+
+
+def _cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache as the model's forward names it: ``cache`` since transformers 5.24, ``past_key_values``
+    before (still accepted there, with a deprecation warning)."""
+    return {_cache_name(type(model)): cache}
+
+
+@torch.compiler.assume_constant_result  # a property of the class: a constant inside the compiled step
+def _cache_name(model_class: type) -> str:
+    names = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in names and "past_key_values" not in names else "past_key_values"
 
 
 class decoding_loop:  # noqa: N801 - used like a function: custom_generate=transfigure.decoding_loop(backend)
@@ -313,7 +327,7 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
             return f"an attention_mask of shape {tuple(mask.shape)} for input_ids {tuple(input_ids.shape)}"
         if mask is not None and not bool((mask[:, 1:] >= mask[:, :-1]).all() and mask[:, -1].all()):
             return "a right-padded batch (the loop takes left padding, as decoder-only generation wants)"
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         if cache is not None and (getattr(cache, "_is_user_defined", False) or cache.get_seq_length() > 0):
             return "a cache passed in by the caller"
         others = sorted(k for k, v in {**model_kwargs, **extra}.items()
@@ -377,7 +391,8 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
         if generation_config.return_dict_in_generate:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-            return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
+            fields = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+            return GenerateDecoderOnlyOutput(sequences=sequences, **{"cache" if "cache" in fields else "past_key_values": cache})
         return sequences
 
     @staticmethod

@@ -106,6 +106,8 @@ def _fqn_from_source(source: Any) -> str | None:
         base = getattr(node, "base", None)
         index = getattr(node, "index", None)
         member = getattr(node, "member", None)
+        if index == 0 and getattr(base, "local_name", None) == "args" and getattr(base, "base", None) is None:
+            break  # ``args[0]``: the module itself, when its forward is wrapped by a ``*args`` decorator
         if index is not None and base is not None and getattr(base, "member", None) in ("_modules", "_parameters", "_buffers"):
             parts.append(str(index))
             node = getattr(base, "base", None)
@@ -138,7 +140,8 @@ def _is_buffer_source(source: Any) -> bool:
     return False
 
 
-_STACK_PREFIX = re.compile(r"^L\[['\"](?:self|fn|mod|model)['\"]\]\.?")
+# ``L['self']`` or, since transformers 5.24 wraps model forwards in ``*args`` decorators, ``L['args'][0]``
+_STACK_PREFIX = re.compile(r"^L\[['\"](?:(?:self|fn|mod|model)['\"]\]|args['\"]\]\[0\])\.?")
 
 
 def normalize_module_path(path: str) -> str:
