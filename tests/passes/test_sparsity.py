@@ -88,11 +88,17 @@ def test_thresholds_exactly_where_teal_puts_them(arch):
     rewritten = {s.fqn for s in result.rewritten}
     assert rewritten == {m for group in expected for m in group}
     assert not result.skipped
-    # the graph: one sparse_linear per block projection, with that projection's threshold
+    # the graph: one sparse_linear per TEAL site (q/k/v and gate/up fused over their stacked columns)
     graph = backend.report.graphs[0].final_code
-    assert graph.count("transfigure.sparse_linear") == len(rewritten)
+    assert graph.count("transfigure.sparse_linear") == len(expected)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     assert (out - dense).abs().max() > 1e-4  # the thresholds did change the output
+
+    separate = transfigure.backend(lowering="eager", sparsity={"calibration": calibration, "target": 0.5,
+                                                               "allocation": "uniform", "fuse_siblings": False})
+    with torch.no_grad():
+        torch.testing.assert_close(_output(torch.compile(model, backend=separate)(x)), reference, rtol=1e-5, atol=1e-5)
+    assert separate.report.graphs[0].final_code.count("transfigure.sparse_linear") == len(rewritten)
 
 
 def test_held_out_sparsity_within_two_points(trained):

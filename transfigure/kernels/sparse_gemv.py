@@ -70,6 +70,10 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    # Split-K partials go to a workspace and the last program of an output tile sums them (lut_gemm's
+    # epilogue): no zeroed fp32 output and no cast kernel, which were two extra launches per projection.
+    from .lut_gemm import _store_tile_counted, _tile_counters
+
     @triton.jit
     def _thresholded_tile(x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, threshold):
         """The ``[BLOCK_M, BLOCK_K]`` input tile with ``|x| <= t`` zeroed, and which of its K rows any token keeps."""
@@ -79,25 +83,10 @@ if triton_available():
         return tl.where(keep, x, tl.zeros_like(x)), tl.max(keep.to(tl.int32), axis=0) > 0
 
     @triton.jit
-    def _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS: tl.constexpr,
-                   ATOMIC: tl.constexpr):
-        """Add the bias (once: from K split / segment 0) and store the tile, or add it atomically under split-K."""
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if pid_k == 0:
-                acc += bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(y_ptrs, acc, mask=out_mask)
-        else:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
     def _sparse_gemv_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr,
-        M, N, K, stride_xm, stride_wk, stride_ym, threshold, k_per_split,
-        HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, EVICT: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, y_ptr, work_ptr, count_ptr,
+        M, N, K, stride_xm, stride_wk, threshold, k_per_split,
+        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVICT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -122,7 +111,16 @@ if triton_available():
                 acc += tl.dot(x.to(w.dtype), w)
             else:
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, ATOMIC)
+        _store_tile_counted(y_ptr, b_ptr, work_ptr, count_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_n, pid_k,
+                            BLOCK_M, BLOCK_N, SPLIT_K, HAS_BIAS)
+
+    def _outputs(x2: torch.Tensor, n: int, tiles: int, split: int):
+        """(y, split-K workspace, tile counters); the last two are y itself when there is no split."""
+        m = x2.shape[0]
+        y = x2.new_empty((m, n))
+        if split == 1:
+            return y, y, y
+        return y, torch.empty((split, m, n), dtype=torch.float32, device=x2.device), _tile_counters(x2.device, tiles)
 
     def _launch(config: Config, x2: torch.Tensor, weight_t: torch.Tensor, bias, threshold: float) -> torch.Tensor:
         M, K = x2.shape
@@ -131,21 +129,23 @@ if triton_available():
         block_n, block_k, split = config.meta["BLOCK_N"], config.meta["BLOCK_K"], config.meta["SPLIT_K"]
         k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
         grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
-        atomic = grid[1] > 1
-        y = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if atomic else x2.new_empty((M, N))
+        y, work, counts = _outputs(x2, N, grid[0], grid[1])
         _sparse_gemv_kernel[grid](
-            x2, weight_t, bias if bias is not None else weight_t, y,
-            M, N, K, x2.stride(0), weight_t.stride(0), y.stride(0), float(threshold), k_per_split,
-            HAS_BIAS=bias is not None, ATOMIC=atomic, USE_DOT=block_m > 1, EVICT=not interpreter_mode(),
+            x2, weight_t, bias if bias is not None else weight_t, y, work, counts,
+            M, N, K, x2.stride(0), weight_t.stride(0), float(threshold), k_per_split,
+            HAS_BIAS=bias is not None, SPLIT_K=grid[1], USE_DOT=block_m > 1, EVICT=not interpreter_mode(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-        return y.to(x2.dtype) if atomic else y
+        return y
 
     def _configs() -> list[Config]:
         # configs[0] is what the interpreter uses: small tiles keep CPU tests fast.
         configs = [Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=2, num_stages=1)]
-        for block_n, block_k, warps in ((32, 128, 2), (64, 64, 2), (64, 128, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)):
+        # (512, 16, 4): wide rows, few per step; won the fused 28672x4096 gate/up from HBM (45.0 vs 49.5 us,
+        # benchmarks/results/explore_cold_tuning_sparse.md)
+        for block_n, block_k, warps in ((32, 128, 2), (64, 64, 2), (64, 128, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4),
+                                        (256, 64, 8), (512, 16, 4)):
             for split in (1, 2, 4, 8, 16, 32):
                 configs.append(Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, warps, 3))
         return configs
@@ -284,8 +284,9 @@ if triton_available():
         tl.store(count_ptr + seg, base)
 
     @triton.jit
-    def _gather_gemv_kernel(x_ptr, w_ptr, idx_ptr, count_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wk, stride_ym,
-                            threshold, seg_len, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr,
+    def _gather_gemv_kernel(x_ptr, w_ptr, idx_ptr, count_ptr, b_ptr, y_ptr, work_ptr, tile_count_ptr, M, N, stride_xm,
+                            stride_wk, threshold, seg_len, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                            USE_DOT: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         seg = tl.program_id(1)
@@ -306,7 +307,8 @@ if triton_available():
                 acc += tl.dot(x.to(w.dtype), w)
             else:
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, seg, HAS_BIAS, ATOMIC)
+        _store_tile_counted(y_ptr, b_ptr, work_ptr, tile_count_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_n,
+                            seg, BLOCK_M, BLOCK_N, SPLIT_K, HAS_BIAS)
 
     def _launch_compact(config: Config, x2, weight_t, bias, threshold):
         M, K = x2.shape
@@ -318,16 +320,15 @@ if triton_available():
         count = torch.empty(split, dtype=torch.int32, device=x2.device)
         _compact_kernel[(split,)](x2, idx, count, M, K, x2.stride(0), float(threshold), seg_len,
                                   BLOCK_M=block_m, BLOCK=512, num_warps=4)
-        atomic = split > 1
-        y = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if atomic else x2.new_empty((M, N))
         grid = (triton.cdiv(N, config.meta["BLOCK_N"]), split)
+        y, work, tile_counts = _outputs(x2, N, grid[0], split)
         _gather_gemv_kernel[grid](
-            x2, weight_t, idx, count, bias if bias is not None else weight_t, y, M, N, x2.stride(0), weight_t.stride(0),
-            y.stride(0), float(threshold), seg_len, HAS_BIAS=bias is not None, ATOMIC=atomic, USE_DOT=block_m > 1,
-            BLOCK_M=block_m, BLOCK_N=config.meta["BLOCK_N"], BLOCK_K=config.meta["BLOCK_K"],
+            x2, weight_t, idx, count, bias if bias is not None else weight_t, y, work, tile_counts, M, N, x2.stride(0),
+            weight_t.stride(0), float(threshold), seg_len, HAS_BIAS=bias is not None, SPLIT_K=split,
+            USE_DOT=block_m > 1, BLOCK_M=block_m, BLOCK_N=config.meta["BLOCK_N"], BLOCK_K=config.meta["BLOCK_K"],
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-        return y.to(x2.dtype) if atomic else y
+        return y
 
     def _compact_configs() -> list[Config]:
         configs = [Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=2, num_stages=1)]

@@ -83,13 +83,14 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .sparse_gemv import _thresholded_tile, _write_out
+    from .lut_gemm import _store_tile_counted
+    from .sparse_gemv import _outputs, _thresholded_tile
 
     @triton.jit
     def _sparse_lut_gemv_kernel(
-        x_ptr, c_ptr, s_ptr, t_ptr, b_ptr, y_ptr,
-        M, N, K, stride_xm, stride_c, stride_s, stride_ym, threshold, k_per_split,
-        W: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+        x_ptr, c_ptr, s_ptr, t_ptr, b_ptr, y_ptr, work_ptr, count_ptr,
+        M, N, K, stride_xm, stride_c, stride_s, threshold, k_per_split,
+        W: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         USE_DOT: tl.constexpr, EVICT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -123,7 +124,8 @@ if triton_available():
             group_row = tl.minimum(k0, K - 1) // GROUP  # a block past K (last split) reads a valid row; part is 0
             scale = tl.load(s_ptr + group_row * stride_s + offs_n, mask=n_mask, other=0.0)
             acc += part * scale.to(tl.float32)[None, :]
-        _write_out(y_ptr, b_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, ATOMIC)
+        _store_tile_counted(y_ptr, b_ptr, work_ptr, count_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_n, pid_k,
+                            BLOCK_M, BLOCK_N, SPLIT_K, HAS_BIAS)
 
     def _launch(config: Config, x2, codes_t, scales_t, table, bias, bits, group_size, threshold):
         M, K = x2.shape
@@ -133,16 +135,15 @@ if triton_available():
         block_k = min(block_k, group_size)
         k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
         grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
-        atomic = grid[1] > 1
-        y = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if atomic else x2.new_empty((M, N))
+        y, work, counts = _outputs(x2, N, grid[0], grid[1])
         _sparse_lut_gemv_kernel[grid](
-            x2, codes_t, scales_t, table, bias if bias is not None else scales_t, y,
-            M, N, K, x2.stride(0), codes_t.stride(0), scales_t.stride(0), y.stride(0), float(threshold), k_per_split,
-            W=bits, GROUP=group_size, HAS_BIAS=bias is not None, ATOMIC=atomic, USE_DOT=block_m > 1,
+            x2, codes_t, scales_t, table, bias if bias is not None else scales_t, y, work, counts,
+            M, N, K, x2.stride(0), codes_t.stride(0), scales_t.stride(0), float(threshold), k_per_split,
+            W=bits, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=grid[1], USE_DOT=block_m > 1,
             EVICT=not interpreter_mode(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-        return y.to(x2.dtype) if atomic else y
+        return y
 
     def _configs() -> list[Config]:
         configs = [Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=2, num_stages=1)]

@@ -67,6 +67,8 @@ class SparsityOptions:
     allocation: Literal["uniform", "greedy"] = option("greedy", "uniform: target on every input; greedy: TEAL's block-wise search")
     modules: tuple[str, ...] = option(("*",), "fnmatch patterns over linear module FQNs to sparsify")
     sparse_prefill: bool = option(True, "also threshold inputs of more than 8 tokens (False: dense prefill, sparse decode)")
+    fuse_siblings: bool = option(True, "dense linears that share an input and threshold (q/k/v, gate/up) become one "
+                                       "sparse GEMV over their stacked columns: one launch instead of three or two")
     rotated_basis: bool = option(False, "for Hadamard-rotated 4-bit lut_quant linears, threshold the rotated input "
                                         "(calibrated |Rx|/rms quantile) and run the rotated-basis sparse LUT GEMV; "
                                         "False: threshold x before the rotation (TEAL's sites, no sparse kernel). "
@@ -139,6 +141,7 @@ class SparsityPass(Pass):
         rotated_groups: dict[tuple, list[tuple[LinearCall, str]]] = {}
         uncalibrated_rotations: set[int] = set()
         taus: dict[int, dict[str, float | None]] = {}  # Hadamard size -> module FQN -> tau
+        dense_groups: dict[tuple, list[tuple[LinearCall, str]]] = {}
         for site in sites:
             if not any(fnmatch.fnmatchcase(site.fqn, pattern) for pattern in opts.modules):
                 result.skip(site, "not matched by sparsity.modules")
@@ -163,10 +166,16 @@ class SparsityPass(Pass):
                     rotated_groups.setdefault(key, []).append(
                         (site, f"tau={tau:.4g} of |Rx|/rms (s={level:.2f}){shared_detail}"))
                     continue
+            if opts.fuse_siblings and self._stackable(graph, site) is not None:
+                dense_groups.setdefault((site.input, t), []).append((site, detail))
+                continue
             kind = self._rewrite(graph, site, t)
             result.rewrote(site, f"{detail}, {kind}")
             if kind == THRESHOLD_ONLY and _is_lut_linear(site.node) and _lut_rotation(site.node):
                 rotated_lut.append(site.fqn)
+        for (_, t), members in dense_groups.items():
+            for site, detail, kind in self._rewrite_dense_group(graph, members, t):
+                result.rewrote(site, f"{detail}, {kind}")
         for (x, tau, *_), members in rotated_groups.items():
             for site, detail, kind in self._rewrite_rotated(graph, [m[0] for m in members], x, tau,
                                                             [m[1] for m in members]):
@@ -217,6 +226,54 @@ class SparsityPass(Pass):
         if "transfigure_linear" in node.meta:
             node.meta["transfigure_linear"] = dataclasses.replace(node.meta["transfigure_linear"], input=xs)
         return THRESHOLD_ONLY
+
+    @staticmethod
+    def _stackable(graph: GraphView, site: LinearCall) -> torch.Tensor | None:
+        """The weight of a plain ``F.linear`` site whose weight (and bias) are graph inputs, else None."""
+        if site.node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+            return None
+        if not (isinstance(site.weight, fx.Node) and site.weight.op == "placeholder"):
+            return None
+        if site.bias is not None and not (isinstance(site.bias, fx.Node) and site.bias.op == "placeholder"):
+            return None
+        w = graph.tensor(site.weight)
+        return w if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+    def _rewrite_dense_group(self, graph: GraphView, members: list[tuple[LinearCall, str]],
+                             t: float) -> list[tuple[LinearCall, str, str]]:
+        """Dense linears reading one thresholded input -> ONE ``sparse_linear`` over ``[W_1^T | W_2^T | ...]``.
+
+        The columns a token drops are skipped in every sibling at once, so q/k/v (or gate/up) cost one launch
+        and one pass over the surviving rows of the stacked ``W^T``; the outputs are ``narrow`` views of it."""
+        sites = [m[0] for m in members]
+        weights = [self._stackable(graph, site) for site in sites]
+        if len(sites) == 1 or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            return [(site, detail, self._rewrite(graph, site, t)) for site, detail in members]
+        prefill = self.options.sparse_prefill
+        key = "sparsity.stacked_weight_t." + ".".join(f"{id(w)}v{w._version}" for w in weights)
+        stacked = graph.cached(weights[0], key, lambda: torch.cat([w.detach().t() for w in weights], dim=1).contiguous())
+        name = sites[0].fqn.rsplit(".", 1)[0] + ".sparse_" + "_".join(s.fqn.rsplit(".", 1)[-1] for s in sites)
+        wt_node = graph.add_input(f"{name}.weight_t", stacked, derived_from=weights)
+        bias_node = None
+        if any(site.bias is not None for site in sites):
+            biases = [graph.tensor(site.bias) if site.bias is not None else None for site in sites]
+            stacked_bias = torch.cat([b.detach() if b is not None else weights[i].new_zeros(weights[i].shape[0])
+                                      for i, b in enumerate(biases)])
+            bias_node = graph.add_input(f"{name}.bias", stacked_bias, derived_from=[b for b in biases if b is not None])
+        order = {n: i for i, n in enumerate(graph.graph.nodes)}
+        first = min((site.node for site in sites), key=order.__getitem__)
+        with graph.graph.inserting_before(first):
+            fused = graph.graph.call_function(torch.ops.transfigure.sparse_linear.default,
+                                              (sites[0].input, wt_node, bias_node, t, prefill))
+            fused.meta["transfigure_fused_linears"] = [s.fqn for s in sites]
+            pieces, start = [], 0
+            for w in weights:
+                pieces.append(graph.graph.call_function(torch.narrow, (fused, -1, start, w.shape[0])))
+                start += w.shape[0]
+        for site, piece in zip(sites, pieces):  # the insertion point is a member: replace after inserting all
+            graph.replace_linear(site, piece)
+        rows = "+".join(str(w.shape[0]) for w in weights)
+        return [(site, detail, f"sparse GEMV, fused columns {rows}") for site, detail in members]
 
     def _rewrite_rotated(self, graph: GraphView, sites: list[LinearCall], x: fx.Node, tau: float,
                          details: list[str]) -> list[tuple[LinearCall, str, str]]:
