@@ -13,14 +13,15 @@ VARIANTS=${VARIANTS:-"eager inductor transfigure transfigure+lut-4bit transfigur
 # (compiled step, no per-token host sync) instead of transformers' loop; a variant written name@loop overrides
 # LOOP for itself, so one run can hold the generate() baseline and the other loops side by side.
 LOOP=${LOOP:-generate}
+# DECODING=sample|padded times sampling (top-k/top-p) or a left-padded batch (BATCH >= 2) instead of greedy.
 # REPEATS=n runs the variant list n times, interleaved (A B A B ...); the report shows medians and ranges.
 for rep in $(seq 1 ${REPEATS:-1}); do
 for spec in $VARIANTS; do
   v=${spec%@*}; loop=$LOOP; [ "$spec" != "$v" ] && loop=${spec#*@}
   extra=""; { [ "$v" = "transfigure" ] && [ "$rep" = 1 ]; } || extra="--no-warm"
   part="$PARTS/part_${v}_${loop}_r$rep"; log="$PARTS/log_${v}_${loop}_r$rep.txt"
-  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$loop" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} $extra --out "$part" > "$log" 2>&1 \
-    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$loop" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} --no-warm --no-static-launcher --out "$part" >> "$log" 2>&1; } \
+  timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$loop" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} --decoding ${DECODING:-greedy} $extra --out "$part" > "$log" 2>&1 \
+    || { [ -n "${RETRY:-}" ] && timeout ${PER_VARIANT_S:-150} python -X faulthandler -m transfigure bench --loop "$loop" --variants "$v" --new-tokens ${NEW_TOKENS:-256} --models ${MODELS:-llama-1b} --batch ${BATCH:-1} --decoding ${DECODING:-greedy} --no-warm --no-static-launcher --out "$part" >> "$log" 2>&1; } \
     || echo "variant $v (repeat $rep) failed" >> "$PARTS/failures.txt"
   tail -n 3 "$log"
 done

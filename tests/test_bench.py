@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import transfigure
@@ -150,3 +151,33 @@ def test_a_pass_that_rewrote_nothing_is_named_with_its_reason():
         idle[next(iter(options))] = _passes_that_rewrote_nothing(backend)
     assert idle["lut_quant"] == {}
     assert list(idle["linearize"]) == ["linearize"] and "KV cache" in idle["linearize"]["linearize"]
+
+
+@pytest.mark.parametrize("decoding", ["sample", "padded"])
+def test_decode_bench_sampling_and_padded_batches_through_the_loop(tmp_path, decoding):
+    """decoding="sample" / "padded" time the same loops; the rows say how they decoded, and ratios pair rows of one
+    decoding (a padded row against a padded baseline)."""
+    result = bench.run(models=["llama"], batches=[2], new_tokens=[4], variants=["inductor", "transfigure"],
+                       prompt_len=24, device="cpu", out_dir=None, progress=False, warm_compile=False,
+                       lowering="eager", loop="custom", decoding=decoding)
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 and r["decoding"] == decoding for r in result["rows"]), result
+    text = bench.markdown(result)
+    assert f"| transfigure ({decoding}) |" in text and f"| inductor ({decoding}) |" in text and "| 1.00x |" in text
+
+
+def test_decode_bench_rejects_a_padded_single_row_and_unknown_decodings():
+    with pytest.raises(ValueError, match="at least 2"):
+        bench._decoding_kwargs("padded", torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="greedy, sample, padded"):
+        bench.run_variant("llama", "transfigure", 1, 2, 8, "cpu", torch.float32, decoding="beam")
+    mask = bench._decoding_kwargs("padded", torch.zeros(3, 20, dtype=torch.long))["attention_mask"]
+    assert mask.sum(1).tolist() == [20, 12, 4] and bool(mask[:, -1].all())
+
+
+def test_a_custom_loop_row_that_handed_over_to_transformers_is_an_error(monkeypatch):
+    from transfigure.backends.decode import decoding_loop
+
+    monkeypatch.setattr(decoding_loop, "unsupported", staticmethod(lambda *args: "a reason the loop cannot cover"))
+    row = bench.run_variant("llama", "transfigure", 1, 3, 8, "cpu", torch.float32, warm_compile=False,
+                            lowering="eager", loop="custom")
+    assert row.error and "a reason the loop cannot cover" in row.error

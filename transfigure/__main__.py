@@ -190,7 +190,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print(bench.training_markdown(result))
         return 0
     result = bench.run(args.models, args.batch, args.new_tokens, args.variants, args.prompt_len, args.device, args.out,
-                       warm_compile=not args.no_warm, lowering=args.lowering, loop=args.loop)
+                       warm_compile=not args.no_warm, lowering=args.lowering, loop=args.loop, decoding=args.decoding)
     print(bench.markdown(result))
     return 0
 
@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                               "custom_generate=transfigure.decoding_loop (a compiled one-token step without a host sync "
                               "per token); step: transfigure.generate, the same loop as a function. custom and step "
                               "apply to Inductor and transfigure alike")
+    p_bench.add_argument("--decoding", choices=("greedy", "sample", "padded"), default="greedy",
+                         help="greedy; sample: top-k 50, top-p 0.95, temperature 0.8; padded: greedy over a left-padded "
+                              "batch (row i 8*i tokens shorter; needs --batch >= 2)")
     p_bench.add_argument("--training", action="store_true",
                          help="training-step benchmark instead of decode: full fine-tuning, LoRA, GaLore")
     p_bench.add_argument("--train-variants", nargs="*", default=list(TRAINING_VARIANTS))

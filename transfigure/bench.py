@@ -16,6 +16,7 @@ import datetime
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Row:
     compile_warm_s: float | None = None
     error: str | None = None
     loop: str = "generate"
+    decoding: str = "greedy"
 
 
 def _sync(device: str) -> None:
@@ -47,10 +49,30 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _generate(model, prompt, new_tokens: int, **kwargs: Any) -> torch.Tensor:
-    """Greedy ``generate()`` with the model's EOS rule on (what users run). A random model rarely picks its EOS
-    id, and when it does the timing would cover fewer tokens: that is an error, not a number."""
-    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+DECODINGS = ("greedy", "sample", "padded")
+"""greedy; sample: top-k 50, top-p 0.95, temperature 0.8; padded: greedy over a left-padded batch whose row i
+has 8*i fewer prompt tokens (an ``attention_mask`` with leading zeros, as a tokenizer pads for generation)."""
+
+
+def _decoding_kwargs(decoding: str, prompt: torch.Tensor) -> dict[str, Any]:
+    if decoding == "greedy":
+        return {"do_sample": False}
+    if decoding == "sample":
+        return {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": 0.8}
+    if decoding == "padded":
+        batch, length = prompt.shape
+        if batch < 2:
+            raise ValueError("bench decoding 'padded' needs a batch of at least 2 (rows of different lengths)")
+        pads = torch.arange(batch, device=prompt.device)[:, None] * 8
+        mask = (torch.arange(length, device=prompt.device)[None, :] >= pads).long()
+        return {"do_sample": False, "attention_mask": mask, "pad_token_id": 0}
+    raise ValueError(f"bench decoding {decoding!r}: one of {', '.join(DECODINGS)}")
+
+
+def _generate(model, prompt, new_tokens: int, decoding: str = "greedy", **kwargs: Any) -> torch.Tensor:
+    """``generate()`` with the model's EOS rule on (what users run). A random model rarely picks its EOS id, and
+    when it does the timing would cover fewer tokens: that is an error, not a number."""
+    out = model.generate(prompt, max_new_tokens=new_tokens, **_decoding_kwargs(decoding, prompt), **kwargs)
     made = out.shape[1] - prompt.shape[1]
     if made != new_tokens:
         raise RuntimeError(f"generate() stopped at EOS after {made} of {new_tokens} tokens; the timing would be wrong")
@@ -94,7 +116,8 @@ def _variant_options(variant: str, model, device: str) -> dict[str, Any] | None:
 
 
 def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prompt_len: int, device: str,
-                dtype: torch.dtype, warm_compile: bool = True, lowering: str = "inductor", loop: str = "generate") -> Row:
+                dtype: torch.dtype, warm_compile: bool = True, lowering: str = "inductor", loop: str = "generate",
+                decoding: str = "greedy") -> Row:
     """``loop="generate"``: transformers' ``generate()`` with a compiled static-cache step (the issue's harness);
     ``loop="custom"``: transformers' ``generate()`` with ``custom_generate=transfigure.decoding_loop(backend)``
     (transformers prepares the call, our loop decodes: compiled one-token step, no host sync per token);
@@ -103,7 +126,11 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
     host work; the eager variant always runs transformers' loop."""
     if loop not in LOOPS:
         raise ValueError(f"bench loop {loop!r}: one of {', '.join(LOOPS)}")
-    row = Row(model_name, variant, batch, new_tokens, loop=loop if variant != "eager" else "generate")
+    if decoding not in DECODINGS:
+        raise ValueError(f"bench decoding {decoding!r}: one of {', '.join(DECODINGS)}")
+    if loop == "step" and decoding != "greedy":
+        raise ValueError("bench loop 'step' (transfigure.generate) decodes greedily without padding; use --loop custom")
+    row = Row(model_name, variant, batch, new_tokens, loop=loop if variant != "eager" else "generate", decoding=decoding)
     torch._dynamo.reset()
     model = build_model(model_name, device, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
@@ -123,10 +150,10 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
         compile_fn = lambda: None  # noqa: E731 - Dynamo's reset alone makes the kept step compile again
     elif backend is not None and loop == "custom":
         decoding_loop = transfigure.decoding_loop(backend)
-        decode = lambda n: _generate(model, prompt, n, custom_generate=decoding_loop)  # noqa: E731
+        decode = lambda n: _generate(model, prompt, n, decoding, custom_generate=decoding_loop)  # noqa: E731
         compile_fn = lambda: None  # noqa: E731
     else:
-        decode = lambda n: _generate(model, prompt, n)  # noqa: E731
+        decode = lambda n: _generate(model, prompt, n, decoding)  # noqa: E731
         if backend is not None:
             from transformers import CompileConfig
 
@@ -147,9 +174,14 @@ def run_variant(model_name: str, variant: str, batch: int, new_tokens: int, prom
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cold = timed(new_tokens)
-    total = min(timed(new_tokens) for _ in range(2))
-    first = min(timed(1) for _ in range(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cold = timed(new_tokens)
+        total = min(timed(new_tokens) for _ in range(2))
+        first = min(timed(1) for _ in range(2))
+    handed_over = [str(w.message) for w in caught if "decoding_loop: running transformers' own" in str(w.message)]
+    if handed_over and loop == "custom":  # the row would time transformers' loop under the hook's name
+        row.error = handed_over[0]
     row.tokens_per_s = batch * new_tokens / total
     row.decode_tokens_per_s = batch * (new_tokens - 1) / max(total - first, 1e-9)
     row.ttft_ms = first * 1e3
@@ -198,7 +230,7 @@ DEFAULT_VARIANTS = ("eager", "inductor", "transfigure", "transfigure+lut-4bit", 
 def run(models: Sequence[str] = ("llama-1b",), batches: Sequence[int] = (1,), new_tokens: Sequence[int] = (256,),
         variants: Sequence[str] = DEFAULT_VARIANTS, prompt_len: int = 128, device: str | None = None,
         out_dir: str | Path | None = None, progress: bool = True, warm_compile: bool = True,
-        lowering: str = "inductor", loop: str = "generate") -> dict[str, Any]:
+        lowering: str = "inductor", loop: str = "generate", decoding: str = "greedy") -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,11 +239,13 @@ def run(models: Sequence[str] = ("llama-1b",), batches: Sequence[int] = (1,), ne
     rows = []
     for model_name, variant, batch, n in tqdm(jobs, desc="bench", disable=not progress):
         try:
-            rows.append(run_variant(model_name, variant, batch, n, prompt_len, device, dtype, warm_compile, lowering, loop))
+            rows.append(run_variant(model_name, variant, batch, n, prompt_len, device, dtype, warm_compile, lowering, loop,
+                                    decoding))
         except Exception as error:  # keep the other variants' numbers
-            rows.append(Row(model_name, variant, batch, n, error=_error_text(error)))
+            rows.append(Row(model_name, variant, batch, n, error=_error_text(error), decoding=decoding))
         print(rows[-1], flush=True)
-    result = {**environment(device), "prompt_len": prompt_len, "loop": loop, "rows": [dataclasses.asdict(r) for r in rows]}
+    result = {**environment(device), "prompt_len": prompt_len, "loop": loop, "decoding": decoding,
+              "rows": [dataclasses.asdict(r) for r in rows]}
     if out_dir:
         save(result, out_dir, stem=stem_for([loop]))
     return result
@@ -251,7 +285,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        key = (row["model"], row["batch"], row["new_tokens"], row["variant"], row.get("loop", "generate"))
+        key = (row["model"], row["batch"], row["new_tokens"], row["variant"], row.get("loop", "generate"),
+               row.get("decoding", "greedy"))
         groups.setdefault(key, []).append(row)
     out = []
     for key, runs in groups.items():
@@ -288,14 +323,16 @@ def markdown(result: dict[str, Any]) -> str:
     base = {}  # Inductor per (model, batch, new tokens); with several loops, the one through generate() wins
     for r in sorted(rows, key=lambda r: _row_loop(r) != "generate", reverse=True):
         if r["variant"] == "inductor" and not (r["error"] and r.get("failed", 0) == r["runs"]):
-            base[(r["model"], r["batch"], r["new_tokens"])] = r["tokens_per_s"]
+            base[(r["model"], r["batch"], r["new_tokens"], r.get("decoding", "greedy"))] = r["tokens_per_s"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         label = r["variant"] + (f" [{LOOP_NAMES[_row_loop(r)]}]" if mixed else "")
+        if r.get("decoding", "greedy") != "greedy":
+            label += f" ({r['decoding']})"
         if r["error"] and r.get("failed", 0) == r["runs"]:
             lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {label} | error: {r['error']} | | | | | | |")
             continue
-        ref = base.get((r["model"], r["batch"], r["new_tokens"]))
+        ref = base.get((r["model"], r["batch"], r["new_tokens"], r.get("decoding", "greedy")))
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
         speed = f"{r['tokens_per_s']:.1f}"
         if r["runs"] > 1:
