@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 
 from transfigure.kernels.autotune import Autotuner, Config
 
@@ -110,3 +111,22 @@ def test_shipped_tables_name_known_configs():
         known = {json.dumps(c.as_json(), sort_keys=True) for c in tuners[path.stem].configs}
         for key, entry in json.loads(path.read_text()).items():
             assert json.dumps(entry["config"], sort_keys=True) in known, (path.name, key)
+            # tuned from HBM (rotating_copies), the key form the tuner looks up by default: else it never matches
+            assert "|hbm|" in key, (path.name, key)
+
+
+def test_rotating_copies_clone_only_the_large_tensors_enough_to_exceed_the_cache(monkeypatch):
+    from transfigure.kernels.autotune import rotating_copies
+
+    monkeypatch.delenv("TRANSFIGURE_AUTOTUNE_L2", raising=False)
+    weight = torch.randn(256, 256)  # 256 KiB
+    x = torch.randn(4, 256)  # 4 KiB: shared by every set
+    sets = rotating_copies((x, weight, 3), min_bytes=64 << 10, l2_bytes=1 << 20)
+    assert len(sets) == 12  # ceil(3 * 1 MiB / 256 KiB)
+    pointers = {s[1].data_ptr() for s in sets}
+    assert len(pointers) == 12
+    assert all(s[0] is x and s[2] == 3 and torch.equal(s[1], weight) for s in sets)
+    assert rotating_copies((x, weight), min_bytes=64 << 10) == [(x, weight)]  # off the GPU: no L2 to avoid
+    assert len(rotating_copies((x,), min_bytes=64 << 10, l2_bytes=1 << 20)) == 1  # nothing large
+    monkeypatch.setenv("TRANSFIGURE_AUTOTUNE_L2", "hot")
+    assert len(rotating_copies((x, weight), min_bytes=64 << 10, l2_bytes=1 << 20)) == 1
