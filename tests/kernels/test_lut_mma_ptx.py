@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.kernels.ptx_interpreter import Memory, run_warp
 from transfigure.kernels.lut_format import dequantize_parts, pack_codes
-from transfigure.kernels.lut_gemm import (MMA_GROUP_PTX, MMA_SHARED_GROUP_PTX, SHARED_TABLE_BYTES, pair_table,
+from transfigure.kernels.lut_gemm import (MMA_GROUP_PTX, MMA_SHARED_GROUP_PTX, MMA_SHARED_GROUP_PTX_L2, SHARED_TABLE_BYTES, pair_table,
                                           quad_table, register_table_words, shared_table_fill_ptx)
 
 # (bits, p, lookup): the register lookup decodes 4-bit scalar codes; the shared byte tables every format whose
@@ -40,9 +40,10 @@ def _layout():
 @settings(max_examples=24, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), group=st.sampled_from([64, 128, 256]), half=st.sampled_from(["bf16", "fp16"]),
        x_blocks=st.sampled_from([1, 2]), m=st.integers(1, 16), rows=st.integers(1, 16), step=st.integers(0, 2),
-       seed=st.integers(0, 2**16))
-def test_mma_group_step_matches_numpy(fmt, group, half, x_blocks, m, rows, step, seed):
+       seed=st.integers(0, 2**16), l2_prefetch=st.booleans())
+def test_mma_group_step_matches_numpy(fmt, group, half, x_blocks, m, rows, step, seed, l2_prefetch):
     bits, p, lookup = fmt
+    l2_prefetch = l2_prefetch and lookup == "shared"
     m = min(m, 8 * x_blocks)
     rng = np.random.default_rng(seed)
     dtype = torch.bfloat16 if half == "bf16" else torch.float16
@@ -94,7 +95,8 @@ def test_mma_group_step_matches_numpy(fmt, group, half, x_blocks, m, rows, step,
     if lookup == "register":
         ptx = MMA_GROUP_PTX[(group, half, x_blocks)]
     else:
-        ptx = MMA_SHARED_GROUP_PTX[(group, half, x_blocks, weights_per_byte)]
+        ptx = (MMA_SHARED_GROUP_PTX_L2 if l2_prefetch else MMA_SHARED_GROUP_PTX)[(group, half, x_blocks, weights_per_byte)]
+        assert (".L2::256B" in ptx) == l2_prefetch
     degrees: list[int] = []
     out = run_warp(ptx, lanes, memory, shared, degrees)
     assert all(d == 1 for d in degrees)  # each lane reads its own copy of the table: no bank conflicts

@@ -178,7 +178,7 @@ def shared_table_fill_ptx(warps: int, weights_per_byte: int = 2) -> str:
 
 
 def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = "register",
-                   weights_per_byte: int = 2) -> str:
+                   weights_per_byte: int = 2, l2_prefetch: int = 0) -> str:
     """PTX of one group step of the tensor-core LUT GEMV (``_lut_mma_gemv_kernel``), run by every lane of a
     warp for one group of ``group_size`` columns and 16 weight rows, as ``inline_asm_elementwise(pack=1)``.
 
@@ -206,8 +206,14 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
     ``lookup="shared"``: codes are decoded from the byte table in shared memory (``_shared_lookup_ptx``,
     filled by ``shared_table_fill_ptx``) instead of registers; the last operand is then unused. With
     ``weights_per_byte = 4`` (2-bit codes, scalar or 2-dim) one byte holds an mma step's four columns of a
-    row: one 8-byte load gives both A registers of that row."""
+    row: one 8-byte load gives both A registers of that row.
+
+    ``l2_prefetch`` (128 or 256) puts the ``.L2::<n>B`` prefetch-size qualifier on the code loads: a miss fetches
+    the aligned ``n`` bytes around it, so a row's next groups are in L2 when the lane reaches them. From HBM it
+    took the 8B down projection (4096x14336, persistent programs) from 18.7 to 16.3 us and cost 5-8% on the
+    short-K shapes (``benchmarks/results/explore_lut_prefetch.md``): a tuner choice, not a default."""
     assert group_size in (64, 128, 256) and x_blocks in (1, 2) and lookup in ("register", "shared")
+    assert l2_prefetch in (0, 128, 256)
     assert weights_per_byte == 2 or lookup == "shared"
     codes_g, codes_h, xs = _mma_lane_registers(group_size, x_blocks, weights_per_byte)
     n_acc = 4 * x_blocks
@@ -229,12 +235,14 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
     lines += [f"add.s64 ax{b}, {x_addr[b]}, o;" for b in range(x_blocks)]
     lines += [f"mul.wide.u32 o, {group}, 2;", f"add.s64 sg, {scale_g}, o;", f"add.s64 sh, {scale_h}, o;"]
     lines += [f"mov.b32 {r}, 0;" for r in codes_g + codes_h + sum(xs, [])] + ["mov.b16 hg, 0;", "mov.b16 hh, 0;"]
-    loads = [("pg", codes_g, "ag"), ("ph", codes_h, "ah")] + [(f"px{b}", xs[b], f"ax{b}") for b in range(x_blocks)]
-    for pred, regs, address in loads:
+    code_hint = f".L2::{l2_prefetch}B" if l2_prefetch else ""
+    loads = [("pg", codes_g, "ag", code_hint), ("ph", codes_h, "ah", code_hint)] + [
+        (f"px{b}", xs[b], f"ax{b}", "") for b in range(x_blocks)]
+    for pred, regs, address, hint in loads:
         for start in range(0, len(regs), 4):
             chunk = regs[start:start + 4]
             vec = f".v{len(chunk)}" if len(chunk) > 1 else ""
-            lines.append(f"@{pred} ld.global.nc{vec}.u32 {{{', '.join(chunk)}}}, [{address}+{4 * start}];")
+            lines.append(f"@{pred} ld.global.nc{hint}{vec}.u32 {{{', '.join(chunk)}}}, [{address}+{4 * start}];")
     lines += ["@pg ld.global.nc.b16 hg, [sg];", "@ph ld.global.nc.b16 hh, [sh];", "cvt.f32.f16 scg, hg;",
               "cvt.f32.f16 sch, hh;"]
     if lookup == "register":
@@ -281,6 +289,9 @@ MMA_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb)
 MMA_SHARED_GROUP_PTX = {(g, half, xb, wpb): _mma_group_ptx(g, half, xb, "shared", wpb)
                         for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2) for wpb in (2, 4)}
 MMA_GROUP_CONSTRAINTS = {xb: _mma_constraints(xb) for xb in (1, 2)}
+# the shared-table step with 256-byte L2 prefetches on the code loads (configs with L2=256)
+MMA_SHARED_GROUP_PTX_L2 = {(g, half, xb, wpb): _mma_group_ptx(g, half, xb, "shared", wpb, 256)
+                           for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2) for wpb in (2, 4)}
 
 
 REGISTER_LOOKUP_PTX = {"bf16": _register_lookup_ptx("bf16"), "fp16": _register_lookup_ptx("fp16")}
@@ -1075,7 +1086,8 @@ if triton_available():
         half = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
         x_blocks = 1 if m <= 8 else 2
         if shared:
-            ptx = MMA_SHARED_GROUP_PTX[(group_size, half, x_blocks, weights_per_byte)]
+            ptx = (MMA_SHARED_GROUP_PTX_L2 if meta.get("L2") else MMA_SHARED_GROUP_PTX)[
+                (group_size, half, x_blocks, weights_per_byte)]
             bytes_table = (pair_table if weights_per_byte == 2 else quad_table)(table, bits, p, x2.dtype)
         else:
             ptx, bytes_table = MMA_GROUP_PTX[(group_size, half, x_blocks)], scales
@@ -1139,12 +1151,14 @@ if triton_available():
         _reg_mm(128, 2, 1, 4, 1), _reg_mm(32, 16, 1, 4, 1),
     ]
 
-    def _mma(warps, split, unroll, lookup="register", per_sm=0):
+    def _mma(warps, split, unroll, lookup="register", per_sm=0, l2=0):
         meta = {"MODE": "mma", "WARPS": warps, "SPLIT_K": split, "UNROLL": unroll}
         if lookup != "register":
             meta["LOOKUP"] = lookup
         if per_sm:
             meta["PER_SM"] = per_sm
+        if l2:
+            meta["L2"] = l2
         return Config(meta, warps, 1)
 
     # M <= 16, 16-bit activations, group sizes 64 / 128 / 256. The register lookup (4-bit scalar codes) wins
@@ -1157,6 +1171,9 @@ if triton_available():
         _mma(4, 1, 1, "shared"), _mma(4, 2, 1, "shared"), _mma(4, 4, 1, "shared"), _mma(8, 2, 1, "shared"),
         _mma(8, 4, 1, "shared"), _mma(4, 2, 2, "shared"), _mma(4, 4, 2, "shared"), _mma(8, 2, 2, "shared"),
         _mma(8, 8, 1, "shared", 3), _mma(8, 4, 1, "shared", 3), _mma(4, 8, 1, "shared", 6), _mma(4, 4, 1, "shared", 4),
+        # 256-byte L2 prefetches on the code loads: the long-K shapes from HBM (explore_lut_prefetch.md)
+        _mma(8, 8, 1, "shared", 3, 256), _mma(8, 4, 1, "shared", 3, 256), _mma(4, 8, 1, "shared", 6, 256),
+        _mma(4, 4, 2, "shared", 0, 256), _mma(8, 2, 2, "shared", 0, 256), _mma(4, 2, 2, "shared", 0, 256),
     ]
 
     def _c(bm, bn, bk, split, warps, stages):

@@ -1,0 +1,77 @@
+"""Re-tune every key of the shipped LUT GEMV table on this GPU, from HBM, and time the winner against cuBLAS.
+
+    PYTHONPATH=. TRANSFIGURE_CACHE_DIR=$OUT/tfcache TRANSFIGURE_SHIPPED_TUNING=0 python benchmarks/tune_shipped_table.py --out $OUT
+
+The keys come from ``transfigure/data/autotune/lut_linear.json`` (decode shapes of the built-in 1B and 8B
+models); the fresh choices land in ``$TRANSFIGURE_CACHE_DIR/autotune/lut_linear.json`` (copy it over the shipped
+file), and ``tune_shipped_table.{json,md}`` list each shape's config and its time against cuBLAS bf16, both
+rotating through weight copies (weights from HBM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+    import triton.testing
+
+    from transfigure.kernels.autotune import SHIPPED_TUNING_DIR, copies_beyond_l2, rotating_copies
+    from transfigure.kernels.grids import get_grid
+    from transfigure.kernels.lut_format import pack
+    from transfigure.kernels.lut_gemm import _lut_tuner
+
+    def timed(calls) -> float:
+        def round_():
+            for call in calls:
+                call()
+        round_()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench_cudagraph(round_, rep=25, return_mode="median")) * 1e3 / len(calls)
+
+    keys = [ast.literal_eval(k.split("|")[-1]) for k in json.loads((SHIPPED_TUNING_DIR / "lut_linear.json").read_text())]
+    dev = torch.device("cuda")
+    rows = []
+    for m, n, k, bits, p, group, dtype, has_bias in sorted(set(keys), key=lambda t: t[1] * t[2]):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+        w = torch.randn(n, k, device=dev) * 0.02
+        pk = pack(w, get_grid("higgs", bits, p).table, bits=bits, p=p, group_size=group, hadamard_size=0,
+                  scale_mode="rms", grid="higgs")
+        x = torch.randn(m, k, device=dev, dtype=dtype)
+        bias = torch.zeros(n, device=dev, dtype=dtype) if has_bias else None
+        a = (x, pk.codes, pk.scales, pk.table.float(), bias, bits, p, group)
+        config = _lut_tuner.best_config(*a)
+        ours = timed([lambda s=s: _lut_tuner.launch(config, *s) for s in rotating_copies(a)])
+        ws = [w.to(dtype) for _ in range(copies_beyond_l2(2 * n * k))]
+        cublas = timed([lambda wd=wd: F.linear(x, wd) for wd in ws])
+        rows.append({"M": m, "N": n, "K": k, "bits": bits, "config": config.describe(), "lut_us": ours,
+                     "cublas_us": cublas, "speedup": cublas / ours})
+        print(json.dumps(rows[-1]), flush=True)
+        del w, pk, ws
+        torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    (out / "tune_shipped_table.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    lines = [f"# Shipped LUT GEMV keys re-tuned from HBM ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"{meta['date']})", "", "| M | N x K | bits | config | LUT us | cuBLAS bf16 us | x |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['M']} | {r['N']}x{r['K']} | {r['bits']} | {r['config']} | {r['lut_us']:.2f} | {r['cublas_us']:.2f} | "
+              f"{r['speedup']:.2f} |" for r in rows]
+    (out / "tune_shipped_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
