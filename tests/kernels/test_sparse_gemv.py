@@ -57,19 +57,21 @@ def test_compact_variant_matches_reference(m, k, n, sparsity, dtype, seed):
     assert (actual.double() - expected).abs().max().item() <= tol * (expected.abs().max().item() + 1.0)
 
 
+@pytest.mark.parametrize("defer", [0, 1])
 @pytest.mark.parametrize("split", [1, 3, 8])
 @pytest.mark.parametrize("bias", [True, False])
-def test_split_k_partials_are_summed_once_and_counters_reset(split, bias):
+def test_split_k_partials_are_summed_once_and_counters_reset(split, bias, defer):
     """Split-K programs store partials; the last one of each output tile sums them, adds the bias once and
     resets the tile's arrival counter (shared by every later launch)."""
     from transfigure.kernels.autotune import Config
     from transfigure.kernels.lut_gemm import _COUNTERS
     from transfigure.kernels.sparse_gemv import _launch
 
-    x, weight_t, b, threshold = _problem(2, 200, 70, 0.5, torch.float32, seed=split, bias=bias)
+    x, weight_t, b, threshold = _problem(1 if defer else 2, 200, 70, 0.5, torch.float32, seed=split, bias=bias)
     expected = sparse_linear_reference(x.double(), weight_t.double(), None if b is None else b.double(), threshold)
     for _ in range(2):  # a second launch sees the counters the first one left
-        actual = _launch(Config({"BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": split}, 1, 1), x, weight_t, b, threshold)
+        meta = {"BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": split, **({"DEFER": 1} if defer else {})}
+        actual = _launch(Config(meta, 1, 1), x, weight_t, b, threshold)
         assert actual.dtype == x.dtype
         assert (actual.double() - expected).abs().max().item() <= 1e-5 * (expected.abs().max().item() + 1.0)
     if split > 1:

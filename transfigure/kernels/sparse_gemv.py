@@ -87,7 +87,7 @@ if triton_available():
         x_ptr, w_ptr, b_ptr, y_ptr, work_ptr, count_ptr,
         M, N, K, stride_xm, stride_wk, threshold, k_per_split,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVICT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEFER: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -96,6 +96,9 @@ if triton_available():
         m_mask = offs_m < M
         n_mask = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # DEFER (one token): per-element fp32 products accumulate in a [BLOCK_K, BLOCK_N] tile and the K reduction
+        # (cross-thread) runs once at the end instead of every step
+        partial = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         k_begin = pid_k * k_per_split
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -109,8 +112,12 @@ if triton_available():
                 w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             if USE_DOT:
                 acc += tl.dot(x.to(w.dtype), w)
+            elif DEFER:
+                partial += tl.reshape(x.to(tl.float32), (BLOCK_K,))[:, None] * w.to(tl.float32)
             else:
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        if DEFER:
+            acc += tl.sum(partial, axis=0)[None, :]
         _store_tile_counted(y_ptr, b_ptr, work_ptr, count_ptr, acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_n, pid_k,
                             BLOCK_M, BLOCK_N, SPLIT_K, HAS_BIAS)
 
@@ -134,7 +141,7 @@ if triton_available():
             x2, weight_t, bias if bias is not None else weight_t, y, work, counts,
             M, N, K, x2.stride(0), weight_t.stride(0), float(threshold), k_per_split,
             HAS_BIAS=bias is not None, SPLIT_K=grid[1], USE_DOT=block_m > 1, EVICT=not interpreter_mode(),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DEFER=bool(config.meta.get("DEFER")) and block_m == 1,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return y
@@ -148,13 +155,17 @@ if triton_available():
                                         (256, 64, 8), (512, 16, 4)):
             for split in (1, 2, 4, 8, 16, 32):
                 configs.append(Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, warps, 3))
+        # the K reduction deferred to the end (one token): 4096x4096 from HBM 10.6 vs 11.3 us; slower on the
+        # wider fused shapes (benchmarks/results/explore_sparse_defer.md)
+        configs += [Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "DEFER": 1}, 2, 3) for split in (8, 16)]
         return configs
 
     def _prune(configs, args):
         x2, weight_t = args[0], args[1]
         K = x2.shape[1]
-        # A split must hold at least one K block.
-        return [c for c in configs if c.meta["SPLIT_K"] * c.meta["BLOCK_K"] <= max(K, c.meta["BLOCK_K"])] or configs[:1]
+        # A split must hold at least one K block; DEFER only changes the one-token kernel.
+        return [c for c in configs if c.meta["SPLIT_K"] * c.meta["BLOCK_K"] <= max(K, c.meta["BLOCK_K"])
+                and (x2.shape[0] == 1 or not c.meta.get("DEFER"))] or configs[:1]
 
     _tuner = Autotuner(
         "sparse_gemv",
