@@ -120,3 +120,26 @@ def test_tensor_parallel_ladder_two_ranks(tmp_path):
         # Ladder: every wait but the last sub-block's comes after the next sub-block's all-reduce was issued.
         assert all(wait > nxt for (_, wait), (nxt, _) in zip(ladder, ladder[1:])), ladder
         assert any("explicit all_reduce" in note and "ladder_add" in note for note in res["notes"])
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_tensor_parallel_decode_benchmark_runs_on_two_cpu_ranks(tmp_path):
+    """benchmarks/bench_ladder_tp.py (the GPU timing harness of issue 8) on CPU: a per-rank static KV cache,
+    greedy decode through the compiled TP model; the variant without passes gives the unsharded model's tokens,
+    every rank decodes the same tokens, and the ladder variants rewrite their all-reduces."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(root / "benchmarks" / "bench_ladder_tp.py"), "--new-tokens", "4", "--prompt", "8",
+                          "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "ladder_tp.json").read_text())["rows"]}
+    assert set(rows) == {"none", "ladder-upper-half", "ladder-all"}
+    assert rows["none"]["matches_unsharded"] and all(r["ranks_agree"] for r in rows.values())
+    assert rows["ladder-all"]["ladder_sites"] > rows["ladder-upper-half"]["ladder_sites"] > 0
