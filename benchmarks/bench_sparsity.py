@@ -263,6 +263,8 @@ def markdown(r) -> str:
     for row in r["plain"]:
         lines.append(f"| {row['shape']} | {row['M']} | {row['dense_graph_us']:.1f} | {row['dense_wt_view_graph_us']:.1f} | {row['op_sparse_graph_us']:.1f} | "
                      f"{row['op_dense_prefill_graph_us']:.1f} | {row['overhead_sparse_pct']:+.1f}% | {row['overhead_dense_prefill_pct']:+.1f}% |")
+    if r.get("notes"):
+        lines += ["\n## Notes\n"] + [f"- {n}" for n in r["notes"]]
     if r.get("errors"):
         lines += ["\n## Errors\n"] + [f"- {e}" for e in r["errors"]]
     return "\n".join(lines) + "\n"
