@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from transfigure.kernels import fwht as fwht_mod
-from transfigure.kernels.autotune import copies_beyond_l2
+from transfigure.kernels.autotune import copies_beyond_l2, time_per_call
 from transfigure.kernels.grids import get_grid
 from transfigure.kernels.lut_format import pack
 from transfigure.kernels.lut_gemm import _lut_tuner, dequantize_triton, lut_linear_reference, lut_linear_triton
@@ -46,14 +46,7 @@ def bench(fn):
 
 def bench_rotating(calls) -> float:
     """Median microseconds per call of ``calls`` (one per weight copy), captured back to back in one graph."""
-    calls = list(calls)
-
-    def round_():
-        for call in calls:
-            call()
-
-    round_()
-    return bench(round_) / len(calls)
+    return 1e3 * time_per_call(calls, rep=30)
 
 
 def bench_eager(fn):

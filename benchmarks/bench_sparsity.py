@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transfigure.kernels.autotune import copies_beyond_l2
+from transfigure.kernels.autotune import copies_beyond_l2, time_per_call
 
 SHAPES_8B = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096),
              "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
@@ -43,15 +43,7 @@ FUSED_1B = {"1B qkv fused 3072x2048": (3072, 2048), "1B gate+up fused 16384x2048
 def bench_graph(calls) -> float:
     """Median microseconds per call of ``calls`` (one per weight copy), all captured back to back in one CUDA
     graph -- what a compiled decode step does (no launch gap, no host time between kernels)."""
-    import triton.testing
-
-    def round_():
-        for call in calls:
-            call()
-
-    round_()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(round_, rep=50, return_mode="median")) * 1e3 / len(calls)
+    return 1e3 * time_per_call(calls, rep=50)
 
 
 def rel_err(out, ref):

@@ -30,15 +30,10 @@ def rotating_args(args: tuple) -> list[tuple]:
 
 
 def time_calls(calls) -> float:
-    import triton.testing
+    """Microseconds per call, back to back in one CUDA-graph replay."""
+    from transfigure.kernels.autotune import time_per_call
 
-    def round_():
-        for call in calls:
-            call()
-
-    round_()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(round_, rep=20, return_mode="median")) * 1e3 / len(calls)
+    return 1e3 * time_per_call(calls)
 
 
 def explore(tuner, args, configs, label, result, save, cold_only=False):

@@ -51,10 +51,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
-    import triton.testing
 
     from transfigure.kernels import lut_gemm
-    from transfigure.kernels.autotune import rotating_copies
+    from transfigure.kernels.autotune import rotating_copies, time_per_call
     from transfigure.kernels.grids import get_grid
     from transfigure.kernels.lut_format import pack
 
@@ -69,14 +68,6 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
     t0 = time.time()
-
-    def timed(calls):
-        def round_():
-            for call in calls:
-                call()
-        round_()
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench_cudagraph(round_, rep=20, return_mode="median")) * 1e3 / len(calls)
 
     for n, k in SHAPES:
         names = best.get(f"{n}x{k}")
@@ -100,7 +91,7 @@ def main() -> None:
                 try:
                     y = lut_gemm._lut_tuner.launch(c, *a)
                     row["rel_err"] = float((y.float() - ref).norm() / ref.norm())
-                    row["cold_us"] = timed([lambda c=c, s=s: lut_gemm._lut_tuner.launch(c, *s) for s in sets])
+                    row["cold_us"] = 1e3 * time_per_call([lambda c=c, s=s: lut_gemm._lut_tuner.launch(c, *s) for s in sets])
                 except Exception as error:  # noqa: BLE001
                     row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
                 result["rows"].append(row)

@@ -27,20 +27,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
-    import triton.testing
 
-    from transfigure.kernels.autotune import SHIPPED_TUNING_DIR, copies_beyond_l2, rotating_copies
+    from transfigure.kernels.autotune import SHIPPED_TUNING_DIR, copies_beyond_l2, rotating_copies, time_per_call
     from transfigure.kernels.grids import get_grid
     from transfigure.kernels.lut_format import pack
     from transfigure.kernels.lut_gemm import _lut_tuner
-
-    def timed(calls) -> float:
-        def round_():
-            for call in calls:
-                call()
-        round_()
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench_cudagraph(round_, rep=25, return_mode="median")) * 1e3 / len(calls)
 
     keys = [ast.literal_eval(k.split("|")[-1]) for k in json.loads((SHIPPED_TUNING_DIR / "lut_linear.json").read_text())]
     dev = torch.device("cuda")
@@ -54,9 +45,9 @@ def main() -> None:
         bias = torch.zeros(n, device=dev, dtype=dtype) if has_bias else None
         a = (x, pk.codes, pk.scales, pk.table.float(), bias, bits, p, group)
         config = _lut_tuner.best_config(*a)
-        ours = timed([lambda s=s: _lut_tuner.launch(config, *s) for s in rotating_copies(a)])
+        ours = 1e3 * time_per_call([lambda s=s: _lut_tuner.launch(config, *s) for s in rotating_copies(a)])
         ws = [w.to(dtype) for _ in range(copies_beyond_l2(2 * n * k))]
-        cublas = timed([lambda wd=wd: F.linear(x, wd) for wd in ws])
+        cublas = 1e3 * time_per_call([lambda wd=wd: F.linear(x, wd) for wd in ws])
         rows.append({"M": m, "N": n, "K": k, "bits": bits, "config": config.describe(), "lut_us": ours,
                      "cublas_us": cublas, "speedup": cublas / ours})
         print(json.dumps(rows[-1]), flush=True)

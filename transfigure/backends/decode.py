@@ -257,8 +257,15 @@ def _cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
 
 @torch.compiler.assume_constant_result  # a property of the class: a constant inside the compiled step
 def _cache_name(model_class: type) -> str:
-    names = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in names and "past_key_values" not in names else "past_key_values"
+    name = _CACHE_NAMES.get(model_class)  # read once per class, not per token of the eager loops
+    if name is None:
+        names = inspect.signature(model_class.forward).parameters
+        name = _CACHE_NAMES[model_class] = ("cache" if "cache" in names and "past_key_values" not in names
+                                            else "past_key_values")
+    return name
+
+
+_CACHE_NAMES: dict[type, str] = {}
 
 
 class decoding_loop:  # noqa: N801 - used like a function: custom_generate=transfigure.decoding_loop(backend)

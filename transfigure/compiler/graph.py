@@ -303,6 +303,23 @@ class GraphView:
             found.append(LinearCall(node, x, weight, bias, fqn, weight_fqn, in_features, out_features, layer_index(fqn), transposed))
         return found
 
+    def insert_fused(self, members: Sequence[fx.Node], target: Callable, args: tuple, widths: Sequence[int],
+                     fqns: Sequence[str]) -> list[fx.Node]:
+        """Insert ``target(*args)`` (sibling linears computed as one op over their stacked outputs) before the
+        earliest of ``members``, then one ``narrow`` of its last dimension per member, ``widths`` in order;
+        returns those pieces. The caller reroutes each member to its piece (and only then erases members: the
+        insertion point is one of them)."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        first = min(members, key=order.__getitem__)
+        pieces, start = [], 0
+        with self.graph.inserting_before(first):
+            fused = self.graph.call_function(target, args)
+            fused.meta["transfigure_fused_linears"] = list(fqns)
+            for width in widths:
+                pieces.append(self.graph.call_function(torch.narrow, (fused, -1, start, width)))
+                start += width
+        return pieces
+
     def replace_linear(self, site: LinearCall, new_node: fx.Node) -> None:
         """Route every use of ``site.node`` to ``new_node`` and keep the linear's identity on it."""
         site.node.replace_all_uses_with(new_node)

@@ -124,18 +124,12 @@ class LUTFusePass(Pass):
             if any(not isinstance(b, torch.Tensor) for b in biases):
                 return "a bias is not a graph input"
             bias_node = graph.add_input(f"{name}.bias", torch.cat([b.detach() for b in biases]), derived_from=biases)
-        order = {n: i for i, n in enumerate(graph.graph.nodes)}
-        first = min(members, key=order.__getitem__)
-        x, _, _, table, signs_node, _, *ints = first.args
-        pieces = []
-        with graph.graph.inserting_before(first):
-            fused = graph.graph.call_function(first.target, (x, codes_node, scales_node, table, signs_node, bias_node, *ints))
-            fused.meta["transfigure_fused_linears"] = [self._fqn(graph, m) for m in members]
-            start = 0
-            for m in members:
-                n = graph.tensor(m.args[2]).shape[0]
-                pieces.append(graph.graph.call_function(torch.narrow, (fused, -1, start, n)))
-                start += n
+        # every member reads the same x, table and sizes; the signs are equal (checked above) graph inputs
+        x, _, _, table, signs_node, _, *ints = members[0].args
+        pieces = graph.insert_fused(members, members[0].target,
+                                    (x, codes_node, scales_node, table, signs_node, bias_node, *ints),
+                                    [graph.tensor(m.args[2]).shape[0] for m in members],
+                                    [self._fqn(graph, m) for m in members])
         for m, piece in zip(members, pieces):  # erase only after every insertion (the insertion point is a member)
             piece.meta.update({k: v for k, v in m.meta.items() if k in ("nn_module_stack", "stack_trace", "val", "example_value")})
             site = m.meta.get("transfigure_linear")

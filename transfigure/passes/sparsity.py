@@ -260,16 +260,9 @@ class SparsityPass(Pass):
             stacked_bias = torch.cat([b.detach() if b is not None else weights[i].new_zeros(weights[i].shape[0])
                                       for i, b in enumerate(biases)])
             bias_node = graph.add_input(f"{name}.bias", stacked_bias, derived_from=[b for b in biases if b is not None])
-        order = {n: i for i, n in enumerate(graph.graph.nodes)}
-        first = min((site.node for site in sites), key=order.__getitem__)
-        with graph.graph.inserting_before(first):
-            fused = graph.graph.call_function(torch.ops.transfigure.sparse_linear.default,
-                                              (sites[0].input, wt_node, bias_node, t, prefill))
-            fused.meta["transfigure_fused_linears"] = [s.fqn for s in sites]
-            pieces, start = [], 0
-            for w in weights:
-                pieces.append(graph.graph.call_function(torch.narrow, (fused, -1, start, w.shape[0])))
-                start += w.shape[0]
+        pieces = graph.insert_fused([site.node for site in sites], torch.ops.transfigure.sparse_linear.default,
+                                    (sites[0].input, wt_node, bias_node, t, prefill), [w.shape[0] for w in weights],
+                                    [s.fqn for s in sites])
         for site, piece in zip(sites, pieces):  # the insertion point is a member: replace after inserting all
             graph.replace_linear(site, piece)
         rows = "+".join(str(w.shape[0]) for w in weights)
@@ -287,7 +280,6 @@ class SparsityPass(Pass):
 
         prefill = self.options.sparse_prefill
         op = torch.ops.transfigure.rotated_sparse_lut_linear.default
-        order = {n: i for i, n in enumerate(graph.graph.nodes)}
         pairs = sorted(zip(sites, details), key=lambda sd: graph.tensor(sd[0].node.args[1]).storage_offset())
         sites, details = [p[0] for p in pairs], [p[1] for p in pairs]
         nodes = [site.node for site in sites]
@@ -325,16 +317,12 @@ class SparsityPass(Pass):
         bias_node = None
         if nodes[0].args[5] is not None:
             bias_node = graph.add_input(f"{name}.bias", torch.cat([b.detach() for b in biases]), derived_from=biases)
-        first = min(nodes, key=order.__getitem__)
-        with graph.graph.inserting_before(first):
-            fused = graph.graph.call_function(op, (
-                x, codes_node, scales_node, *first.args[3:5], bias_node, graph.add_input(f"{name}.codes_decode", codes_tm),
-                graph.add_input(f"{name}.scales_decode", scales_tm), bits, group_size, h, in_features, tau, prefill))
-            fused.meta["transfigure_fused_linears"] = [s.fqn for s in sites]
-            pieces, start = [], 0
-            for c in scales:
-                pieces.append(graph.graph.call_function(torch.narrow, (fused, -1, start, c.shape[0])))
-                start += c.shape[0]
+        codes_decode = graph.add_input(f"{name}.codes_decode", codes_tm)
+        scales_decode = graph.add_input(f"{name}.scales_decode", scales_tm)
+        # table and signs: graph inputs, equal across the members (checked above)
+        pieces = graph.insert_fused(nodes, op, (x, codes_node, scales_node, *nodes[0].args[3:5], bias_node, codes_decode,
+                                                scales_decode, bits, group_size, h, in_features, tau, prefill),
+                                    [c.shape[0] for c in scales], [s.fqn for s in sites])
         for site, piece in zip(sites, pieces):  # the insertion point is a member: replace after inserting all
             graph.replace_linear(site, piece)
         rows = "+".join(str(c.shape[0]) for c in scales)
