@@ -20,12 +20,35 @@ import torch
 import torch.nn.functional as F
 
 
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar([f"{r['N']}x{r['K']}" for r in rows], [r["speedup"] for r in rows], color="tab:blue")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(3.0, color="r", lw=0.8, ls="--", label="target 3x (4-bit, M=1)")
+    ax.set_ylabel("cuBLAS bf16 / LUT 4-bit, M=1")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+    ax.set_title(f"Shipped LUT GEMV configs, {result['device']}, triton {result['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from OUT/tune_shipped_table.json")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(json.loads((out / "tune_shipped_table.json").read_text()), out / "tune_shipped_table.png")
+        return
     import triton
 
     from transfigure.kernels.autotune import SHIPPED_TUNING_DIR, copies_beyond_l2, rotating_copies, time_per_call
@@ -61,6 +84,10 @@ def main() -> None:
     lines += [f"| {r['M']} | {r['N']}x{r['K']} | {r['bits']} | {r['config']} | {r['lut_us']:.2f} | {r['cublas_us']:.2f} | "
               f"{r['speedup']:.2f} |" for r in rows]
     (out / "tune_shipped_table.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot({**meta, "rows": rows}, out / "tune_shipped_table.png")
+    except ImportError as error:  # matplotlib may be absent on the GPU machine
+        print("no plot:", error)
     print("\n".join(lines))
 
 
