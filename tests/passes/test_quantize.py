@@ -170,6 +170,73 @@ def test_changing_weights_after_compile_is_detected():
             compiled(input_ids=ids)
 
 
+def test_disk_cache_writes_do_not_hold_up_the_compile(tmp_path, monkeypatch):
+    """Cache entries are written by a background thread (a cold 8B compile spent seconds in host copies and
+    disk writes). A compile returns while they are still queued; nothing is lost: a second compile in the same
+    process waits for the entries it needs and reads them."""
+    import threading
+
+    from transfigure.passes import quantize
+
+    monkeypatch.setenv("TRANSFIGURE_CACHE_DIR", str(tmp_path))
+    release = threading.Event()
+    real_write = quantize._write_npz
+
+    def held_write(path, packed):
+        release.wait(timeout=60)
+        real_write(path, packed)
+
+    monkeypatch.setattr(quantize, "_write_npz", held_write)
+    ids = _inputs()
+    y1, r1 = _run(tiny_model("llama"), ids, bits=4)
+    assert all(s.detail.endswith("(packed)") for s in r1.rewritten)
+    assert quantize._PENDING_WRITES and not list(tmp_path.glob("lut_quant/*.npz"))  # compiled before any write
+    release.set()
+    torch._dynamo.reset()
+    y2, r2 = _run(tiny_model("llama"), ids, bits=4)
+    assert all(s.detail.endswith("(disk)") for s in r2.rewritten)
+    torch.testing.assert_close(y1, y2)
+    quantize.flush_cache_writes()
+    assert not quantize._PENDING_WRITES
+    assert len(list(tmp_path.glob("lut_quant/*.npz"))) == len(r1.rewritten)
+    assert not list(tmp_path.glob("lut_quant/*.tmp*"))
+
+
+def test_queued_cache_writes_are_bounded(tmp_path, monkeypatch):
+    """Queued writes keep their packed tensors alive (device memory): past the byte bound a new write waits."""
+    from transfigure.passes import quantize
+
+    monkeypatch.setenv("TRANSFIGURE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(quantize, "MAX_PENDING_WRITE_BYTES", 0)
+    queued = []
+    real_enqueue = quantize._write_in_background
+
+    def enqueue(path, packed):
+        real_enqueue(path, packed)
+        queued.append(len(quantize._PENDING_WRITES))
+
+    monkeypatch.setattr(quantize, "_write_in_background", enqueue)
+    _, result = _run(tiny_model("llama"), _inputs(), bits=4)
+    quantize.flush_cache_writes()
+    assert len(queued) == len(result.rewritten) and max(queued) == 1
+    assert len(list(tmp_path.glob("lut_quant/*.npz"))) == len(result.rewritten)
+
+
+def test_a_failed_cache_write_is_a_warning(tmp_path, monkeypatch, caplog):
+    from transfigure.passes import quantize
+
+    monkeypatch.setenv("TRANSFIGURE_CACHE_DIR", str(tmp_path))
+
+    def full_disk(path, packed):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quantize, "_write_npz", full_disk)
+    y, result = _run(tiny_model("llama"), _inputs(), bits=4)
+    quantize.flush_cache_writes()
+    assert result.rewritten and torch.isfinite(y).all()
+    assert any("could not write cache entry" in r.getMessage() for r in caplog.records)
+
+
 def test_disk_cache_skips_quantization_on_second_compile(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFIGURE_CACHE_DIR", str(tmp_path))
     ids = _inputs()

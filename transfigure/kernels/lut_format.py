@@ -302,13 +302,71 @@ def dequantize(packed: PackedWeight, basis: str = "original") -> torch.Tensor:
                             packed.group_size, packed.hadamard_size, packed.in_features, basis)
 
 
+# splitmix64's finalizer constants (as signed int64: torch has no uint64 arithmetic on every device)
+_MIX_MULTIPLIERS = (-4658895280553007687, -7723592293110705685)  # 0xbf58476d1ce4e5b9, 0x94d049bb133111eb
+_FINGERPRINT_SEEDS = (0x5851F42D4C957F2D, 0x14057B7EF767814F)  # one 64-bit lane each: 128 bits in all
+_FINGERPRINT_CHUNK = 1 << 24  # words per step: bounds the int64 temporaries to a few hundred MB
+_FINGERPRINT_MAX_WORDS = 1 << 32  # position and word share one int64; larger tensors hash on the host
+
+
+def _logical_shift_right(v: torch.Tensor, s: int) -> torch.Tensor:
+    """``v >>> s`` on int64 (torch's ``>>`` is arithmetic: mask off the copied sign bits)."""
+    return (v >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(v: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer, a bijection of 64-bit words, on int64 with wrap-around multiplication."""
+    v = v ^ _logical_shift_right(v, 30)
+    v = v * _MIX_MULTIPLIERS[0]
+    v = v ^ _logical_shift_right(v, 27)
+    v = v * _MIX_MULTIPLIERS[1]
+    return v ^ _logical_shift_right(v, 31)
+
+
+def device_fingerprint(tensor: torch.Tensor) -> bytes:
+    """128-bit fingerprint of a tensor's bytes computed where the tensor lives (no copy to the host).
+
+    The bytes are read as 32-bit words ``w_i`` (16- or 8-bit when the size is not a multiple of 4); each
+    position-tagged word ``u_i = i * 2**32 + w_i`` (injective for fewer than 2**32 words) goes through a
+    bijective 64-bit mixer, ``mix(u_i ^ seed)``, and the lane is the sum of those mod 2**64 -- a sum of
+    pseudo-random values, so two tensors that differ anywhere collide in one lane with probability about
+    2**-64, and integer sums do not depend on the reduction order (the same bytes give the same fingerprint on
+    any GPU). Not a cryptographic hash: it keys a cache of the user's own weights, where the threat is an
+    accidental collision, not a crafted one."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
+    for dtype, width in ((torch.int32, 4), (torch.int16, 2), (torch.uint8, 1)):
+        if raw.numel() % width == 0:
+            words = raw.view(dtype)
+            break
+    if words.numel() >= _FINGERPRINT_MAX_WORDS:
+        raise ValueError(f"device_fingerprint: {words.numel()} words is more than 2**32")
+    lanes = [torch.zeros((), dtype=torch.int64, device=flat.device) for _ in _FINGERPRINT_SEEDS]
+    for start in range(0, words.numel(), _FINGERPRINT_CHUNK):
+        chunk = words[start:start + _FINGERPRINT_CHUNK].to(torch.int64) & ((1 << (8 * width)) - 1)
+        position = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=flat.device)
+        tagged = (position << 32) | chunk
+        for lane, seed in enumerate(_FINGERPRINT_SEEDS):
+            lanes[lane] = lanes[lane] + _mix64(tagged ^ seed).sum()
+    digest = torch.stack(lanes).cpu()
+    return digest.numpy().tobytes() + f"|{width}|{words.numel()}".encode()
+
+
 def content_key(weight: torch.Tensor, **options) -> str:
-    """A stable hash of a weight's bytes, shape, dtype and the quantization options (for the disk cache)."""
+    """A stable key of a weight's bytes, shape, dtype and the quantization options (for the disk cache).
+
+    CUDA weights are fingerprinted on the GPU (:func:`device_fingerprint`): hashing them on the host cost more
+    than quantizing them (8B model: ~27 s of copies and SHA-256 against ~6 s of packing,
+    benchmarks/results/profile_cold_compile_*). Other devices hash the bytes with SHA-256 on the host."""
     h = hashlib.sha256()
-    # a copy even on the CPU: Tensor.numpy() marks the storage it exports as not resizable, and
-    # ``release_dense`` frees the parameter's storage by resizing it to zero
-    t = weight.detach().to("cpu", copy=True).contiguous()
-    h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(str((tuple(weight.shape), str(weight.dtype))).encode())
+    n_bytes = weight.numel() * weight.element_size()
+    if weight.device.type == "cuda" and n_bytes < 4 * _FINGERPRINT_MAX_WORDS:
+        h.update(b"cuda-fingerprint-v1:" + device_fingerprint(weight))
+    elif weight.numel():
+        # a copy even on the CPU: Tensor.numpy() marks the storage it exports as not resizable, and
+        # ``release_dense`` frees the parameter's storage by resizing it to zero
+        t = weight.detach().to("cpu", copy=True).contiguous()
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     h.update(repr(sorted(options.items())).encode())
     return h.hexdigest()[:32]

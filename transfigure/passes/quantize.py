@@ -31,9 +31,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import logging
 import math
 import os
+import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -163,6 +166,62 @@ def _read_npz(path: Path) -> dict:
     return fields
 
 
+_CACHE_WRITER: ThreadPoolExecutor | None = None
+_PENDING_WRITES: dict[Path, tuple[Future, int]] = {}  # cache file -> (its write, bytes it holds)
+_PENDING_LOCK = threading.Lock()
+MAX_PENDING_WRITE_BYTES = 2 << 30
+"""Packed bytes the background writer may hold before a new write waits for older ones (bounds the extra
+device memory that queued packings keep alive)."""
+
+
+def _write_in_background(path: Path, packed: PackedWeight) -> None:
+    """Write a disk-cache entry on a worker thread: a cold compile does not wait for the host copies and the
+    disk (8B model: ~4 GB of codes). A reader of the same entry in this process waits for it
+    (:func:`_wait_for_write`); the interpreter joins the worker at exit, so no entry is lost."""
+    global _CACHE_WRITER
+    size = packed.codes.numel() * packed.codes.element_size() + packed.scales.numel() * 2
+
+    def write() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+            _write_npz(tmp, packed)
+            tmp.replace(path)
+        except OSError as error:  # a read-only or full disk costs the next compile a quantization, nothing else
+            logging.getLogger(__name__).warning("lut_quant: could not write cache entry %s: %s", path, error)
+        finally:
+            with _PENDING_LOCK:
+                _PENDING_WRITES.pop(path, None)
+
+    with _PENDING_LOCK:
+        if _CACHE_WRITER is None:
+            _CACHE_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfigure-cache-writer")
+        queued = list(_PENDING_WRITES.values())
+    held = sum(n for _, n in queued)
+    for future, n in queued:  # oldest first
+        if held + size <= MAX_PENDING_WRITE_BYTES:
+            break
+        future.result()
+        held -= n
+    with _PENDING_LOCK:  # held across submit: the write's own removal of its entry comes after this insertion
+        _PENDING_WRITES[path] = (_CACHE_WRITER.submit(write), size)
+
+
+def _wait_for_write(path: Path) -> None:
+    with _PENDING_LOCK:
+        pending = _PENDING_WRITES.get(path)
+    if pending is not None:
+        pending[0].result()
+
+
+def flush_cache_writes() -> None:
+    """Wait until every packed weight queued for the disk cache is written."""
+    with _PENDING_LOCK:
+        queued = list(_PENDING_WRITES.values())
+    for future, _ in queued:
+        future.result()
+
+
 def _pack_weight(weight: torch.Tensor, opts: LUTQuantOptions, bits: int, g: int, h: int) -> tuple[PackedWeight, str]:
     """Pack (or fetch from the per-parameter memory cache / the disk cache). Returns (packed, source)."""
     key = _key_string(opts, bits, g, h)
@@ -177,6 +236,7 @@ def _pack_weight(weight: torch.Tensor, opts: LUTQuantOptions, bits: int, g: int,
     if opts.cache:
         disk_key = content_key(weight, quant=key)
         path = _disk_path(disk_key)
+        _wait_for_write(path)
         if path.exists():
             try:
                 fields = _read_npz(path)
@@ -186,21 +246,12 @@ def _pack_weight(weight: torch.Tensor, opts: LUTQuantOptions, bits: int, g: int,
                 per_weight[key] = packed
                 return packed, "disk"
             except Exception as error:  # a corrupt or old entry: quantize again
-                import logging
-
                 logging.getLogger(__name__).warning("lut_quant: ignoring cache entry %s: %s", path, error)
     packed = pack(weight, grid.table, bits=bits, p=opts.p, group_size=g, hadamard_size=h,
                   signs_seed=opts.seed if opts.random_signs else None, scale_mode=grid.scale_mode, grid=grid.name,
                   scale_search=opts.scale_search)
     if disk_key is not None:
-        path = _disk_path(disk_key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            _write_npz(tmp, packed)
-            tmp.replace(path)
-        except OSError:
-            pass
+        _write_in_background(_disk_path(disk_key), packed)
     per_weight[key] = packed
     return packed, "packed"
 
