@@ -53,6 +53,12 @@ def test_decode_bench_step_loop_on_cpu(tmp_path):
     assert all(r["compile_warm_s"] is not None and r["compile_cold_s"] is not None for r in rows.values()), rows
     assert result["loop"] == "step" and (tmp_path / "e2e_decode_step_loop.md").exists()
     assert "transfigure.generate" in (tmp_path / "e2e_decode_step_loop.md").read_text()
+    # where the transfigure row's cold compile went (the Inductor row has no transfigure report)
+    quant = rows["transfigure+lut-4bit"]
+    assert quant["compile_graphs"] >= 1 and quant["compile_passes_s"] > 0 and quant["compile_lowering_s"] >= 0
+    assert rows["inductor"]["compile_graphs"] is None
+    table = (tmp_path / "e2e_decode_step_loop.md").read_text()
+    assert f"transfigure+lut-4bit: {quant['compile_graphs']} graphs, passes" in table
 
 
 def test_cli_training_bench(tmp_path, capsys):

@@ -98,7 +98,9 @@ def compile_graph(backend: Backend, gm: fx.GraphModule, example_inputs: Sequence
     dump_dir = compiler.dump_dir or os.environ.get("TRANSFIGURE_DUMP_DIR")
     if dump_dir:
         Report([graph_report]).save(Path(dump_dir) / f"compile_{os.getpid()}_{id(backend):x}_{index:02d}")
+    lowering_start = time.perf_counter()
     compiled = _lower(view, backend.lowering, compiler)
+    graph_report.lowering_seconds = time.perf_counter() - lowering_start
     graph_report.compile_seconds = time.perf_counter() - start
     if not view.derived_from or compiler.weight_check == "ignore":
         return compiled

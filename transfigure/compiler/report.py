@@ -163,7 +163,8 @@ class GraphReport:
     final_code: str = ""
     verify_error: float | None = None
     lowering: str = ""
-    compile_seconds: float = 0.0
+    compile_seconds: float = 0.0  # passes + lowering (the backend's whole call for this graph)
+    lowering_seconds: float = 0.0
 
     def sites(self, status: str | None = None):
         for report in self.passes:
@@ -180,6 +181,7 @@ class GraphReport:
             "passes": [p.summary() for p in self.passes],
             "verify_max_rel_error": self.verify_error,
             "compile_seconds": round(self.compile_seconds, 3),
+            "lowering_seconds": round(self.lowering_seconds, 3),
         }
 
 
