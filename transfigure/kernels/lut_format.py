@@ -62,6 +62,7 @@ import math
 import torch
 
 from .fwht import fwht_reference, ifwht_reference
+from .scale_search import search_scales
 
 PLANES: dict[int, tuple[int, ...]] = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}
 SUPPORTED_BITS = (1, 2, 3, 4)
@@ -194,24 +195,6 @@ def nearest(values: torch.Tensor, table: torch.Tensor, chunk: int = 1 << 16) -> 
     return out
 
 
-def _search_scales(groups: torch.Tensor, base: torch.Tensor, table: torch.Tensor, p: int, candidates: int) -> torch.Tensor:
-    """Per group, the multiple of ``base`` (``[N, G]``) whose quantization of ``groups`` (``[N, G, g]``) has the
-    least squared error."""
-    n, n_groups, g = groups.shape
-    table = table.to(groups.device, torch.float32)
-    factors = torch.unique(torch.cat([torch.linspace(0.6, 1.4, candidates), torch.ones(1)])).tolist()
-    best_err = torch.full_like(base, float("inf"))
-    best = base.clone()
-    for factor in factors:
-        s = (base * factor).clamp(min=1e-8)
-        idx = nearest((groups / s[..., None]).reshape(-1, p), table).view(n, n_groups, g // p)
-        err = (table[idx].reshape(n, n_groups, g) * s[..., None] - groups).pow(2).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, s, best)
-    return best
-
-
 PACK_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -265,7 +248,7 @@ def pack(
         else:
             scale = groups.abs().amax(-1)
         if scale_search > 1:
-            scale = _search_scales(groups, scale, table, p, scale_search)
+            scale = search_scales(groups, scale, table.to(device), p, scale_search)
         scale = scale.clamp(min=1e-8, max=6.0e4).to(torch.float16)
         normalized = groups / scale.to(torch.float32)[..., None]
         idx = nearest(normalized.reshape(-1, p), table).view(block.shape[0], kp // p)
