@@ -120,14 +120,17 @@ def test_mode_reaches_inductor_as_config(monkeypatch, how):
     torch._dynamo.reset()
     model = tiny_model("llama")
     inputs = example_inputs("llama")
+    backend = None
     if how == "option":
         compiled = torch.compile(model, backend="transfigure",
                                  options={"mode": "reduce-overhead", "inductor_config": {"max_autotune": False}})
     else:
-        compiled = torch.compile(model, backend=transfigure.backend(inductor_config={"max_autotune": False}),
-                                 mode="max-autotune")
+        backend = transfigure.backend(inductor_config={"max_autotune": False})
+        compiled = torch.compile(model, backend=backend, mode="max-autotune")
     torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-5)
     expected = {"triton.cudagraphs": True, "max_autotune": False}
     assert seen and seen[0] == expected
+    if backend is not None:  # compiled through a derived backend: the graph is in the report of the user's object
+        assert len(backend.report.graphs) == 1
     with pytest.raises(transfigure.OptionError, match="'mode'"):
         transfigure.backend(mode="fastest")

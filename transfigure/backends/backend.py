@@ -49,9 +49,14 @@ class Backend:
         self._lock = threading.Lock()
 
     def with_options(self, options: Mapping[str, Any] | None) -> "Backend":
+        """A backend with ``options`` over this one's. It reports into this backend's ``report``: a mode given
+        by torch.compile or transformers' CompileConfig compiles through a derived backend, and the user reads
+        the report of the object they created."""
         if not options:
             return self
-        return Backend(self.user_passes, self.lowering, **{**self.raw_options, **dict(options)})
+        derived = Backend(self.user_passes, self.lowering, **{**self.raw_options, **dict(options)})
+        derived.report, derived._lock = self.report, self._lock
+        return derived
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
                  mode: str | None = None):
