@@ -32,6 +32,16 @@ def prmt(a: int, b: int, control: int) -> int:
     return out
 
 
+def lop3(a: int, b: int, c: int, table: int) -> int:
+    """``lop3.b32``: bit ``i`` of the result is bit ``(a_i << 2) | (b_i << 1) | c_i`` of the 8-bit truth table
+    (the ISA's encoding: the table is ``F(0xF0, 0xCC, 0xAA)`` for the function ``F`` wanted)."""
+    out = 0
+    for i in range(32):
+        index = ((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1)
+        out |= ((table >> index) & 1) << i
+    return out
+
+
 def half_to_float(bits: int, kind: str) -> float:
     if kind == "bf16":
         return float(np.array([(bits & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
@@ -178,7 +188,7 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
         dst, address = re.match(r"(\{[^}]*\}|\S+),\s*\[(\S+?)(?:\+(\d+))?\]", rest).groups()[:2]
         offset = re.match(r".*\[\S+?\+(\d+)\]", rest)
         address = regs[address] + (int(offset.group(1)) if offset else 0)
-        width = 2 if op.endswith(".b16") else 4
+        width = 2 if op.endswith((".b16", ".u16")) else 4  # a .u16 load into a .b32 register zero-extends
         for i, reg in enumerate(_regs_in(dst)):
             raw = space.read(address + width * i, width)
             regs[reg] = bits_float(raw) if op.endswith(".f32") else raw
@@ -222,6 +232,8 @@ def _execute(line: str, regs: dict, memory: Memory | None, floats: set[str], sha
         regs[dst] = (a[0] ^ a[1]) & MASK32
     elif op == "prmt.b32":
         regs[dst] = prmt(*a)
+    elif op == "lop3.b32":
+        regs[dst] = lop3(*a)
     elif op == "setp.ne.b32":
         regs[dst] = a[0] != a[1]
     elif op == "mul.wide.u32":

@@ -208,15 +208,37 @@ def test_no_register_configs_where_inline_ptx_cannot_run(monkeypatch):
 
 @pytest.mark.parametrize("m,group,k,n,bits,p", [(1, 64, 1024, 45, 4, 1), (3, 128, 1000, 40, 4, 1),
                                                  (9, 256, 512, 33, 4, 1), (16, 128, 512, 70, 4, 1),
-                                                 (1, 128, 1024, 50, 2, 1), (5, 64, 512, 20, 2, 2), (2, 128, 512, 36, 4, 2)])
+                                                 (1, 128, 1024, 50, 2, 1), (5, 64, 512, 20, 2, 2), (2, 128, 512, 36, 4, 2),
+                                                 (1, 64, 1024, 45, 3, 1), (4, 128, 700, 40, 3, 1), (13, 256, 512, 33, 3, 1)])
 def test_every_mma_config_matches_reference(m, group, k, n, bits, p):
     """The tensor-core decode kernel (``_lut_mma_gemv_kernel``, its EMULATE path here), every config the tuner
     would try, with a bias, split-K, persistent programs (one SM on the CPU), row counts that leave warps
-    partly empty and M past one block of 8 x rows; 4-bit and 2-bit codes, scalar and 2-dim."""
+    partly empty and M past one block of 8 x rows; 4-bit, 3-bit (two bit-planes) and 2-bit codes, scalar and
+    2-dim."""
     _every_config_of_mode_matches_reference("mma", 11 + m, m, n, k, bits, p, group, bias_seed=5)
     from transfigure.kernels.lut_gemm import _COUNTERS
 
     assert int(_COUNTERS[torch.device("cpu")].abs().sum()) == 0  # every split-K tile counter is left at zero
+
+
+@given(group=st.sampled_from([64, 128, 256]), m=st.integers(1, 16), n=st.integers(1, 70), k=st.integers(1, 600),
+       bias=st.booleans(), which=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_three_bit_mma_matches_reference(group, m, n, k, bias, which, seed):
+    """3-bit scalar codes (a 2-bit and a 1-bit plane) on the tensor-core kernel (EMULATE path), any shape, M up to
+    16 and any of its configs: split-K, persistent programs, L2 hints, partly empty warps, two blocks of x rows."""
+    _, pk = _packed(seed, n, k, 3, 1, group, 0)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = (torch.rand(m, k, generator=g) + 0.5).half() * torch.where(torch.rand(m, k, generator=g) < 0.5, -1, 1).half()
+    args = list(pk.op_args())
+    args[4] = torch.randn(n, generator=g).half() if bias else None
+    expected = lut_linear_reference(x, *args).float()
+    configs = [c for c in configs_for(m, pk.padded_in_features, 1, group, 3, torch.float16)
+               if c.meta.get("MODE") == "mma"]
+    assert configs and all(c.meta.get("LOOKUP") == "shared" for c in configs)
+    config = configs[which % len(configs)]
+    actual = lut_linear_triton(x, *args, config=config).float()
+    err = ((actual - expected).norm() / expected.norm()).item()
+    assert err < 3e-3, (config.describe(), err)
 
 
 def test_mma_configs_only_where_the_kernel_applies():
@@ -224,8 +246,8 @@ def test_mma_configs_only_where_the_kernel_applies():
     assert mma(configs_for(1, 1024, 1, 128, 4, torch.bfloat16)) and mma(configs_for(16, 1024, 1, 128, 4, torch.float16))
     assert not mma(configs_for(17, 1024, 1, 128, 4, torch.bfloat16))       # more than two blocks of x rows
     assert not mma(configs_for(1, 1024, 1, 128, 4, torch.float32))         # 16-bit activations only
-    assert not mma(configs_for(1, 1024, 1, 128, 3, torch.bfloat16))        # 3-bit codes: two planes
-    for bits, p in ((4, 2), (2, 1), (2, 2)):  # only the shared byte-table lookup decodes these
+    assert not mma(configs_for(1, 1024, 2, 128, 3, torch.bfloat16))        # 3-bit 2-dim codes: 4 + 2 bit-planes
+    for bits, p in ((4, 2), (2, 1), (2, 2), (3, 1)):  # only the shared byte-table lookup decodes these
         configs = mma(configs_for(1, 1024, p, 128, bits, torch.bfloat16))
         assert configs and all(c.meta.get("LOOKUP") == "shared" for c in configs)
     assert not [c for c in mma(configs_for(1, 1024, 1, 256, 4, torch.bfloat16)) if c.meta["UNROLL"] > 1]

@@ -146,6 +146,39 @@ def _shared_lookup_ptx(word: str, out: list[str], lane_base: str, weights_per_by
     return lines
 
 
+# lop3 truth table of "bits of b where the mask c is set, bits of a elsewhere" (F(0xF0, 0xCC, 0xAA) = 0xD8)
+_LOP3_SELECT_B_UNDER_C = "0xD8"
+# bits 4-5 of every byte: where a 3-bit pair index keeps the pair's two plane-1 (high) bits
+_HIGH_PAIR_BITS = "0x30303030"
+
+
+def _three_bit_spread_ptx(plane1: str, halves: list[str]) -> list[str]:
+    """PTX lines that spread the plane-1 bits of 3-bit codes (``plane1``: one bit per code, 16 codes per
+    16-bit half, as loaded) to the bytes they meet in plane 0: ``halves[h]`` (one or two registers) gets, in byte
+    ``b`` bits 4-7, nibble ``b`` of half ``h`` of ``plane1`` -- the high bits of the four codes whose low bits
+    are byte ``b`` of the ``h``-th plane-0 word. Nibbles 0 / 2 of a half sit at bits 0-3 of its bytes (taken
+    from ``plane1 << 4``), nibbles 1 / 3 already at bits 4-7 (taken in place): one shift and one ``prmt`` per
+    half. The other bits of each byte are left as they come (the index words below mask them off)."""
+    lines = [f"shl.b32 spread_src, {plane1}, 4;"]
+    for half, selector in zip(halves, ("0x5140", "0x7362")):
+        lines.append(f"prmt.b32 {half}, spread_src, {plane1}, {selector};")
+    return lines
+
+
+def _three_bit_pair_indices_ptx(plane0: str, spread: str, even: str, odd: str) -> list[str]:
+    """PTX lines assembling the 6-bit PAIR indices of the sixteen 3-bit codes of plane-0 word ``plane0``
+    (2 low bits per code) and their high bits ``spread`` (``_three_bit_spread_ptx``): byte ``b`` of ``even``
+    indexes codes ``4b, 4b + 1`` and byte ``b`` of ``odd`` codes ``4b + 2, 4b + 3``, both as the pair table's
+    ``u = lo_a | lo_b << 2 | hi_a << 4 | hi_b << 5`` (``pair_table``'s 3-bit order). Bits 6-7 of each byte are
+    NOT cleared (they hold other codes' bits): the shared table repeats its 64 pairs four times
+    (``three_bit_byte_table``), so a byte indexes it as it is. Even pairs: their low bits are already bits 0-3
+    of the byte and their high bits bits 4-5 of ``spread``: one ``lop3``. Odd pairs: both move down (``>> 4``,
+    ``>> 2``), then one ``lop3``."""
+    return [f"lop3.b32 {even}, {plane0}, {spread}, {_HIGH_PAIR_BITS}, {_LOP3_SELECT_B_UNDER_C};",
+            f"shr.b32 odd_low, {plane0}, 4;", f"shr.b32 odd_high, {spread}, 2;",
+            f"lop3.b32 {odd}, odd_low, odd_high, {_HIGH_PAIR_BITS}, {_LOP3_SELECT_B_UNDER_C};"]
+
+
 @functools.cache  # the launcher passes it per call: build (and hash, as a constexpr) each string once
 def shared_table_fill_ptx(warps: int, weights_per_byte: int = 2) -> str:
     """PTX run once by every thread of a program before the shared-lookup steps: copies the 256-entry byte
@@ -178,7 +211,7 @@ def shared_table_fill_ptx(warps: int, weights_per_byte: int = 2) -> str:
 
 
 def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = "register",
-                   weights_per_byte: int = 2, l2_prefetch: int = 0) -> str:
+                   weights_per_byte: int = 2, l2_prefetch: int = 0, three_bit: bool = False) -> str:
     """PTX of one group step of the tensor-core LUT GEMV (``_lut_mma_gemv_kernel``), run by every lane of a
     warp for one group of ``group_size`` columns and 16 weight rows, as ``inline_asm_elementwise(pack=1)``.
 
@@ -211,22 +244,41 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
     ``l2_prefetch`` (128 or 256) puts the ``.L2::<n>B`` prefetch-size qualifier on the code loads: a miss fetches
     the aligned ``n`` bytes around it, so a row's next groups are in L2 when the lane reaches them. From HBM it
     took the 8B down projection (4096x14336, persistent programs) from 18.7 to 16.3 us and cost 5-8% on the
-    short-K shapes (``benchmarks/results/explore_lut_prefetch.md``): a tuner choice, not a default."""
+    short-K shapes (``benchmarks/results/explore_lut_prefetch.md``): a tuner choice, not a default.
+
+    ``three_bit`` (3-bit scalar codes, shared lookup; ``weights_per_byte`` is then 4, plane 0's density): the
+    codes have a second bit-plane, one bit per code, ``K_pad / 4`` bytes after plane 0 in the same row. The
+    lane's slice of it (``group_size / 32`` bytes per row: a 16-bit load at group size 64) lies at its plane-0
+    address plus the last operand (``table``, unused otherwise by the shared lookup), the same distance for
+    rows g and g + 8, advancing ``group_size / 8`` bytes per group. Per plane-0 word (16 codes) the step
+    builds two words of 6-bit pair indices (``_three_bit_spread_ptx``, ``_three_bit_pair_indices_ptx``) and
+    looks up each byte in the 256-entry table of 16-bit pairs exactly as for 4-bit codes
+    (``three_bit_byte_table``, 32 copies, conflict-free): the even pairs' byte j and the odd pairs' byte j
+    are the two A registers of mma step j of that word, so the K order and the activation operands are those
+    of the 2-bit codes."""
     assert group_size in (64, 128, 256) and x_blocks in (1, 2) and lookup in ("register", "shared")
     assert l2_prefetch in (0, 128, 256)
     assert weights_per_byte == 2 or lookup == "shared"
+    assert not three_bit or (lookup == "shared" and weights_per_byte == 4)
     codes_g, codes_h, xs = _mma_lane_registers(group_size, x_blocks, weights_per_byte)
+    # plane-1 registers of rows g / g + 8: one per 32 codes of the lane's slice (16 bits of one at group size 64)
+    high_g = [f"hig{i}" for i in range(max(1, group_size // 128))] if three_bit else []
+    high_h = [f"hih{i}" for i in range(len(high_g))]
     n_acc = 4 * x_blocks
     operand = iter(f"${i}" for i in range(2 * n_acc, 2 * n_acc + 7 + x_blocks))
     code_g, code_h = next(operand), next(operand)
     x_addr = [next(operand) for _ in range(x_blocks)]
     scale_g, scale_h, group, valid, table = (next(operand) for _ in range(5))
+    plane1_distance = table  # what the last operand carries for 3-bit codes
     kind = "bf16" if half == "bf16" else "f16"
     lines = ["{", _LOOKUP_SCRATCH, ".reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, f;", ".reg .pred pg, ph, px0, px1;",
              ".reg .b64 o, ag, ah, ax0, ax1, sg, sh;", ".reg .b16 hg, hh;", ".reg .f32 scg, sch;",
              ".reg .f32 " + ", ".join(f"d{b}_{i}" for b in range(x_blocks) for i in range(4)) + ";",
              ".reg .b32 " + ", ".join(codes_g + codes_h + sum(xs, [])) + ";",
              ".reg .b32 " + ", ".join(f"p{r}{i}" for r in "gh" for i in range(8)) + ";"]
+    if three_bit:
+        lines += [".reg .b64 bg, bh;", ".reg .b32 " + ", ".join(high_g + high_h) + ";",
+                  ".reg .b32 spread_src, spreadg0, spreadg1, spreadh0, spreadh1, even, odd, odd_low, odd_high;"]
     for bit, pred in [(1, "pg"), (2, "ph")] + [(4 << b, f"px{b}") for b in range(x_blocks)]:
         lines += [f"and.b32 f, {valid}, {bit};", f"setp.ne.b32 {pred}, f, 0;"]
     lines += [f"mul.wide.u32 o, {group}, {group_size // weights_per_byte};", f"add.s64 ag, {code_g}, o;",
@@ -234,11 +286,20 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
               f"mul.wide.u32 o, {group}, {group_size * 2};"]
     lines += [f"add.s64 ax{b}, {x_addr[b]}, o;" for b in range(x_blocks)]
     lines += [f"mul.wide.u32 o, {group}, 2;", f"add.s64 sg, {scale_g}, o;", f"add.s64 sh, {scale_h}, o;"]
-    lines += [f"mov.b32 {r}, 0;" for r in codes_g + codes_h + sum(xs, [])] + ["mov.b16 hg, 0;", "mov.b16 hh, 0;"]
+    if three_bit:  # plane 1: the lane's plane-0 address + the plane distance (operand ``table``) + G / 8 per group
+        lines += [f"add.s64 bg, {code_g}, {plane1_distance};", f"add.s64 bh, {code_h}, {plane1_distance};",
+                  f"mul.wide.u32 o, {group}, {group_size // 8};", "add.s64 bg, bg, o;", "add.s64 bh, bh, o;"]
+    lines += [f"mov.b32 {r}, 0;" for r in codes_g + codes_h + sum(xs, []) + high_g + high_h]
+    lines += ["mov.b16 hg, 0;", "mov.b16 hh, 0;"]
     code_hint = f".L2::{l2_prefetch}B" if l2_prefetch else ""
     loads = [("pg", codes_g, "ag", code_hint), ("ph", codes_h, "ah", code_hint)] + [
         (f"px{b}", xs[b], f"ax{b}", "") for b in range(x_blocks)]
+    if three_bit:
+        loads += [("pg", high_g, "bg", code_hint), ("ph", high_h, "bh", code_hint)]
     for pred, regs, address, hint in loads:
+        if address in ("bg", "bh") and group_size == 64:  # 16 codes of one bit: a 16-bit load, zero-extended
+            lines.append(f"@{pred} ld.global.nc{hint}.u16 {regs[0]}, [{address}];")
+            continue
         for start in range(0, len(regs), 4):
             chunk = regs[start:start + 4]
             vec = f".v{len(chunk)}" if len(chunk) > 1 else ""
@@ -250,7 +311,7 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
                   f"ld.global.nc.v4.u32 {{t4, t5, t6, t7}}, [{table}+16];"]
     else:
         lines += ["mov.u32 f, %laneid;", f"mov.u64 o, {SHARED_TABLE_SYMBOL};", "cvt.u32.u64 t0, o;"]
-        if weights_per_byte == 2:
+        if weights_per_byte == 2 or three_bit:  # 4-byte pair entries, 32 copies
             lines.append("mad.lo.u32 t0, f, 4, t0;")
         else:
             lines += ["and.b32 f, f, 15;", "mad.lo.u32 t0, f, 8, t0;"]
@@ -262,6 +323,14 @@ def _mma_group_ptx(group_size: int, half: str, x_blocks: int = 1, lookup: str = 
         if lookup == "register":
             lines += _lookup_pairs_ptx(row_g, row_g_regs[:4], words)
             lines += _lookup_pairs_ptx(row_h, row_h_regs[:4], words)
+        elif three_bit:  # even pairs -> p{r}0, 2, 4, 6, odd pairs -> p{r}1, 3, 5, 7: step j takes pairs 2j, 2j + 1
+            for row, plane0, high, regs in (("g", row_g, high_g, row_g_regs), ("h", row_h, high_h, row_h_regs)):
+                if word % 2 == 0:  # one plane-1 word serves two plane-0 words (16 bits at group size 64)
+                    spread = [f"spread{row}0", f"spread{row}1"][:1 + (group_size > 64)]
+                    lines += _three_bit_spread_ptx(high[word // 2], spread)
+                lines += _three_bit_pair_indices_ptx(plane0, f"spread{row}{word % 2}", "even", "odd")
+                lines += _shared_lookup_ptx("even", regs[0::2], "t0", 2)
+                lines += _shared_lookup_ptx("odd", regs[1::2], "t0", 2)
         else:
             lines += _shared_lookup_ptx(row_g, row_g_regs, "t0", weights_per_byte)
             lines += _shared_lookup_ptx(row_h, row_h_regs, "t0", weights_per_byte)
@@ -289,6 +358,11 @@ MMA_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb)
 MMA_SHARED_GROUP_PTX = {(g, half, xb, wpb): _mma_group_ptx(g, half, xb, "shared", wpb)
                         for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2) for wpb in (2, 4)}
 MMA_GROUP_CONSTRAINTS = {xb: _mma_constraints(xb) for xb in (1, 2)}
+# 3-bit scalar codes (two bit-planes) through the shared pair table, without / with the L2 prefetch hint
+MMA_THREE_BIT_GROUP_PTX = {(g, half, xb): _mma_group_ptx(g, half, xb, "shared", 4, 0, three_bit=True)
+                           for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2)}
+MMA_THREE_BIT_GROUP_PTX_L2 = {(g, half, xb): _mma_group_ptx(g, half, xb, "shared", 4, 256, three_bit=True)
+                              for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2)}
 # the shared-table step with 256-byte L2 prefetches on the code loads (configs with L2=256)
 MMA_SHARED_GROUP_PTX_L2 = {(g, half, xb, wpb): _mma_group_ptx(g, half, xb, "shared", wpb, 256)
                            for g in (64, 128, 256) for half in ("bf16", "fp16") for xb in (1, 2) for wpb in (2, 4)}
@@ -699,11 +773,11 @@ if triton_available():
         return tl.inline_asm_elementwise(FILL_ASM, "=r,l", [source], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _emulated_group_rows(words_ptr, scales_ptr, table_ptr, rows, N, words_per_row, n_groups, grp, G: tl.constexpr,
-                             P: tl.constexpr, W0: tl.constexpr):
+    def _emulated_group_rows(words_ptr, scales_ptr, table_ptr, rows, N, words_per_row, plane1_base, n_groups, grp,
+                             G: tl.constexpr, P: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
         """Weights ``[len(rows), G]`` of group ``grp`` (rotated basis, scaled, fp32 grid), zeros past N."""
-        return _w_tile(words_ptr, table_ptr, scales_ptr, rows, rows < N, grp * G, words_per_row, 0, n_groups,
-                       rows.shape[0], G, P, W0, 0, G)
+        return _w_tile(words_ptr, table_ptr, scales_ptr, rows, rows < N, grp * G, words_per_row, plane1_base, n_groups,
+                       rows.shape[0], G, P, W0, W1, G)
 
     @triton.jit
     def _emulated_x_rows(x_ptr, x_rows, M, Kp, grp, G: tl.constexpr):
@@ -713,12 +787,15 @@ if triton_available():
     @triton.jit
     def _emulated_mma_group(acc0, acc1, acc2, acc3, x_ptr, words_ptr, scales_ptr, table_ptr, row_g, row_h, x_even_row,
                             M, N, Kp, words_per_row, n_groups, grp, G: tl.constexpr, P: tl.constexpr,
-                            W0: tl.constexpr):
+                            W0: tl.constexpr, W1: tl.constexpr):
         """What ``_mma_group`` leaves in lane (g, q), computed from memory by the lane alone: the group's
         contribution to y[e][row_g], y[e + 1][row_g], y[e][row_h], y[e + 1][row_h], e = ``x_even_row``
-        (2q, or 8 + 2q for the second block of x rows)."""
-        w_g = _emulated_group_rows(words_ptr, scales_ptr, table_ptr, row_g, N, words_per_row, n_groups, grp, G, P, W0)
-        w_h = _emulated_group_rows(words_ptr, scales_ptr, table_ptr, row_h, N, words_per_row, n_groups, grp, G, P, W0)
+        (2q, or 8 + 2q for the second block of x rows). W1: width of the codes' second bit-plane (0: none)."""
+        plane1_base = (Kp // P) * W0 // 32  # words of plane 0 per row
+        w_g = _emulated_group_rows(words_ptr, scales_ptr, table_ptr, row_g, N, words_per_row, plane1_base, n_groups,
+                                   grp, G, P, W0, W1)
+        w_h = _emulated_group_rows(words_ptr, scales_ptr, table_ptr, row_h, N, words_per_row, plane1_base, n_groups,
+                                   grp, G, P, W0, W1)
         x_even = _emulated_x_rows(x_ptr, x_even_row, M, Kp, grp, G)
         x_odd = _emulated_x_rows(x_ptr, x_even_row + 1, M, Kp, grp, G)
         return (acc0 + tl.sum(w_g * x_even, axis=1), acc1 + tl.sum(w_g * x_odd, axis=1),
@@ -755,7 +832,7 @@ if triton_available():
                   WARPS: tl.constexpr, G: tl.constexpr, P: tl.constexpr, WEIGHTS_PER_BYTE: tl.constexpr,
                   X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                   UNROLL: tl.constexpr, SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr,
-                  GROUP_CONSTRAINTS: tl.constexpr, EMULATE: tl.constexpr):
+                  GROUP_CONSTRAINTS: tl.constexpr, EMULATE: tl.constexpr, THREE_BIT: tl.constexpr):
         """One work item of ``_lut_mma_gemv_kernel``: row block ``pid_n`` over K split ``pid_k``."""
         ROWS: tl.constexpr = 16 * WARPS
         lane = tid % 32
@@ -775,7 +852,14 @@ if triton_available():
                                                                                                       bitcast=True)
         scale_g = (scales_ptr + row_g.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
         scale_h = (scales_ptr + row_h.to(tl.int64) * n_groups + g_start).to(tl.int64, bitcast=True)
-        table = (words_ptr + tl.zeros_like(tid)).to(tl.int64, bitcast=True)
+        # the step's last operand: for 3-bit codes the bytes from the lane's plane-0 codes to its plane-1 codes
+        # (the same for rows g and h; plane 1 starts K_pad / 4 bytes into a row), else the register table's
+        # address (unused by the shared lookup)
+        if THREE_BIT:
+            lookup_operand = Kp // 4 - (g_start * G + q * (G // 4)).to(tl.int64) // 8
+        else:
+            lookup_operand = (words_ptr + tl.zeros_like(tid)).to(tl.int64, bitcast=True)
+        W1: tl.constexpr = 1 if THREE_BIT else 0
         acc0 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc1 = tl.zeros([32 * WARPS], dtype=tl.float32)
         acc2 = tl.zeros([32 * WARPS], dtype=tl.float32)
@@ -790,20 +874,20 @@ if triton_available():
                 if EMULATE:
                     acc0, acc1, acc2, acc3 = _emulated_mma_group(
                         acc0, acc1, acc2, acc3, x_ptr, code_words_ptr, scales_ptr, grid_ptr, row_g, row_h, 2 * q, M, N,
-                        Kp, bytes_per_row // 4, n_groups, g_start + grp, G, P, 8 * P // WEIGHTS_PER_BYTE)
+                        Kp, bytes_per_row // 4, n_groups, g_start + grp, G, P, 8 * P // WEIGHTS_PER_BYTE, W1)
                     if X_BLOCKS == 2:
                         acc4, acc5, acc6, acc7 = _emulated_mma_group(
                             acc4, acc5, acc6, acc7, x_ptr, code_words_ptr, scales_ptr, grid_ptr, row_g, row_h,
                             8 + 2 * q, M, N, Kp, bytes_per_row // 4, n_groups, g_start + grp, G, P,
-                            8 * P // WEIGHTS_PER_BYTE)
+                            8 * P // WEIGHTS_PER_BYTE, W1)
                 elif X_BLOCKS == 1:
                     acc0, acc1, acc2, acc3 = _mma_group(acc0, acc1, acc2, acc3, code_g, code_h, x_lane, scale_g,
-                                                        scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS,
-                                                        not SHARED_LOOKUP)
+                                                        scale_h, grp, valid, lookup_operand, GROUP_ASM,
+                                                        GROUP_CONSTRAINTS, not SHARED_LOOKUP)
                 else:
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_group2(
                         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, code_g, code_h, x_lane, x_lane8, scale_g,
-                        scale_h, grp, valid, table, GROUP_ASM, GROUP_CONSTRAINTS, not SHARED_LOOKUP)
+                        scale_h, grp, valid, lookup_operand, GROUP_ASM, GROUP_CONSTRAINTS, not SHARED_LOOKUP)
 
         # lane (g, q) holds y[2q][row_g], y[2q + 1][row_g], y[2q][row_h], y[2q + 1][row_h] (and rows 8 + 2q ...)
         _store_mma_block(y_ptr, bias_ptr, work_ptr, acc0, acc1, acc2, acc3, 2 * q, row_g, row_h, M, N, pid_k, SPLIT_K,
@@ -834,8 +918,10 @@ if triton_available():
                              X_BLOCKS: tl.constexpr, HALF_IS_BF16: tl.constexpr,
                              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, UNROLL: tl.constexpr,
                              SHARED_LOOKUP: tl.constexpr, GROUP_ASM: tl.constexpr, GROUP_CONSTRAINTS: tl.constexpr,
-                             FILL_ASM: tl.constexpr, PERSISTENT: tl.constexpr, EMULATE: tl.constexpr):
-        """Decode GEMM on the tensor cores (M <= 8 * X_BLOCKS <= 16, 4-bit scalar codes, 16-bit activations):
+                             FILL_ASM: tl.constexpr, PERSISTENT: tl.constexpr, EMULATE: tl.constexpr,
+                             THREE_BIT: tl.constexpr = False):
+        """Decode GEMM on the tensor cores (M <= 8 * X_BLOCKS <= 16, 16-bit activations; 4-bit scalar codes, and
+        through the shared tables also 4-bit 2-dim, 2-bit and 3-bit scalar codes):
         each warp owns 16 output features, each lane decodes its own contiguous slice of their codes in
         registers and feeds ``mma.sync`` directly (``_mma_group_ptx``: no shared memory, no layout conversion,
         no per-weight FMA); the rows of ``x`` are the mma's 8 columns (two mmas per fragment for M > 8), so
@@ -850,7 +936,8 @@ if triton_available():
         codes are decoded from copies of the pair table in shared memory (``_shared_lookup_ptx``), filled at
         the start by FILL_ASM (which declares that memory). The grid is 1-D over (row block, K split) work
         items; PERSISTENT programs take several (a grid smaller than the items, so the table fill is paid once
-        per program)."""
+        per program). THREE_BIT: 3-bit scalar codes, whose plane-0 bytes (WEIGHTS_PER_BYTE = 4) are read as the
+        2-bit codes' are and whose plane-1 bits are found through the step's last operand (``_mma_group_ptx``)."""
         ROWS: tl.constexpr = 16 * WARPS
         if EMULATE:
             tid = tl.arange(0, 32 * WARPS)
@@ -865,13 +952,13 @@ if triton_available():
                 _mma_item(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, grid_ptr, bias_ptr, y_ptr, work_ptr,
                           count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split, item // SPLIT_K,
                           item % SPLIT_K, tid, ready, WARPS, G, P, WEIGHTS_PER_BYTE, X_BLOCKS, HALF_IS_BF16, SPLIT_K,
-                          HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE)
+                          HAS_BIAS, UNROLL, SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE, THREE_BIT)
         else:  # one item per program (a loop around the item costs registers: 75 -> 121 at G = 128)
             item = tl.program_id(0)
             _mma_item(x_ptr, codes_ptr, code_words_ptr, scales_ptr, words_ptr, grid_ptr, bias_ptr, y_ptr, work_ptr,
                       count_ptr, M, N, Kp, bytes_per_row, n_groups, groups_per_split, item // SPLIT_K, item % SPLIT_K,
                       tid, ready, WARPS, G, P, WEIGHTS_PER_BYTE, X_BLOCKS, HALF_IS_BF16, SPLIT_K, HAS_BIAS, UNROLL,
-                      SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE)
+                      SHARED_LOOKUP, GROUP_ASM, GROUP_CONSTRAINTS, EMULATE, THREE_BIT)
 
     def _geometry(codes, scales, bits, p, group_size):
         planes = PLANES[bits * p]
@@ -925,6 +1012,14 @@ if triton_available():
         while cached), so decode steps only gather; built outside CUDA-graph pools (``_outside_graph_pools``).
         """
         return _derived_table(table, ("pair", half, bits, p), lambda: _build_pair_table(table, bits, p, half))
+
+    def three_bit_byte_table(table: torch.Tensor, half: torch.dtype) -> torch.Tensor:
+        """``int32 [256]``: the 3-bit scalar ``pair_table`` (64 entries) repeated four times, so that a whole byte
+        whose bits 6-7 belong to other codes indexes it (``_three_bit_pair_indices_ptx``: one instruction fewer
+        per index word than masking them). 1 KB like the 4-bit pair table, so the same shared-memory fill and
+        copies serve it. Cached like ``pair_table``."""
+        return _derived_table(table, ("pair-byte", half),
+                              lambda: _build_pair_table(table, 3, 1, half).repeat(4).contiguous())
 
     def _build_quad_table(table: torch.Tensor, bits: int, p: int, half: torch.dtype) -> torch.Tensor:
         units = torch.arange(256, device=table.device)
@@ -1074,7 +1169,8 @@ if triton_available():
         m = x2.shape[0]
         warps, split = meta["WARPS"], meta["SPLIT_K"]
         shared = meta.get("LOOKUP") == "shared"
-        weights_per_byte = 8 // bits
+        three_bit = (bits, p) == (3, 1)  # plane 0 holds their low 2 bits: read like 2-bit codes, plus plane 1
+        weights_per_byte = 4 if three_bit else 8 // bits
         tiles = triton.cdiv(n, 16 * warps)
         programs = tiles * split
         if meta.get("PER_SM"):  # persistent programs
@@ -1085,7 +1181,11 @@ if triton_available():
         emulate = interpreter_mode()
         half = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
         x_blocks = 1 if m <= 8 else 2
-        if shared:
+        if shared and three_bit:
+            ptx = (MMA_THREE_BIT_GROUP_PTX_L2 if meta.get("L2") else MMA_THREE_BIT_GROUP_PTX)[
+                (group_size, half, x_blocks)]
+            bytes_table = three_bit_byte_table(table, x2.dtype)
+        elif shared:
             ptx = (MMA_SHARED_GROUP_PTX_L2 if meta.get("L2") else MMA_SHARED_GROUP_PTX)[
                 (group_size, half, x_blocks, weights_per_byte)]
             bytes_table = (pair_table if weights_per_byte == 2 else quad_table)(table, bits, p, x2.dtype)
@@ -1101,9 +1201,9 @@ if triton_available():
             G=group_size, P=p, WEIGHTS_PER_BYTE=weights_per_byte, X_BLOCKS=x_blocks,
             HALF_IS_BF16=x2.dtype == torch.bfloat16, SPLIT_K=split, HAS_BIAS=bias is not None, UNROLL=meta["UNROLL"],
             SHARED_LOOKUP=shared, GROUP_ASM=ptx, GROUP_CONSTRAINTS=MMA_GROUP_CONSTRAINTS[x_blocks],
-            FILL_ASM=shared_table_fill_ptx(warps, weights_per_byte) if shared else "",
+            FILL_ASM=shared_table_fill_ptx(warps, 2 if three_bit else weights_per_byte) if shared else "",
             PERSISTENT=programs < tiles * split,
-            EMULATE=emulate, num_warps=warps, num_stages=1, **extra)
+            EMULATE=emulate, THREE_BIT=three_bit, num_warps=warps, num_stages=1, **extra)
         return y
 
     def _launch(config: Config, x2, codes, scales, table, bias, bits, p, group_size):
@@ -1164,7 +1264,9 @@ if triton_available():
     # M <= 16, 16-bit activations, group sizes 64 / 128 / 256. The register lookup (4-bit scalar codes) wins
     # the 1B shapes, the shared byte tables (every 4-bit and 2-bit format) the 8B ones, persistent programs
     # (PER_SM) the long-K ones (benchmarks/results/explore_lut_mma_*.md, H100). A cp.async ring for the codes
-    # was tried and never won (explore_lut_mma_ring*.md): the steps are not bound by load latency.
+    # was tried and never won (explore_lut_mma_ring*.md): the steps are not bound by load latency. 3-bit scalar
+    # codes take the shared-table configs too (their pair indices; not yet timed on a GPU when added:
+    # benchmarks/explore_lut_mma_3bit.py).
     _MMA_CONFIGS = [
         _mma(4, 4, 1), _mma(4, 8, 1), _mma(4, 16, 1), _mma(4, 8, 2), _mma(4, 4, 2), _mma(8, 8, 1), _mma(2, 16, 1),
         _mma(4, 1, 2), _mma(8, 1, 1), _mma(4, 2, 1),
@@ -1248,7 +1350,8 @@ if triton_available():
             if c.meta.get("MODE") == "mma":
                 n_groups = kp // group_size
                 shared = c.meta.get("LOOKUP") == "shared"
-                codes_ok = (bits, p) == (4, 1) or (shared and bits in (2, 4))
+                # 3-bit: scalar codes only (their 6-bit pair indices; 3-bit p = 2 codes are 4 + 2 bit-planes)
+                codes_ok = (bits, p) == (4, 1) or (shared and (bits in (2, 4) or (bits, p) == (3, 1)))
                 if (register_ok and m <= 16 and codes_ok and group_size in (64, 128, 256)
                         and x2.dtype in (torch.float16, torch.bfloat16) and n_groups % c.meta["SPLIT_K"] == 0
                         and (n_groups // c.meta["SPLIT_K"]) % c.meta["UNROLL"] == 0
