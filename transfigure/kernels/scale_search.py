@@ -27,38 +27,19 @@ def candidate_factors(candidates: int) -> torch.Tensor:
     return torch.unique(torch.cat([torch.linspace(0.6, 1.4, candidates), torch.ones(1)]))
 
 
-def _nearest_scalar(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """The grid value nearest to each entry of ``values`` (``table``: ``[L, 1]``)."""
-    sorted_t = torch.sort(table[:, 0]).values
-    mids = (sorted_t[1:] + sorted_t[:-1]) / 2
-    return sorted_t[torch.bucketize(values.contiguous(), mids)]
-
-
-def _nearest_points(values: torch.Tensor, table: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-    """The table point nearest (Euclidean) to each row of ``values`` ``[V, p]``."""
-    t2 = (table * table).sum(1)
-    out = torch.empty_like(values)
-    for i in range(0, values.shape[0], chunk):
-        v = values[i:i + chunk]
-        out[i:i + chunk] = table[(t2[None, :] - 2 * v @ table.T).argmin(1)]
-    return out
-
-
 def search_scales_reference(groups: torch.Tensor, base: torch.Tensor, table: torch.Tensor, p: int,
                             candidates: int) -> torch.Tensor:
     """Per group, the multiple of ``base`` (``[N, G]``) whose quantization of ``groups`` (``[N, G, g]``, fp32)
     has the least squared error (``table``: ``[2**(p*bits), p]``). Returns fp32 ``[N, G]``."""
+    from .lut_format import nearest  # the format module imports this one
+
     n, n_groups, g = groups.shape
     table = table.to(groups.device, torch.float32)
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
     for factor in candidate_factors(candidates).tolist():
         s = (base * factor).clamp(min=1e-8)
-        scaled = groups / s[..., None]
-        if p == 1:
-            q = _nearest_scalar(scaled.reshape(-1), table).view(n, n_groups, g)
-        else:
-            q = _nearest_points(scaled.reshape(-1, p), table).view(n, n_groups, g)
+        q = table[nearest((groups / s[..., None]).reshape(-1, p), table)].reshape(n, n_groups, g)
         err = (q * s[..., None] - groups).pow(2).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
