@@ -132,5 +132,8 @@ def test_mode_reaches_inductor_as_config(monkeypatch, how):
     assert seen and seen[0] == expected
     if backend is not None:  # compiled through a derived backend: the graph is in the report of the user's object
         assert len(backend.report.graphs) == 1
+        graph = backend.report.graphs[0]  # the table says how long lowering took of the graph's compile
+        assert 0 < graph.lowering_seconds <= graph.compile_seconds
+        assert f"lowering: inductor ({graph.lowering_seconds:.1f} s of a" in backend.report.table()
     with pytest.raises(transfigure.OptionError, match="'mode'"):
         transfigure.backend(mode="fastest")

@@ -210,7 +210,9 @@ class Report:
         lines = []
         for graph in self.graphs:
             counts = ", ".join(f"{v} {k}" for k, v in graph.placeholders.items())
-            lines.append(f"graph {graph.index}: {counts}; lowering: {graph.lowering}")
+            timing = (f" ({graph.lowering_seconds:.1f} s of a {graph.compile_seconds:.1f} s compile)"
+                      if graph.compile_seconds else "")
+            lines.append(f"graph {graph.index}: {counts}; lowering: {graph.lowering}{timing}")
             header = f"  {'pass':<18}{'matched':>8}{'rewritten':>10}{'skipped':>8}{'added MB':>10}{'max rel err':>13}{'ms':>9}"
             lines.append(header)
             lines.append("  " + "-" * (len(header) - 2))
