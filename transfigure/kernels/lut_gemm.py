@@ -1265,8 +1265,8 @@ if triton_available():
     # the 1B shapes, the shared byte tables (every 4-bit and 2-bit format) the 8B ones, persistent programs
     # (PER_SM) the long-K ones (benchmarks/results/explore_lut_mma_*.md, H100). A cp.async ring for the codes
     # was tried and never won (explore_lut_mma_ring*.md): the steps are not bound by load latency. 3-bit scalar
-    # codes take the shared-table configs too (their pair indices; not yet timed on a GPU when added:
-    # benchmarks/explore_lut_mma_3bit.py).
+    # codes take the shared-table configs too (their 6-bit pair indices): from HBM 1.78-2.52x cuBLAS at M = 1,
+    # 1-11% behind 4-bit (benchmarks/results/explore_lut_mma_3bit.md).
     _MMA_CONFIGS = [
         _mma(4, 4, 1), _mma(4, 8, 1), _mma(4, 16, 1), _mma(4, 8, 2), _mma(4, 4, 2), _mma(8, 8, 1), _mma(2, 16, 1),
         _mma(4, 1, 2), _mma(8, 1, 1), _mma(4, 2, 1),
