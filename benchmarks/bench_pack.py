@@ -43,11 +43,42 @@ def _host_sha256(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def plot(result: dict, path: Path) -> None:
+    """Per 8B linear shape: packing with the Triton vs the torch-ops scale search, and the two cache keys."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # matplotlib may be absent on the GPU machine
+        print("no plot:", error)
+        return
+    rows = result["rows"]
+    series = {"pack, Triton search": "pack_triton_search_s", "pack, torch-ops search": "pack_torch_search_s",
+              "key: GPU fingerprint": "key_gpu_fingerprint_s", "key: host SHA-256": "key_host_sha256_s"}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(series)
+    for i, (label, field) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(rows))], [1e3 * r[field] for r in rows], width, label=label)
+    ax.set_xticks([j + 1.5 * width for j in range(len(rows))], [r["shape"] for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per weight (log)")
+    ax.set_title(f"LUT packing cost at compile time, {result['device']}, torch {result['torch']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--replot", action="store_true", help="only redraw OUT/pack.png from OUT/pack.json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads((Path(args.out) / "pack.json").read_text()), Path(args.out) / "pack.png")
+        return
     table = get_grid("higgs", args.bits, 1).table
     rows = []
     for name, (n, k) in SHAPES.items():
@@ -105,6 +136,7 @@ def main() -> None:
               f"Triton search vs {p['pack_torch_search_s']:.3f} s with torch ops ({p['pack_no_search_s']:.3f} s without "
               f"search); key {p['key_gpu_fingerprint_s']:.4f} s on the GPU vs {p['key_host_sha256_s']:.3f} s on the host."]
     (out / "pack.md").write_text("\n".join(lines) + "\n")
+    plot(result, out / "pack.png")
     print("\n".join(lines))
 
 

@@ -123,7 +123,13 @@ def main() -> None:
     ap.add_argument("--check-budget-s", type=float, default=150.0,
                     help="skip the remaining check cases (reported as not checked) after this many seconds")
     ap.add_argument("--budget-s", type=float, default=250.0, help="stop timing (and write what is done) after this")
+    ap.add_argument("--replot", action="store_true", help="only redraw OUT/explore_lut_mma_3bit.png from its JSON")
     args = ap.parse_args()
+    if args.replot:
+        stem = os.path.join(args.out, "explore_lut_mma_3bit")
+        with open(stem + ".json") as handle:
+            plot(json.load(handle), stem + ".png")
+        return
     started = time.time()
     smoke = args.smoke
     if smoke and os.environ.get("TRITON_INTERPRET") != "1":
@@ -145,6 +151,7 @@ def main() -> None:
         with open(stem + ".json", "w") as handle:
             json.dump(results, handle, indent=1)
         write_markdown(results, stem + ".md")
+        plot(results, stem + ".png")
 
     # ---------------------------------------------------------------- 1. check against the reference
     check_shapes = [(64, 512), (37, 256)] if smoke else CHECK_SHAPES
@@ -277,6 +284,37 @@ def main() -> None:
         sys.exit(1)
     print(f"all {len(results['checks'])} checks passed (max rel err "
           f"{max((c['rel_err'] for c in results['checks']), default=0):.3g})", flush=True)
+
+
+def plot(results: dict, path: str) -> None:
+    """Bars of cuBLAS bf16 / ours per shape and M: the old 3-bit path, the 3-bit and 4-bit tensor-core GEMVs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # matplotlib may be absent on the GPU machine
+        print("no plot:", error)
+        return
+    rows = [t for t in results["timings"] if t.get("best")]
+    if not rows:
+        return
+    families = ("3-bit existing", "3-bit mma", "4-bit mma")
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(families)
+    for i, family in enumerate(families):
+        ratios = [t["cublas_us"] / t["best"][family][0] if family in t["best"] else 0.0 for t in rows]
+        ax.bar([j + i * width for j in range(len(rows))], ratios, width, label=family)
+    ax.set_xticks([j + width for j in range(len(rows))], [f"{t['N']}x{t['K']}\nM={t['M']}" for t in rows], fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(3.8, color="r", lw=0.8, ls="--", label="target 3.8x (3-bit, M=1)")
+    ax.set_ylabel("cuBLAS bf16 / ours (from HBM)")
+    meta = results["meta"]
+    ax.set_title(f"3-bit LUT GEMV on the tensor cores, {meta['device']}, triton {meta['triton']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_markdown(results: dict, path: str) -> None:
