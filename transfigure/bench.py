@@ -106,12 +106,12 @@ def build_model(name: str, device: str, dtype: torch.dtype):
 
 def _variant_options(variant: str, model, device: str) -> dict[str, Any] | None:
     """Compile options of a transfigure variant (``None``: one of its passes is not installed)."""
-    from transfigure.quality import COMBINATIONS
+    from transfigure.quality import combination
 
     if variant == "transfigure":
         return {}
     name = variant.removeprefix("transfigure+")
-    needs, build = COMBINATIONS[name]
+    needs, build = combination(name)
     if not set(needs) <= set(builtin_passes()):
         return None
     # Speed only (random weights): uniform allocation, so no greedy search over blocks is needed.

@@ -130,7 +130,23 @@ COMBINATIONS: dict[str, tuple[tuple[str, ...], Callable[[Context], dict]]] = {
     ),
     "ladder-all": (("ladder",), lambda ctx: {"ladder": {"layers": "all"}}),
     "ladder-upper-half": (("ladder",), lambda ctx: {"ladder": {"layers": "upper_half"}}),
+    # decode steps only: prefill (what the quality metrics run) keeps SDPA, so its numbers are the original's
+    "decode-attn": (("decode_attention",), lambda ctx: {"decode_attention": {}}),
 }
+DECODE_ATTENTION_SUFFIX = "+decode-attn"
+
+
+def combination(name: str) -> tuple[tuple[str, ...], Callable[[Context], dict]]:
+    """``(passes needed, options builder)`` of a combination: a name of ``COMBINATIONS``, or one of them followed
+    by ``+decode-attn`` (the same options plus the ``decode_attention`` pass, e.g. ``lut-4bit+decode-attn``)."""
+    if name in COMBINATIONS:
+        return COMBINATIONS[name]
+    base = name.removesuffix(DECODE_ATTENTION_SUFFIX)
+    if base != name and base in COMBINATIONS:
+        needs, build = COMBINATIONS[base]
+        return (*needs, "decode_attention"), lambda ctx: {**build(ctx), "decode_attention": {}}
+    raise ValueError(f"unknown combination {name!r}; known: {', '.join(COMBINATIONS)} (each may end in "
+                     f"{DECODE_ATTENTION_SUFFIX!r})")
 
 
 def available_combinations() -> list[str]:
@@ -192,9 +208,8 @@ def evaluate(
     half = len(windows) // 2
     calibration_windows, eval_windows = windows[:half], windows[half:]
     names = list(combinations) if combinations else available_combinations()
-    unknown = [n for n in names if n not in COMBINATIONS]
-    if unknown:
-        raise ValueError(f"unknown combination(s) {unknown}; known: {', '.join(COMBINATIONS)}")
+    for name in names:
+        combination(name)  # an unknown name fails here, before the model runs
     model = loaded.model
     with torch.no_grad():
         reference = [_logits_or_hidden(model, eval_windows[i : i + batch_size], loaded.causal) for i in range(0, len(eval_windows), batch_size)]
@@ -203,7 +218,7 @@ def evaluate(
     ctx: Context = {"model": model, "calibration_windows": calibration_windows, "distill_steps": distill_steps}
     installed = set(builtin_passes())
     for name in tqdm(names, desc="quality", disable=not progress):
-        needs, build = COMBINATIONS[name]
+        needs, build = combination(name)
         missing = set(needs) - installed
         if missing:
             rows.append({"combination": name, "skipped": f"pass not installed: {', '.join(sorted(missing))}"})

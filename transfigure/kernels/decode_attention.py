@@ -1,0 +1,306 @@
+"""Softmax attention of a few query tokens over a KV cache, with grouped-query heads read once (decode steps).
+
+``out = softmax(scale * q k^T + mask) v`` per query head, where query head ``h`` reads key/value head
+``h // G`` (``G = Hq / Hk``), exactly ``scaled_dot_product_attention`` over ``repeat_kv``-expanded keys and
+values. ``q: [B, Hq, Lq, D]``, ``k: [B, Hk, L, D]``, ``v: [B, Hk, L, Dv]``; ``attn_mask`` is None, bool (True =
+attend) or additive, broadcastable to ``[B, Hq, Lq, L]``; ``is_causal`` is SDPA's (top-left aligned: query ``i``
+sees keys ``j <= i``). A query row that may attend to nothing gets zeros (as SDPA's math path does).
+
+Why a kernel of our own for decoding (Lq of 1 to a few tokens): transformers' static cache hands SDPA the whole
+``max_cache_len`` cache with a bool mask, and with a mask it expands GQA keys and values (``repeat_kv``: two
+copies of the cache per layer per token) because SDPA's ``enable_gqa`` only applies without one. Here one
+program takes all ``G * Lq`` query rows of one key/value head (one read of each cache block for the whole
+group, the flash-decoding split of Dao et al. over the key axis for parallelism), and a key block whose mask
+is all False is skipped before its keys and values are loaded -- so the cost follows the filled part of the
+cache, not its capacity. The splits' partial ``(max, sum, acc)`` are merged by the last program of each head to
+arrive (an arrival counter), so a call is one launch.
+
+Reference: PyTorch in fp32 (the CPU path and the test oracle); the Triton path keeps scores and sums in fp32
+and multiplies probabilities rounded to the value dtype by ``v`` (as flash attention does).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .registry import define_op, triton_available
+
+MAX_QUERY_ROWS = 64  # G * Lq rows of one program: beyond that the plain SDPA path is the better kernel
+
+
+def _expanded_mask(attn_mask: torch.Tensor, q: torch.Tensor, L: int) -> torch.Tensor:
+    B, H, Lq, _ = q.shape
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask.expand(B, H, Lq, L)
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    B, H, Lq, _ = q.shape
+    Hk, L = k.shape[1], k.shape[2]
+    if H % Hk:
+        raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hk} key/value heads")
+    G = H // Hk
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf = k.to(compute).repeat_interleave(G, dim=1)
+    vf = v.to(compute).repeat_interleave(G, dim=1)
+    s = scale * (q.to(compute) @ kf.transpose(-1, -2))
+    allowed = torch.ones(B, H, Lq, L, dtype=torch.bool, device=q.device)
+    if is_causal:
+        allowed = allowed & torch.ones(Lq, L, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        mask = _expanded_mask(attn_mask, q, L)
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            s = s + mask.to(compute)
+            allowed = allowed & (mask > float("-inf"))
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = (s - m).exp()
+    den = p.sum(-1, keepdim=True)
+    out = (p @ vf) / torch.where(den > 0, den, torch.ones_like(den))
+    return out.to(q.dtype)
+
+
+def _fake(q, k, v, attn_mask, scale, is_causal):
+    B, H, Lq, _ = q.shape
+    return q.new_empty((B, H, Lq, v.shape[-1]))
+
+
+def triton_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Few query rows per key/value head (``G * Lq <= MAX_QUERY_ROWS``), head dims <= 256, 16-bit or fp32."""
+    B, H, Lq, D = q.shape
+    G = H // max(k.shape[1], 1)
+    return (G * Lq <= MAX_QUERY_ROWS and D <= 256 and v.shape[-1] <= 256 and k.shape[2] > 0
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype)
+
+
+decode_attention_triton = None
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from .autotune import Autotuner, Config
+    from .lut_gemm import _tile_counters
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, work_ptr, stat_ptr, count_ptr,
+                                 Hk, Lq, L, span, splits, scale,
+                                 sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, sml, sms,
+                                 G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
+                                 BDV: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+                                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+        """One program: the ``G * Lq`` query rows of key/value head ``program_id(0)`` over key split
+        ``program_id(1)`` (``span`` keys). ``MASK_KIND``: 0 none, 1 bool, 2 additive. Rows are query
+        (head, position) pairs, row ``r`` = head ``hk * G + r // Lq``, position ``r % Lq``."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // Hk
+        hk = bh % Hk
+        r = tl.arange(0, ROWS)
+        row_ok = r < G * Lq
+        head = hk * G + r // Lq
+        pos = r % Lq
+        dq = tl.arange(0, BD)
+        dv = tl.arange(0, BDV)
+        q = tl.load(q_ptr + b.to(tl.int64) * sqb + head[:, None] * sqh + pos[:, None] * sql + dq[None, :],
+                    mask=row_ok[:, None] & (dq[None, :] < D), other=0.0)
+        k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        mask_rows = mask_ptr + b.to(tl.int64) * smb + head.to(tl.int64) * smh + pos * sml
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        den = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BDV], dtype=tl.float32)
+        lo = split * span
+        hi = tl.minimum(lo + span, L)
+        for start in range(lo, hi, BLOCK_L):
+            cols = start + tl.arange(0, BLOCK_L)
+            allowed = row_ok[:, None] & (cols[None, :] < hi)
+            if CAUSAL:
+                allowed = allowed & (cols[None, :] <= pos[:, None])
+            if MASK_KIND == 1:
+                keep = tl.load(mask_rows[:, None] + cols[None, :].to(tl.int64) * sms, mask=allowed, other=0)
+                allowed = allowed & (keep != 0)
+            if MASK_KIND == 2:
+                bias = tl.load(mask_rows[:, None] + cols[None, :].to(tl.int64) * sms, mask=allowed,
+                               other=float("-inf")).to(tl.float32)
+                allowed = allowed & (bias > float("-inf"))
+            # a block nobody may attend to (the empty tail of a static cache) costs its mask, not its keys
+            if tl.max(allowed.to(tl.int32)) > 0:
+                col_ok = cols < hi
+                k = tl.load(k_base + cols[:, None].to(tl.int64) * skl + dq[None, :],
+                            mask=col_ok[:, None] & (dq[None, :] < D), other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                else:
+                    s = tl.dot(q, tl.trans(k)) * scale
+                if MASK_KIND == 2:
+                    s = s + tl.where(allowed, bias, 0.0)
+                s = tl.where(allowed, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_ref)
+                p = tl.where(allowed, tl.exp(s - m_ref[:, None]), 0.0)
+                den = den * alpha + tl.sum(p, axis=1)
+                vals = tl.load(v_base + cols[:, None].to(tl.int64) * svl + dv[None, :],
+                               mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p, vals, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals)
+                m = m_new
+        out_rows = out_ptr + (b.to(tl.int64) * (Hk * G) + head) * Lq * DV + pos * DV
+        out_mask = row_ok[:, None] & (dv[None, :] < DV)
+        if splits == 1:
+            result = acc / tl.where(den > 0, den, 1.0)[:, None]
+            tl.store(out_rows[:, None] + dv[None, :], result.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            piece = bh * splits + split
+            tl.store(work_ptr + piece.to(tl.int64) * ROWS * BDV + r[:, None] * BDV + dv[None, :], acc)
+            tl.store(stat_ptr + piece * 2 * ROWS + r, m)
+            tl.store(stat_ptr + piece * 2 * ROWS + ROWS + r, den)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
+            if arrived == splits - 1:
+                first = bh * splits
+                top = tl.full([ROWS], float("-inf"), tl.float32)
+                for other in range(0, splits):
+                    top = tl.maximum(top, tl.load(stat_ptr + (first + other) * 2 * ROWS + r, cache_modifier=".cg"))
+                top_ref = tl.where(top == float("-inf"), 0.0, top)
+                total = tl.zeros([ROWS, BDV], dtype=tl.float32)
+                total_den = tl.zeros([ROWS], dtype=tl.float32)
+                for other in range(0, splits):
+                    stats = stat_ptr + (first + other) * 2 * ROWS
+                    weight = tl.exp(tl.load(stats + r, cache_modifier=".cg") - top_ref)
+                    total_den += weight * tl.load(stats + ROWS + r, cache_modifier=".cg")
+                    part = tl.load(work_ptr + (first + other).to(tl.int64) * ROWS * BDV + r[:, None] * BDV
+                                   + dv[None, :], cache_modifier=".cg")
+                    total += weight[:, None] * part
+                result = total / tl.where(total_den > 0, total_den, 1.0)[:, None]
+                tl.store(out_rows[:, None] + dv[None, :], result.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(count_ptr + bh, 0)
+
+    def _prepared(q, k, v, attn_mask):
+        """Inner dims made unit-stride (the kernel assumes it for the head dim) and the mask as 4-D strides."""
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        if attn_mask is None:
+            return q, k, v, None, 0, (0, 0, 0, 0)
+        mask = _expanded_mask(attn_mask, q, k.shape[2])
+        if mask.dtype == torch.bool:
+            mask, kind = mask.view(torch.uint8), 1
+        else:
+            kind = 2
+        return q, k, v, mask, kind, tuple(mask.stride())
+
+    def _splits(config: Config, heads: int, L: int, device: torch.device) -> int:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            sms = 4
+        wanted = -(-config.meta["WAVES"] * sms // max(heads, 1))
+        return max(1, min(wanted, triton.cdiv(L, config.meta["BLOCK_L"])))
+
+    def _launch(config: Config, q, k, v, mask, kind, mask_strides, scale: float, is_causal: bool):
+        B, H, Lq, D = q.shape
+        Hk, L, DV = k.shape[1], k.shape[2], v.shape[-1]
+        G = H // Hk
+        block_l = config.meta["BLOCK_L"]
+        rows = max(16, triton.next_power_of_2(G * Lq))
+        bdv = max(16, triton.next_power_of_2(DV))
+        splits = _splits(config, B * Hk, L, q.device)
+        span = triton.cdiv(triton.cdiv(L, splits), block_l) * block_l
+        splits = triton.cdiv(L, span)
+        out = torch.empty(B, H, Lq, DV, device=q.device, dtype=q.dtype)
+        pieces = B * Hk * splits if splits > 1 else 1  # one split writes ``out`` directly: no partials
+        work = torch.empty(pieces * rows * bdv, device=q.device, dtype=torch.float32)
+        stats = torch.empty(pieces * 2 * rows, device=q.device, dtype=torch.float32)
+        counts = _tile_counters(q.device, B * Hk)
+        _decode_attention_kernel[(B * Hk, splits)](
+            q, k, v, mask if mask is not None else q, out, work, stats, counts, Hk, Lq, L, span, splits, float(scale),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *mask_strides,
+            G=G, D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=bdv, ROWS=rows, BLOCK_L=block_l,
+            MASK_KIND=kind, CAUSAL=bool(is_causal), IEEE=q.dtype == torch.float32,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
+
+    def _configs() -> list[Config]:
+        return [Config({"BLOCK_L": block_l, "WAVES": waves}, num_warps=warps, num_stages=stages)
+                for block_l in (64, 32, 128) for waves in (2, 1, 4) for warps in (4, 2) for stages in (2, 1)]
+
+    def _prune(configs, args):
+        q, k = args[0], args[1]
+        G = q.shape[1] // k.shape[1]
+        wide = max(q.shape[-1], args[2].shape[-1]) > 128 or G * q.shape[2] > 32
+        return [c for c in configs if not (wide and c.meta["BLOCK_L"] == 128)] or configs[:1]
+
+    def _key(q, k, v, mask, kind, mask_strides, scale, is_causal):
+        B, H, Lq, D = q.shape
+        # the cache length in powers of two: the static cache's capacity, not what is filled, sets the launch
+        return (str(q.dtype), B * k.shape[1], H // k.shape[1] * Lq, D, v.shape[-1],
+                triton.next_power_of_2(k.shape[2]), kind, bool(is_causal))
+
+    _tuner = Autotuner("decode_attention", _configs(), key=_key, launch=_launch, prune=_prune)
+
+    def decode_attention_triton(q, k, v, attn_mask, scale: float, is_causal: bool):
+        """Triton path (CUDA, or CPU with TRITON_INTERPRET=1); shapes it does not cover fall back to the
+        reference (``triton_supported``)."""
+        if not triton_supported(q, k, v):
+            return decode_attention_reference(q, k, v, attn_mask, scale, is_causal)
+        return _tuner(*_prepared(q, k, v, attn_mask), scale, is_causal)
+
+    def decode_attention_with_config(q, k, v, attn_mask, scale: float, is_causal: bool, config: Config):
+        """One forced config (tests and benchmarks)."""
+        return _launch(config, *_prepared(q, k, v, attn_mask), scale, is_causal)
+
+    configs = _configs
+
+
+def _cuda(q, k, v, attn_mask, scale, is_causal):
+    if decode_attention_triton is None:
+        return decode_attention_reference(q, k, v, attn_mask, scale, is_causal)
+    return decode_attention_triton(q, k, v, attn_mask, scale, is_causal)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale, is_causal = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.meta = (scale, is_causal)
+
+
+def _backward(ctx, grad):
+    """Through the reference (decode attention is an inference kernel; gradients stay correct, not fast)."""
+    q, k, v, attn_mask = ctx.saved_tensors
+    scale, is_causal = ctx.meta
+    wants = ctx.needs_input_grad[:3]
+    leaves = [t.detach().requires_grad_(bool(w)) for t, w in zip((q, k, v), wants)]
+    with torch.enable_grad():
+        out = decode_attention_reference(*leaves, attn_mask, scale, is_causal)
+        inputs = [t for t in leaves if t.requires_grad]
+        grads = torch.autograd.grad(out, inputs, grad) if inputs else []
+    by_leaf = dict(zip(map(id, inputs), grads))
+    return (*(by_leaf.get(id(t)) for t in leaves), None, None, None)
+
+
+decode_attention = define_op(
+    "decode_attention",
+    decode_attention_reference,
+    cuda=_cuda,
+    fake=_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
