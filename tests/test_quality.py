@@ -39,3 +39,14 @@ def test_quality_harness_on_a_checkpoint_directory_without_tokenizer(tmp_path):
                               combinations=["none"], seq_len=64, max_windows=4, batch_size=2, progress=False)
     rows = {row["combination"]: row for row in result["rows"]}
     assert result["causal"] and rows["none"]["kl"] == 0.0 and rows["none"]["perplexity"] > 1.0
+
+
+def test_any_combination_may_add_decode_attention_and_unknown_names_are_named():
+    needs, build = quality.combination("lut-4bit+lm_head+decode-attn")
+    assert needs == ("lut_quant", "decode_attention")
+    assert build({}) == {"lut_quant": {"bits": 4, "exclude": ("*embed*", "embed_out")}, "decode_attention": {}}
+    assert quality.combination("decode-attn")[0] == ("decode_attention",)
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown combination 'lut-5bit\\+decode-attn'.*may end in '\\+decode-attn'"):
+        quality.combination("lut-5bit+decode-attn")

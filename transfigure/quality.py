@@ -122,6 +122,9 @@ COMBINATIONS: dict[str, tuple[tuple[str, ...], Callable[[Context], dict]]] = {
     # thresholds on the rotated input of the 4-bit linears, so the sparse LUT kernels apply (sparsity.rotated_basis)
     "lut-4bit+rotated-sparsity-50": (("lut_quant", "sparsity"), lambda ctx: {
         "lut_quant": {"bits": 4}, "sparsity": {**_sparsity(ctx, 0.5), "rotated_basis": True}}),
+    "lut-4bit+lm_head+rotated-sparsity-50": (("lut_quant", "sparsity"), lambda ctx: {
+        "lut_quant": {"bits": 4, "exclude": ("*embed*", "embed_out")},
+        "sparsity": {**_sparsity(ctx, 0.5), "rotated_basis": True}}),
     "linearize-elu": (("linearize",), lambda ctx: {"linearize": {"feature_map": "elu"}}),
     "linearize-hedgehog": (("linearize",), lambda ctx: {"linearize": {"feature_map": "hedgehog"}}),
     "linearize-hedgehog+transfer": (

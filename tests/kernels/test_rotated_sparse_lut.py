@@ -1,14 +1,21 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from transfigure.kernels import lut_format
+from transfigure.kernels import rotated_sparse_lut as rotated_module
 from transfigure.kernels.autotune import Config
+from transfigure.kernels.fwht import fwht_triton
 from transfigure.kernels.rotated_sparse_lut import (
+    MAX_FUSED_ROTATION,
     _rotated_sparse_lut_linear_cuda,
     compact_rotated,
     decode_layout,
+    fuses_rotation,
+    rotate_compact_triton,
     rotated_keep,
     rotated_sparse_gemv_triton,
     rotated_sparse_lut_linear,
@@ -118,6 +125,67 @@ def test_op_paths_match_the_reference(m, sparse_prefill):
         assert torch.allclose(actual.double(), dense, atol=1e-3)
 
 
+@given(
+    h=st.sampled_from([256, 512, 1024]),
+    group=st.sampled_from([64, 128, 256]),
+    blocks=st.integers(1, 2),
+    pad=st.integers(0, 255),
+    signed=st.booleans(),
+    tau=st.sampled_from([0.0, 0.5, GAUSSIAN_HALF, 1.2]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_rotation_compacts_exactly_what_the_two_launches_do(h, group, blocks, pad, signed, tau, dtype, seed):
+    """One launch (pad, signs, FWHT, compaction) against the FWHT kernel ``prepare_input`` launches on CUDA
+    followed by ``_compact_kernel``: the same z, rounded alike, so the same survivors, values, order and counts.
+    The token is a prefix of a longer nonzero buffer: inputs past ``in_features`` must read as padding."""
+    kp = blocks * h
+    k = kp - pad
+    generator = torch.Generator().manual_seed(seed)
+    heavy = torch.randn(1, kp, generator=generator) * torch.rand(1, kp, generator=generator).pow(3) * 4 + 0.01
+    x = heavy.to(dtype)[:, :k]
+    signs = lut_format.random_signs(kp, seed) if signed else None
+    assert fuses_rotation(h, group)
+    fused = rotate_compact_triton(x, signs, tau, h, group, kp, k)
+    z = fwht_triton(torch.nn.functional.pad(x, (0, kp - k)), signs, h, 1.0 / math.sqrt(h))
+    separate = compact_rotated(z, tau, h, group)
+    for name, a, b in zip(("values", "indices", "counts"), fused, separate):
+        assert torch.equal(a, b), name
+
+
+def test_fused_rotation_covers_only_whole_kronecker_blocks():
+    assert fuses_rotation(256, 256) and fuses_rotation(MAX_FUSED_ROTATION, 64)
+    assert not fuses_rotation(128, 64)  # below the two-factor range: the FWHT's tile kernel
+    assert not fuses_rotation(256, 512)  # a slice of several blocks
+    assert not fuses_rotation(2 * MAX_FUSED_ROTATION, 128)
+    with pytest.raises(ValueError):
+        rotate_compact_triton(torch.randn(1, 128), None, GAUSSIAN_HALF, 128, 64, 128, 128)
+
+
+@pytest.mark.parametrize("h,group,k,dtype", [(256, 64, 200, torch.float32), (512, 128, 1000, torch.float32),
+                                             (256, 256, 256, torch.float16), (1024, 64, 700, torch.float16)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_one_token_op_runs_the_fused_rotation_and_matches_the_reference(h, group, k, dtype, signed, monkeypatch):
+    """The one-token CUDA launcher (interpreter here) takes the fused kernel where it applies, padding included,
+    and its output is the reference's."""
+    packed = lut_format.pack(torch.randn(72, k), torch.sort(torch.randn(16))[0].reshape(16, 1), bits=4,
+                             group_size=group, hadamard_size=h, signs_seed=5 if signed else None)
+    codes_t, scales_t = decode_layout(packed.codes, packed.scales)
+    b = torch.randn(72).to(dtype)
+    x = (torch.randn(1, k) * torch.rand(1, k).pow(3) * 4).to(dtype)
+    calls = []
+    fused = rotated_module.rotate_compact_triton
+    monkeypatch.setattr(rotated_module, "rotate_compact_triton", lambda *a: calls.append(a) or fused(*a))
+    args = (packed.codes, packed.scales, packed.table, packed.signs, b, codes_t, scales_t, 4, group, h, k,
+            GAUSSIAN_HALF, True)
+    actual = _rotated_sparse_lut_linear_cuda(x, *args)
+    expected = rotated_sparse_lut_linear_reference(x, *args)
+    assert len(calls) == 1 and actual.shape == (1, 72) and actual.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    scale = expected.abs().max().item() + 1.0
+    assert (actual.double() - expected.double()).abs().max().item() <= tol * scale
+
+
 def test_op_compiles_and_its_gradient_is_the_masked_one():
     packed, codes_t, scales_t, b, _ = _problem(48, 128, 64, 128, torch.float32, 11)
     args = (packed.codes, packed.scales, packed.table, packed.signs, b, codes_t, scales_t, 4, 64, 128, 128,
@@ -156,3 +224,18 @@ def test_tau_sets_the_sparsity_whatever_the_token_norm():
 def test_supports():
     assert supports(4, 1, 128, 512) and not supports(4, 1, 128, 0) and not supports(3, 1, 128, 512)
     assert not supports(4, 2, 128, 512) and not supports(4, 1, 128, 16384)
+
+
+def test_tensor_core_configs_never_have_warps_without_a_tile():
+    """Each warp of the tensor-core GEMV owns one unmasked 64-output tile: with 2 tiles (N = 128) a program of
+    4 or 8 warps would read past the codes (an illegal address found on the H100), so those are pruned."""
+    from transfigure.kernels import rotated_sparse_lut as rsl
+
+    scales_tm = torch.ones(4, 128, dtype=torch.float16)  # 4 groups, 128 padded outputs = 2 tiles
+    args = (None, None, None, None, scales_tm, None, None, 128, torch.bfloat16, 128)
+    kept = rsl._prune(rsl._configs(), args)
+    mma = [c for c in kept if c.meta.get("MODE") == "mma"]
+    assert mma and {c.num_warps for c in mma} == {2}
+    wide = rsl._prune(rsl._configs(), (None, None, None, None, torch.ones(4, 1024, dtype=torch.float16), None, None,
+                                       128, torch.bfloat16, 1024))
+    assert {c.num_warps for c in wide if c.meta.get("MODE") == "mma"} == {2, 4, 8}

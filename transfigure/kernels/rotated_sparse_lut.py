@@ -18,8 +18,10 @@ Decode kernels (one token, 4-bit scalar codes): the codes are repacked *input-ma
 row ``k`` holds the codes of input ``k`` for every output, two per byte, in the tile order of the tensor-core
 kernel). After the FWHT, a compaction kernel (one program per ``max(h, group)`` slice)
 computes each block's mean square, keeps the surviving ``z_k``, and writes, per quantization group, their
-values and indices back to back plus a count. The GEMV then walks, per group, only the surviving rows of
-the codes (loads, lookups and multiplies of dropped rows never happen). Two GEMVs, chosen by the autotuner:
+values and indices back to back plus a count. For ``group <= h <= MAX_FUSED_ROTATION`` (from 256) one kernel
+pads, rotates and compacts the raw token (``rotate_compact_triton``): a decode token saves the FWHT launch.
+The GEMV then walks, per group, only the surviving rows of the codes (loads, lookups and multiplies of dropped
+rows never happen). Two GEMVs, chosen by the autotuner:
 the tensor-core one (``_rotated_sparse_mma_kernel``: 16 surviving inputs x 64 outputs per warp and
 ``mma.sync``, codes decoded through the shared pair table) and a CUDA-core one (``_rotated_sparse_gemv_kernel``:
 ``BLOCK_K`` surviving rows at a time, register-table lookup or a gather from the 16-entry grid, fp32 FMAs).
@@ -29,6 +31,8 @@ dense LUT GEMV on the thresholded ``z``: the same math, the plain path's speed.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -40,6 +44,16 @@ from .sparse_gemv import MAX_SPARSE_TOKENS, _tokens
 
 MAX_COMPACT_SLICE = 8192
 """Largest ``max(hadamard_size, group_size)`` the compaction kernel holds in one program."""
+
+MAX_FUSED_ROTATION = 2048
+"""Largest ``hadamard_size`` whose FWHT the one-token compaction runs itself (``rotate_compact_triton``).
+
+Up to 2048 the FWHT tuner has one candidate for a single row, the two-factor Kronecker kernel with one
+rounding, so the fused kernel keeps exactly the entries the two launches keep. From 4096 on it also picks the
+three-factor and ROUND16 forms (other roundings: about ten entries per 8192-block of bf16 kept differently),
+the fused program spills in fp32 (496 bytes at 4096, 2.9 KB at 8192; the separate kernels 24 and 2008) and,
+measured on the H100 with bf16 and CUDA graphs, is slower than the two launches (13.6 against 12.9 us at
+4096, 26.1 against 23.1 at 8192; at 512: 2.7 against 3.5 us)."""
 
 
 def supports(bits: int, p: int, group_size: int, hadamard_size: int) -> bool:
@@ -169,6 +183,8 @@ SPARSE_MMA_STEP_PTX = {half: sparse_mma_step_ptx(half) for half in ("bf16", "fp1
 SPARSE_MMA_STEP_CONSTRAINTS = ",".join(["=f"] * 16 + ["f"] * 16 + ["l", "l", "l", "r", "r"])
 
 compact_rotated = None
+rotate_compact_triton = None
+fuses_rotation = None
 rotated_sparse_gemv_triton = None
 _rotated_sparse_lut_linear_cuda = None
 
@@ -176,6 +192,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from .fwht import _dot_16, _hadamard, _split
     from .lut_gemm import (_fill_shared_table, _register_lookup, _store_tile_counted, _thread_index, _tile_counters,
                            lut_linear_triton, pair_table, prepare_input, register_table, shared_table_fill_ptx)
 
@@ -325,14 +342,11 @@ if triton_available():
             tl.store(work_ptr + pid_k * N + row, acc, mask=mask)
 
     @triton.jit
-    def _compact_kernel(z_ptr, vals_ptr, idx_ptr, count_ptr, tau2, L: tl.constexpr, H: tl.constexpr,
-                        G: tl.constexpr):
-        """One ``L = max(H, G)`` slice of ``z``: rotated threshold, then per group the surviving values and
-        their indices back to back (positions from a running count), the dropped ones after them with value 0,
-        and the group's count."""
-        pid = tl.program_id(0)
-        offs = pid * L + tl.arange(0, L)
-        z = tl.load(z_ptr + offs).to(tl.float32)
+    def _compact_slice(z, offs, pid, vals_ptr, idx_ptr, count_ptr, tau2, L: tl.constexpr, H: tl.constexpr,
+                       G: tl.constexpr):
+        """Slice ``pid`` of ``z`` (fp32 ``[L]``, ``L = max(H, G)``, at inputs ``offs``): rotated threshold, then
+        per group the surviving values and their indices back to back (positions from a running count), the
+        dropped ones after them with value 0, and the group's count."""
         square = z * z
         blocks = tl.reshape(square, [L // H, H])
         mean_square = tl.sum(blocks, axis=1) / H
@@ -349,6 +363,43 @@ if triton_available():
         tl.store(idx_ptr + dest, tl.reshape(offs, [L // G, G]))
         tl.store(vals_ptr + dest, tl.where(keep, tl.reshape(z, [L // G, G]), 0.0))
         tl.store(count_ptr + groups, count)
+
+    @triton.jit
+    def _compact_kernel(z_ptr, vals_ptr, idx_ptr, count_ptr, tau2, L: tl.constexpr, H: tl.constexpr,
+                        G: tl.constexpr):
+        """One ``L = max(H, G)`` slice of an already rotated ``z`` per program (``_compact_slice``)."""
+        pid = tl.program_id(0)
+        offs = pid * L + tl.arange(0, L)
+        z = tl.load(z_ptr + offs).to(tl.float32)
+        _compact_slice(z, offs, pid, vals_ptr, idx_ptr, count_ptr, tau2, L, H, G)
+
+    @triton.jit
+    def _rotate_compact_kernel(x_ptr, s_ptr, vals_ptr, idx_ptr, count_ptr, in_features, scale, tau2,
+                               A: tl.constexpr, B: tl.constexpr, LOG_A: tl.constexpr, LOG_B: tl.constexpr,
+                               G: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr):
+        """One Hadamard block ``H = A * B`` (>= G) of the raw token per program: the rotation of
+        ``_fwht_kron_kernel`` (its one-row, single-rounding form), then ``_compact_slice`` -- so a decode token
+        skips the FWHT launch and the round trip of ``z`` through memory.
+
+        Inputs past ``in_features`` read as 0, the zero padding ``prepare_input`` writes; ``z`` is rounded to
+        the input dtype before the threshold, as the FWHT kernel stores it, so both paths keep the same entries
+        with the same values."""
+        pid = tl.program_id(0)
+        block = pid * (A * B)
+        inner = tl.arange(0, A)[:, None] * B + tl.arange(0, B)[None, :]
+        x = tl.load(x_ptr + block + inner, mask=(block + inner) < in_features, other=0.0)
+        if HAS_SIGNS:
+            x = x * tl.load(s_ptr + block + inner).to(x.dtype)
+        hb = _hadamard(B, LOG_B)
+        ha = _hadamard(A, LOG_A)
+        if LOWP:
+            t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
+            y = _dot_16(ha, t, x.dtype, False)
+        else:
+            t = tl.dot(x, hb, input_precision="ieee")
+            y = tl.dot(ha, t, input_precision="ieee")
+        z = tl.reshape((y * scale).to(x.dtype).to(tl.float32), [A * B])
+        _compact_slice(z, block + tl.arange(0, A * B), pid, vals_ptr, idx_ptr, count_ptr, tau2, A * B, A * B, G)
 
     @triton.jit
     def _rotated_sparse_gemv_kernel(vals_ptr, idx_ptr, count_ptr, codes_ptr, scales_ptr, table_ptr, bias_ptr, y_ptr,
@@ -442,6 +493,37 @@ if triton_available():
 
     compact_rotated = compact_rotated_triton
 
+    def fuses_rotation(hadamard_size: int, group_size: int) -> bool:
+        """Whether :func:`rotate_compact_triton` covers this format: one Hadamard block per program (``h >=``
+        group), ``h`` in the FWHT's two-factor Kronecker range (from 256; below, its tile kernel rotates) up to
+        MAX_FUSED_ROTATION. Other formats keep the FWHT launch, then ``compact_rotated_triton``."""
+        return 256 <= hadamard_size <= MAX_FUSED_ROTATION and group_size <= hadamard_size
+
+    def rotate_compact_triton(x: torch.Tensor, signs: torch.Tensor | None, tau: float, hadamard_size: int,
+                              group_size: int, kp: int, in_features: int):
+        """One raw token ``x [..., in_features]`` -> the ``(values, indices, counts)`` of
+        ``compact_rotated_triton(prepare_input(x, signs, hadamard_size, kp), ...)`` in one launch (padding,
+        signs, FWHT and compaction fused; :func:`fuses_rotation` says for which formats)."""
+        if not fuses_rotation(hadamard_size, group_size):
+            raise ValueError(f"no fused rotation + compaction for hadamard_size={hadamard_size}, "
+                             f"group_size={group_size}")
+        x = x.reshape(-1).contiguous()
+        if x.numel() != in_features or kp % hadamard_size or in_features > kp:
+            raise ValueError(f"one token of {in_features} inputs padded to a multiple {kp} of {hadamard_size} "
+                             f"expected, got {x.numel()} inputs")
+        if signs is not None:
+            signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
+        a, b = _split(hadamard_size)
+        vals = torch.empty(kp, dtype=torch.float32, device=x.device)
+        idx = torch.empty(kp, dtype=torch.int32, device=x.device)
+        counts = torch.empty(kp // group_size, dtype=torch.int32, device=x.device)
+        # four warps: what the FWHT tuner runs one row of these block sizes with, and the compaction kernel too
+        _rotate_compact_kernel[(kp // hadamard_size,)](
+            x, signs if signs is not None else x, vals, idx, counts, in_features, 1.0 / math.sqrt(hadamard_size),
+            float(tau) * float(tau), A=a, B=b, LOG_A=int(math.log2(a)), LOG_B=int(math.log2(b)), G=group_size,
+            HAS_SIGNS=signs is not None, LOWP=x.dtype in (torch.float16, torch.bfloat16), num_warps=4, num_stages=1)
+        return vals, idx, counts
+
     def _launch(config: Config, vals, idx, counts, codes_tm, scales_tm, table, bias, group_size, half, n):
         meta = config.meta
         n_groups, n_pad = scales_tm.shape
@@ -498,7 +580,10 @@ if triton_available():
         vals, idx, counts, codes_tm, scales_tm, table, bias, group_size, half, n = args
         if half not in (torch.float16, torch.bfloat16):  # register and pair tables hold 16-bit weights
             configs = [c for c in configs if not c.meta.get("REGISTER") and c.meta.get("MODE") != "mma"]
-        n_groups = scales_tm.shape[0]
+        n_groups, n_pad = scales_tm.shape
+        # a tensor-core program's warps each own one 64-output tile, unmasked: a warp past the last tile would
+        # read codes and scales beyond the buffers (an illegal address on the GPU, N = 128 with 4 warps)
+        configs = [c for c in configs if c.meta.get("MODE") != "mma" or (n_pad // 64) % c.num_warps == 0]
         kept = [c for c in configs if c.meta["SPLIT_K"] <= n_groups]
         return kept or configs[:1]
 
@@ -524,11 +609,15 @@ if triton_available():
                                         hadamard_size, in_features, tau, sparse_prefill=True):
         kp = scales.shape[1] * group_size
         n = scales.shape[0]
-        z = prepare_input(x, signs, hadamard_size, kp)
         if _tokens(x) == 1:
-            vals, idx, counts = compact_rotated_triton(z, tau, hadamard_size, group_size)
+            if fuses_rotation(hadamard_size, group_size):
+                vals, idx, counts = rotate_compact_triton(x, signs, tau, hadamard_size, group_size, kp, in_features)
+            else:
+                z = prepare_input(x, signs, hadamard_size, kp)
+                vals, idx, counts = compact_rotated_triton(z, tau, hadamard_size, group_size)
             y = rotated_sparse_gemv(vals, idx, counts, codes_tm, scales_tm, table, bias, group_size, x.dtype, n)
         else:
+            z = prepare_input(x, signs, hadamard_size, kp)
             if sparse_prefill or _tokens(x) <= MAX_SPARSE_TOKENS:
                 z = rotated_sparsify_reference(z, tau, hadamard_size)
             y = lut_linear_triton(z, codes, scales, table, None, bias, bits, 1, group_size, 0, kp)
@@ -570,4 +659,4 @@ rotated_sparse_lut_linear = define_op(
     fake=_fake, backward=_backward, setup_context=_setup_context)
 
 __all__ = ["supports", "decode_layout", "rotated_keep", "rotated_sparsify_reference", "rotated_sparsity", "rotated_sparse_lut_linear",
-           "compact_rotated", "rotated_sparse_gemv_triton"]
+           "compact_rotated", "rotate_compact_triton", "fuses_rotation", "rotated_sparse_gemv_triton"]
