@@ -239,3 +239,15 @@ def test_tensor_core_configs_never_have_warps_without_a_tile():
     wide = rsl._prune(rsl._configs(), (None, None, None, None, torch.ones(4, 1024, dtype=torch.float16), None, None,
                                        128, torch.bfloat16, 1024))
     assert {c.num_warps for c in wide if c.meta.get("MODE") == "mma"} == {2, 4, 8}
+
+
+def test_gpu_tuning_of_16_bit_tokens_considers_only_the_tensor_core_kernel(monkeypatch):
+    """On the GPU the tensor-core GEMV won every tuned shape, so 16-bit tokens tune only its configs (the
+    CUDA-core ones tripled the first decode step's tuning); fp32 tokens, which it cannot take, keep the rest."""
+    from transfigure.kernels import rotated_sparse_lut as rsl
+
+    monkeypatch.setattr(rsl, "interpreter_mode", lambda: False)
+    scales_tm = torch.ones(16, 1024, dtype=torch.float16)
+    for half, modes in ((torch.bfloat16, {"mma"}), (torch.float16, {"mma"}), (torch.float32, {None})):
+        kept = rsl._prune(rsl._configs(), (None, None, None, None, scales_tm, None, None, 128, half, 1024))
+        assert kept and {c.meta.get("MODE") for c in kept} == modes, half

@@ -584,6 +584,11 @@ if triton_available():
         # a tensor-core program's warps each own one 64-output tile, unmasked: a warp past the last tile would
         # read codes and scales beyond the buffers (an illegal address on the GPU, N = 128 with 4 warps)
         configs = [c for c in configs if c.meta.get("MODE") != "mma" or (n_pad // 64) % c.num_warps == 0]
+        if half in (torch.float16, torch.bfloat16) and not interpreter_mode():
+            # the tensor-core kernel won every shape tuned on the H100 (rotated_sparsity.json: 8 of 8), and the
+            # 73 CUDA-core candidates tripled the first-step tuning (a 1B decode's cold start ran past 150 s)
+            tensor_core = [c for c in configs if c.meta.get("MODE") == "mma"]
+            configs = tensor_core or configs
         kept = [c for c in configs if c.meta["SPLIT_K"] <= n_groups]
         return kept or configs[:1]
 
