@@ -270,7 +270,6 @@ if triton_available():
         """One forced config (tests and benchmarks)."""
         return _launch(config, *_prepared(q, k, v, attn_mask), scale, is_causal)
 
-    configs = _configs
 
 
 def _cuda(q, k, v, attn_mask, scale, is_causal):

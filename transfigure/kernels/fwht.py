@@ -139,6 +139,17 @@ if triton_available():
         tl.store(y_ptr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=bmask[:, None])
 
     @triton.jit
+    def _kron_rotate(x, ha, hb, LOWP: tl.constexpr, ROUND16: tl.constexpr):
+        """``H_A X H_B`` of one block ``X [A, B]``, fp32 and unscaled: the products by +-1 are exact on 16-bit
+        tensor cores (LOWP, fp32 sums; the second factor fp32-accurate or, with ROUND16, on ``t`` rounded), or
+        IEEE fp32 dots for fp32 inputs."""
+        if LOWP:
+            t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
+            return _dot_16(ha, t, x.dtype, ROUND16)
+        t = tl.dot(x, hb, input_precision="ieee")
+        return tl.dot(ha, t, input_precision="ieee")
+
+    @triton.jit
     def _fwht_kron_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr, LOG_A: tl.constexpr,
                           LOG_B: tl.constexpr, HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr, ROWS: tl.constexpr,
                           ROUND16: tl.constexpr):
@@ -160,12 +171,7 @@ if triton_available():
             x = tl.load(x_ptr + base + inner, mask=ok, other=0.0)
             if HAS_SIGNS:
                 x = x * signs.to(x.dtype)
-            if LOWP:
-                t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
-                y = _dot_16(ha, t, x.dtype, ROUND16)
-            else:
-                t = tl.dot(x, hb, input_precision="ieee")
-                y = tl.dot(ha, t, input_precision="ieee")
+            y = _kron_rotate(x, ha, hb, LOWP, ROUND16)
             tl.store(y_ptr + base + inner, (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit

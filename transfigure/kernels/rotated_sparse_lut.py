@@ -192,7 +192,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .fwht import _dot_16, _hadamard, _split
+    from .fwht import _hadamard, _kron_rotate, _split
     from .lut_gemm import (_fill_shared_table, _register_lookup, _store_tile_counted, _thread_index, _tile_counters,
                            lut_linear_triton, pair_table, prepare_input, register_table, shared_table_fill_ptx)
 
@@ -392,12 +392,7 @@ if triton_available():
             x = x * tl.load(s_ptr + block + inner).to(x.dtype)
         hb = _hadamard(B, LOG_B)
         ha = _hadamard(A, LOG_A)
-        if LOWP:
-            t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
-            y = _dot_16(ha, t, x.dtype, False)
-        else:
-            t = tl.dot(x, hb, input_precision="ieee")
-            y = tl.dot(ha, t, input_precision="ieee")
+        y = _kron_rotate(x, ha, hb, LOWP, False)
         z = tl.reshape((y * scale).to(x.dtype).to(tl.float32), [A * B])
         _compact_slice(z, block + tl.arange(0, A * B), pid, vals_ptr, idx_ptr, count_ptr, tau2, A * B, A * B, G)
 

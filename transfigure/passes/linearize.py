@@ -49,6 +49,7 @@ from transfigure.compiler import GraphView, Pass, PassResult, option, register_p
 from transfigure.compiler.options import load_file
 from transfigure.kernels import window_attention as _window_attention  # noqa: F401  (registers transfigure::window_attention)
 from transfigure.kernels.linear_attention import linear_attention, linear_attention_bidirectional, linear_attention_decode_step
+from transfigure.passes.attention_sites import attention_operands, erase_unused, replace_attention_call, unrepeat_kv
 
 EPS = 1e-6
 WINDOW_FACTOR_INIT = math.log(0.1 / 0.9)
@@ -161,27 +162,6 @@ def linearized_attention(
 # --------------------------------------------------------------------------------------------------
 
 
-def _shape(graph: GraphView, node: Any) -> tuple[int, ...] | None:
-    value = graph.meta_value(node) if isinstance(node, fx.Node) else None
-    return tuple(int(s) for s in value.shape) if value is not None and hasattr(value, "shape") else None
-
-
-def unrepeat_kv(node: fx.Node) -> fx.Node | None:
-    """If ``node`` is transformers' ``repeat_kv`` (``x[:, :, None].expand(...).reshape(...)``), the un-repeated ``x``."""
-    if not isinstance(node, fx.Node) or node.target not in ("reshape", "view", torch.reshape):
-        return None
-    expand = node.args[0]
-    if not isinstance(expand, fx.Node) or expand.target != "expand":
-        return None
-    index = expand.args[0]
-    if not isinstance(index, fx.Node) or index.target is not operator.getitem:
-        return None
-    src, item = index.args
-    if isinstance(item, tuple) and len(item) == 5 and item[2] is None and all(isinstance(s, slice) for i, s in enumerate(item) if i != 2):
-        return src
-    return None
-
-
 def mask_is_causal(mask: fx.Node, limit: int = 400) -> bool:
     """A materialized mask is causal when it is built from a position comparison (``kv_idx <= q_idx``)."""
     seen, stack = set(), [mask]
@@ -204,29 +184,6 @@ def load_state(state: Mapping[str, Any] | str | None) -> dict[str, torch.Tensor]
     return {str(k): v for k, v in dict(state).items() if isinstance(v, torch.Tensor)}
 
 
-def _mutates(node: fx.Node) -> bool:
-    """Whether a node may have an effect besides its output: FX's own rule, plus in-place methods and
-    functions of the Dynamo graph (``index_copy_``, ``add_``, ``setitem``...), which it does not know."""
-    if node.is_impure():
-        return True
-    name = getattr(node.target, "__name__", node.target if isinstance(node.target, str) else "")
-    return (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) or name == "setitem" \
-        or "out" in node.kwargs
-
-
-def _erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
-    """Erase the nodes the rewrite left without users, starting from ``candidates`` and walking up, never a
-    node that may mutate something (a whole-graph ``eliminate_dead_code`` dropped the in-place KV-cache and
-    token-buffer updates of a decode step: FX does not see ``Tensor.index_copy_`` as impure)."""
-    pending = set(candidates)
-    while pending:
-        node = pending.pop()
-        if node.users or node.op not in ("call_function", "call_method") or _mutates(node):
-            continue
-        pending.update(node.all_input_nodes)
-        graph.erase_node(node)
-
-
 @register_pass
 class LinearizePass(Pass):
     name = "linearize"
@@ -240,29 +197,14 @@ class LinearizePass(Pass):
         state = load_state(opts.state)
         feeding: set[fx.Node] = set()  # inputs of replaced attention calls: may become dead (e.g. repeat_kv)
         for site in graph.attention_calls():
-            if opts.layers and site.layer not in opts.layers:
-                result.skip(site, f"layer {site.layer} not in layers={list(opts.layers)}")
+            operands = attention_operands(graph, site, result, opts.layers)
+            if operands is None:
                 continue
-            if site.dropout_p not in (0, 0.0, None):
-                result.skip(site, f"attention dropout (dropout_p={site.dropout_p}); compile the model in eval mode")
-                continue
-            q_shape = _shape(graph, site.query)
-            key, value = site.key, site.value
-            gqa_form = "enable_gqa" if site.enable_gqa is True else "none"
-            k_src, v_src = unrepeat_kv(key), unrepeat_kv(value)
-            if k_src is not None and v_src is not None:
-                key, value, gqa_form = k_src, v_src, "repeat_kv (looked through)"
-            k_shape, v_shape = _shape(graph, key), _shape(graph, value)
-            if q_shape is None or k_shape is None or v_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
-                result.skip(site, "query/key shapes unknown or not [B, H, T, d]")
-                continue
-            B, H, T, d = q_shape
-            Hk = k_shape[1]
-            if k_shape[2] != T:
-                result.skip(site, f"key length {k_shape[2]} != query length {T} (KV cache / cross attention)")
-                continue
-            if H % Hk:
-                result.skip(site, f"{H} query heads not a multiple of {Hk} key heads")
+            key, value, gqa_form = operands.key, operands.value, operands.gqa_form
+            B, H, T, d = operands.q_shape
+            Hk = operands.k_shape[1]
+            if operands.k_shape[2] != T:
+                result.skip(site, f"key length {operands.k_shape[2]} != query length {T} (KV cache / cross attention)")
                 continue
             if site.is_causal is True:
                 causal, how = True, "is_causal"
@@ -286,23 +228,18 @@ class LinearizePass(Pass):
             prefix = site.fqn or site.node.name
             params = self._params(graph, prefix, opts, H, Hk, d, state)
             nodes = {name: graph.add_input(f"{prefix}.{name}", tensor, trainable=True) for name, tensor in params.items()}
-            with graph.graph.inserting_before(site.node):
-                new = graph.graph.call_function(
-                    linearized_attention,
-                    (site.query, key, value, site.attn_mask, nodes.get("q_map"), nodes.get("k_map"), nodes.get("window_factor")),
-                    dict(causal=causal, feature_map=opts.feature_map, window=opts.window if causal else "none",
-                         window_size=opts.window_size, chunk_size=opts.chunk_size, scale=scale),
-                )
-            new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
-            site.node.replace_all_uses_with(new)
-            feeding.update(site.node.all_input_nodes)
-            graph.graph.erase_node(site.node)
+            replace_attention_call(
+                graph, site, linearized_attention,
+                (site.query, key, value, site.attn_mask, nodes.get("q_map"), nodes.get("k_map"), nodes.get("window_factor")),
+                dict(causal=causal, feature_map=opts.feature_map, window=opts.window if causal else "none",
+                     window_size=opts.window_size, chunk_size=opts.chunk_size, scale=scale),
+                feeding)
             detail = (f"{opts.feature_map} {'causal' if causal else 'bidirectional'} ({how}), window={opts.window if causal else 'none'}, "
                       f"H={H} Hk={Hk} d={d}, GQA {gqa_form}, mask={'yes' if site.attn_mask is not None else 'no'}")
             if params:
                 detail += ", " + ("trained state" if any(f"{prefix}.{n}" in state for n in params) else "fresh parameters")
             result.rewrote(site, detail)
-        _erase_unused(graph.graph, feeding)
+        erase_unused(graph.graph, feeding)
         return result
 
     def _params(self, graph: GraphView, prefix: str, opts: LinearizeOptions, H: int, Hk: int, d: int, state) -> dict[str, torch.Tensor]:
