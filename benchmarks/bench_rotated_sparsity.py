@@ -4,10 +4,11 @@
     python benchmarks/bench_rotated_sparsity.py --plot DIR/rotated_sparsity.json
 
 For Llama-3-8B and Llama-3.2-1B linear shapes (q/k/v and gate/up as the fused stacks the passes build), one
-token, bf16, 4-bit HIGGS codes, group 128, Hadamard 512, CUDA-graph replay times (``bench_sparsity.bench_pair``):
+token, bf16, 4-bit HIGGS codes, group 128, Hadamard 512, per-call times of calls run back to back in one CUDA graph
+over weight copies that exceed the L2 cache (``autotune.time_per_call``: weights come from HBM, as in a decode step):
 cuBLAS bf16 ``F.linear``; the dense rotated LUT linear (``transfigure::lut_linear``: FWHT + tensor-core GEMV);
 ``transfigure::rotated_sparse_lut_linear`` at 0 / 40 / 50 / 60 % (tau = the Gaussian quantile; the input is
-Gaussian, so the rotated blocks are too) and its parts at 50 % (FWHT, + compaction, the GEMV alone).
+Gaussian, so the rotated blocks are too) and its parts at 50 % (FWHT, + compaction, the fused rotation + compaction one token takes, the GEMV alone).
 Correctness: relative L2 error against the op's fp32 reference. Writes rotated_sparsity.{json,md,png}.
 """
 
@@ -18,13 +19,14 @@ import datetime
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparsity import bench_pair, rel_err  # noqa: E402
+from bench_sparsity import rel_err  # noqa: E402
 
 SHAPES = {"8B qkv 6144x4096": (6144, 4096), "8B o 4096x4096": (4096, 4096),
           "8B gate/up 28672x4096": (28672, 4096), "8B down 4096x14336": (4096, 14336),
@@ -44,7 +46,9 @@ def run(out_dir: Path) -> dict:
     from transfigure.kernels.grids import higgs_grid
     from transfigure.kernels.lut_format import pack
     from transfigure.kernels.lut_gemm import prepare_input
-    from transfigure.kernels.rotated_sparse_lut import (compact_rotated, decode_layout, rotated_sparse_gemv,
+    from transfigure.kernels.autotune import copies_beyond_l2, time_per_call
+    from transfigure.kernels.rotated_sparse_lut import (compact_rotated, decode_layout, fuses_rotation,
+                                                        rotate_compact_triton, rotated_sparse_gemv,
                                                         rotated_sparse_lut_linear_reference)
 
     torch.manual_seed(0)
@@ -56,28 +60,55 @@ def run(out_dir: Path) -> dict:
         packed = pack(weight, table, bits=4, group_size=128, hadamard_size=512, signs_seed=0)
         codes_t, scales_t = decode_layout(packed.codes, packed.scales)
         w16 = weight.to(torch.bfloat16)
+        del weight
+        # weight copies beyond the L2 cache, timed back to back in one graph: every call reads its weights from HBM
+        copies = [{"packed": packed, "codes_t": codes_t, "scales_t": scales_t, "w16": w16}]
+        for _ in range(copies_beyond_l2(packed.codes.numel() * packed.codes.element_size()) - 1):
+            copies.append({"packed": replace(packed, codes=packed.codes.clone(), scales=packed.scales.clone()),
+                           "codes_t": codes_t.clone(), "scales_t": scales_t.clone()})
+        dense16 = [w16] + [w16.clone() for _ in range(copies_beyond_l2(w16.numel() * 2) - 1)]
+
+        def hbm_us(call, over=copies):
+            return 1e3 * time_per_call([lambda c=c: call(c) for c in over], rep=50)
+
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        dense_args = (packed.codes, packed.scales, packed.table, packed.signs, None, 4, 1, 128, 512, k)
-        row = {"shape": name, "n": n, "k": k}
-        row["cublas_us"] = bench_pair(lambda: F.linear(x, w16))[1]
-        row["lut4_us"] = bench_pair(lambda: torch.ops.transfigure.lut_linear(x, *dense_args))[1]
+
+        def dense_args(c):
+            q = c["packed"]
+            return (q.codes, q.scales, q.table, q.signs, None, 4, 1, 128, 512, k)
+
+        def sparse_args(c, tau):
+            q = c["packed"]
+            return (q.codes, q.scales, q.table, q.signs, None, c["codes_t"], c["scales_t"], 4, 128, 512, k, tau, True)
+
+        row = {"shape": name, "n": n, "k": k, "weight_copies": len(copies)}
+        row["cublas_us"] = hbm_us(lambda w: F.linear(x, w), dense16)
+        row["lut4_us"] = hbm_us(lambda c: torch.ops.transfigure.lut_linear(x, *dense_args(c)))
         for level in LEVELS:
             tau = gaussian_tau(level)
-            args = (packed.codes, packed.scales, packed.table, packed.signs, None, codes_t, scales_t, 4, 128, 512, k,
-                    tau, True)
-            fn = lambda args=args: torch.ops.transfigure.rotated_sparse_lut_linear(x, *args)  # noqa: E731
-            y = fn()
+            args = sparse_args(copies[0], tau)
+            y = torch.ops.transfigure.rotated_sparse_lut_linear(x, *args)
             reference = rotated_sparse_lut_linear_reference(x, *args)  # z rounded to bf16 as the FWHT kernel does
             kept = compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128)[2].sum().item() / k
             checks.append({"shape": name, "sparsity": level, "rel_err": rel_err(y, reference), "measured": 1 - kept})
-            row[f"rot_{int(level * 100)}_us"] = bench_pair(fn)[1]
+            row[f"rot_{int(level * 100)}_us"] = hbm_us(
+                lambda c, tau=tau: torch.ops.transfigure.rotated_sparse_lut_linear(x, *sparse_args(c, tau)))
         tau = gaussian_tau(0.5)
-        row["fwht_us"] = bench_pair(lambda: prepare_input(x, packed.signs, 512, k))[1]
-        row["fwht_compact_us"] = bench_pair(
-            lambda: compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128))[1]
+        # the rotation and compaction read only the token: no weight copies
+        one = copies[:1]
+        row["fwht_us"] = hbm_us(lambda c: prepare_input(x, packed.signs, 512, k), one)
+        row["fwht_compact_us"] = hbm_us(
+            lambda c: compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128), one)
+        if fuses_rotation(512, 128):
+            fused = rotate_compact_triton(x, packed.signs, tau, 512, 128, k, k)
+            unfused = compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128)
+            checks.append({"shape": name, "sparsity": 0.5, "measured": 1 - fused[2].sum().item() / k,
+                           "rel_err": float(not all(torch.equal(a, b) for a, b in zip(fused, unfused))),
+                           "what": "fused rotation + compaction vs FWHT then compaction (1 = not bit-identical)"})
+            row["rotate_compact_us"] = hbm_us(lambda c: rotate_compact_triton(x, packed.signs, tau, 512, 128, k, k), one)
         vals, idx, counts = compact_rotated(prepare_input(x, packed.signs, 512, k), tau, 512, 128)
-        row["gemv50_us"] = bench_pair(lambda: rotated_sparse_gemv(vals, idx, counts, codes_t, scales_t, packed.table,
-                                                                  None, 128, torch.bfloat16, n))[1]
+        row["gemv50_us"] = hbm_us(lambda c: rotated_sparse_gemv(vals, idx, counts, c["codes_t"], c["scales_t"],
+                                                                packed.table, None, 128, torch.bfloat16, n))
         from transfigure.kernels.autotune import Config
         from transfigure.kernels.rotated_sparse_lut import _configs, _tuner
 
@@ -89,9 +120,9 @@ def run(out_dir: Path) -> dict:
             best = None
             for config in (c for c in _configs() if keep(c) and c.meta["SPLIT_K"] <= k // 128):
                 try:
-                    t = bench_pair(lambda config=config: rotated_sparse_gemv(
-                        vals, idx, counts, codes_t, scales_t, packed.table, None, 128, torch.bfloat16, n,
-                        config=config))[1]
+                    t = hbm_us(lambda c, config=config: rotated_sparse_gemv(
+                        vals, idx, counts, c["codes_t"], c["scales_t"], packed.table, None, 128, torch.bfloat16, n,
+                        config=config))
                 except Exception as error:  # a config that fails to compile or launch is reported, not fatal
                     print(f"{name} {config.describe()}: {type(error).__name__}: {error}"[:300], flush=True)
                     continue
@@ -109,7 +140,7 @@ def run(out_dir: Path) -> dict:
                        "what": "mma vs CUDA-core GEMV"})
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del weight, packed, codes_t, scales_t, w16
+        del packed, codes_t, scales_t, w16, copies, dense16
         torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -124,17 +155,19 @@ def run(out_dir: Path) -> dict:
 def markdown(result: dict) -> str:
     lines = ["# Activation sparsity in the rotated basis of 4-bit LUT linears", "",
              f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}. One token, bf16, "
-             "4-bit HIGGS codes g128, Hadamard 512; CUDA-graph replay medians (us); x = cuBLAS bf16 / ours.", "",
+             "4-bit HIGGS codes g128, Hadamard 512; us per call, calls back to back in one CUDA graph over weight copies "
+             "beyond L2 (weights from HBM); x = cuBLAS bf16 / ours.", "",
              "| shape | cuBLAS | dense 4-bit (x) | sparse 0% | 40% (x) | 50% (x) | 60% (x) | 50% vs dense 4-bit | "
-             "FWHT | +compaction | GEMV alone 50% (tensor cores / CUDA cores) | config |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "FWHT | +compaction | fused rotation+compaction | GEMV alone 50% (tensor cores / CUDA cores) | config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         c = r["cublas_us"]
         lines.append(
             f"| {r['shape']} | {c:.1f} | {r['lut4_us']:.1f} ({c / r['lut4_us']:.2f}x) | {r['rot_0_us']:.1f} | "
             f"{r['rot_40_us']:.1f} ({c / r['rot_40_us']:.2f}x) | {r['rot_50_us']:.1f} ({c / r['rot_50_us']:.2f}x) | "
             f"{r['rot_60_us']:.1f} ({c / r['rot_60_us']:.2f}x) | {r['lut4_us'] / r['rot_50_us']:.2f}x | "
-            f"{r['fwht_us']:.1f} | {r['fwht_compact_us']:.1f} | {r['gemv50_us']:.1f} "
+            f"{r['fwht_us']:.1f} | {r['fwht_compact_us']:.1f} | {r.get('rotate_compact_us', float('nan')):.1f} | "
+            f"{r['gemv50_us']:.1f} "
             f"({r.get('gemv50_mma_us', float('nan')):.1f} / {r.get('gemv50_cuda_core_us', float('nan')):.1f}) | "
             f"{r['config']} |")
     lines += ["", "## Correctness (relative L2 error vs the fp32 reference) and measured sparsity", "",

@@ -143,11 +143,15 @@ if triton_available():
         """``H_A X H_B`` of one block ``X [A, B]``, fp32 and unscaled: the products by +-1 are exact on 16-bit
         tensor cores (LOWP, fp32 sums; the second factor fp32-accurate or, with ROUND16, on ``t`` rounded), or
         IEEE fp32 dots for fp32 inputs."""
+        # one return after a constexpr if/else: Triton compiles statements after a returning branch too, and
+        # the fp32 dots do not type-check on 16-bit inputs
         if LOWP:
             t = tl.dot(x, hb.to(x.dtype))  # exact products, fp32 sums
-            return _dot_16(ha, t, x.dtype, ROUND16)
-        t = tl.dot(x, hb, input_precision="ieee")
-        return tl.dot(ha, t, input_precision="ieee")
+            y = _dot_16(ha, t, x.dtype, ROUND16)
+        else:
+            t = tl.dot(x, hb, input_precision="ieee")
+            y = tl.dot(ha, t, input_precision="ieee")
+        return y
 
     @triton.jit
     def _fwht_kron_kernel(x_ptr, s_ptr, y_ptr, rows, K, scale, A: tl.constexpr, B: tl.constexpr, LOG_A: tl.constexpr,

@@ -1,0 +1,163 @@
+"""Compile the decode-path Triton kernels for sm_90 on a machine without a GPU (run by test_sm90_compile.py).
+
+The interpreter (how CI runs kernels) executes Python: it never type-checks the code Triton's compiler would
+build, so a kernel can pass every CPU test and fail to compile on the GPU (a statement after a returning
+``constexpr`` branch is still compiled, for one). This script calls the real launchers with CPU tensors and an
+explicit config, catches the launch (``JITFunction.run``) before it reaches a driver, and compiles that exact
+specialization with Triton's bundled ptxas for an H100 target. Must run with TRITON_INTERPRET unset (a fresh
+process): under the interpreter ``triton.jit`` builds no compilable kernels.
+
+Prints one JSON line per case: ``{"case", "kernel", "ok", "error"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+          torch.bool: "i1"}
+
+
+class _Caught(Exception):
+    pass
+
+
+def _capture(launch):
+    """Run ``launch()`` until its first Triton launch; return (kernel, bound arguments, compile options)."""
+    seen = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        seen.append((self, args, kwargs))
+        raise _Caught
+
+    JITFunction.run = run
+    try:
+        launch()
+    except _Caught:
+        pass
+    finally:
+        JITFunction.run = original
+    if not seen:
+        raise RuntimeError("the launcher ran no Triton kernel")
+    kernel, args, kwargs = seen[0]
+    names = [p.name for p in kernel.params]
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
+    bound.apply_defaults()
+    return kernel, bound.arguments, options
+
+
+def _compile(kernel, arguments, options):
+    signature, constants = {}, {}
+    for i, param in enumerate(kernel.params):
+        value = arguments[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constants[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        elif value is None:
+            signature[param.name] = "constexpr"
+            constants[(i,)] = None
+        else:
+            raise TypeError(f"{param.name}: cannot type {type(value).__name__}")
+    triton.compile(ASTSource(kernel, signature, constants), target=TARGET,
+                   options={k: v for k, v in options.items() if k in ("num_warps", "num_stages", "maxnreg")})
+
+
+def _cases():
+    from transfigure.kernels import decode_attention, fwht, lut_gemm, rotated_sparse_lut
+    from transfigure.kernels.autotune import Config
+    from transfigure.kernels.grids import higgs_grid
+    from transfigure.kernels.lut_format import pack
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for rows in (1, 64):  # a decode token, a prefill
+            x = torch.randn(rows, 8192, dtype=dtype)
+            signs = torch.ones(8192)
+            for h in (64, 512, 4096):
+                # the configs the FWHT autotuner would try for this input
+                for config in fwht._prune_dot(fwht._fwht_dot_tuner.configs, (x, signs, h, 1.0)):
+                    if config.meta.get("COMBINE"):
+                        continue
+                    yield (f"fwht rows={rows} h={h} {dtype} {config.describe()}",
+                           lambda x=x, h=h, config=config: fwht._launch_dot(config, x, signs, h, 1 / math.sqrt(h)))
+
+    table = higgs_grid(4).table
+    weight = torch.randn(1024, 2048) / 2048**0.5
+    packed = pack(weight, table, bits=4, group_size=128, hadamard_size=512, signs_seed=0)
+    for dtype in (torch.bfloat16, torch.float16):
+        x2 = torch.randn(1, 2048, dtype=dtype)
+        for config in lut_gemm.configs_for(1, 2048, 1, 128, 4, dtype):
+            yield (f"lut_linear M=1 {dtype} {config.describe()}",
+                   lambda x2=x2, config=config: lut_gemm._launch(config, x2, packed.codes, packed.scales,
+                                                                 packed.table.float(), None, 4, 1, 128))
+        x = torch.randn(1, 2048, dtype=dtype)
+        yield (f"rotate+compact {dtype}",
+               lambda x=x: rotated_sparse_lut.rotate_compact_triton(x, packed.signs, 0.6745, 512, 128, 2048, 2048))
+        codes_tm, scales_tm = rotated_sparse_lut.decode_layout(packed.codes, packed.scales)
+        vals, idx = torch.randn(2048), torch.arange(2048, dtype=torch.int32)
+        counts = torch.full((16,), 64, dtype=torch.int32)
+        for config in rotated_sparse_lut._configs():
+            yield (f"rotated sparse GEMV {dtype} {config.describe()}",
+                   lambda dtype=dtype, config=config: rotated_sparse_lut._launch(
+                       config, vals, idx, counts, codes_tm, scales_tm, packed.table.float(), None, 128, dtype, 1024))
+        q = torch.randn(1, 32, 1, 64, dtype=dtype)
+        k = torch.randn(1, 8, 512, 64, dtype=dtype)
+        mask = torch.ones(1, 1, 1, 512, dtype=torch.bool)
+        for config in decode_attention._configs():
+            yield (f"decode_attention {dtype} {config.describe()}",
+                   lambda q=q, k=k, config=config: decode_attention._launch(
+                       config, q, k, k, mask, 1, (0, 0, 0, 1), 0.125, False))
+    del Config
+
+
+def main() -> int:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    failures = 0
+    done = set()
+    for name, launch in _cases():
+        if only not in name:
+            continue
+        try:
+            kernel, arguments, options = _capture(launch)
+            # one compile per code path: the switches (bool / str constexprs) and the tensors' dtypes, not the
+            # sizes (every size compiled takes ~0.5 s of CI)
+            key = (kernel.fn.__name__,
+                   repr(sorted((k, repr(v)) for k, v in arguments.items() if isinstance(v, (bool, str, type(None))))),
+                   repr(sorted((k, str(v.dtype)) for k, v in arguments.items() if isinstance(v, torch.Tensor))))
+            if key in done:
+                continue
+            done.add(key)
+            _compile(kernel, arguments, options)
+            print(json.dumps({"case": name, "kernel": kernel.fn.__name__, "ok": True}), flush=True)
+        except Exception as error:  # noqa: BLE001  (reported, the test fails on it)
+            failures += 1
+            text = f"{type(error).__name__}: {error}".replace("\n", " | ")
+            print(json.dumps({"case": name, "ok": False, "error": text[-1500:]}), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
