@@ -39,7 +39,7 @@ def gaussian_tau(sparsity: float) -> float:
     return math.sqrt(2.0) * torch.erfinv(torch.tensor(sparsity, dtype=torch.float64)).item()
 
 
-def run(out_dir: Path) -> dict:
+def run(out_dir: Path, families: bool = False) -> dict:
     import triton
 
     from transfigure.kernels import lut_gemm  # noqa: F401  (registers the ops)
@@ -114,9 +114,10 @@ def run(out_dir: Path) -> dict:
 
         row["config"] = _tuner.best_config(vals, idx, counts, codes_t, scales_t, packed.table.float(), None, 128,
                                            torch.bfloat16, n).describe()
-        # the best of each kernel family at 50% (GEMV alone), to see what the tensor cores buy
+        # the best of each kernel family at 50% (GEMV alone), to see what the tensor cores buy: every config timed
+        # (~80 s a shape), so only with --families
         for family, keep in (("mma", lambda c: c.meta.get("MODE") == "mma"),
-                             ("cuda_core", lambda c: c.meta.get("MODE") != "mma")):
+                             ("cuda_core", lambda c: c.meta.get("MODE") != "mma")) if families else ():
             best = None
             for config in (c for c in _configs() if keep(c) and c.meta["SPLIT_K"] <= k // 128):
                 try:
@@ -140,8 +141,16 @@ def run(out_dir: Path) -> dict:
                        "what": "mma vs CUDA-core GEMV"})
         rows.append(row)
         print(json.dumps(row), flush=True)
+        _save(out_dir, rows, checks)
         del packed, codes_t, scales_t, w16, copies, dense16
         torch.cuda.empty_cache()
+    return _save(out_dir, rows, checks)
+
+
+def _save(out_dir: Path, rows: list, checks: list) -> dict:
+    """Written after every shape: a run cut short keeps the shapes it finished."""
+    import triton
+
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "rows": rows, "checks": checks}
@@ -207,10 +216,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--plot", type=Path, help="re-plot / re-table an existing JSON")
+    parser.add_argument("--families", action="store_true",
+                        help="also time every GEMV config at 50%% for the best tensor-core / CUDA-core one")
     args = parser.parse_args()
     if args.plot:
         data = json.loads(args.plot.read_text())
         plot(data, args.plot.with_suffix(".png"))
         args.plot.with_suffix(".md").write_text(markdown(data))
     else:
-        run(args.out)
+        run(args.out, args.families)
