@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 import transfigure.passes  # noqa: F401  (registers the built-in passes)

@@ -45,14 +45,13 @@ path). Both accept GQA shapes. Layout everywhere is ``[B, H, T, D]`` (what SDPA 
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
 import torch
 
 from .autotune import Autotuner, Config
-from .registry import define_op, interpreter_mode, triton_available
+from .registry import define_op, triton_available
 
 # --------------------------------------------------------------------------------------------------
 # references

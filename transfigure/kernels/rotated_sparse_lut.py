@@ -193,7 +193,7 @@ if triton_available():
     import triton.language as tl
 
     from .fwht import _hadamard, _kron_rotate, _split
-    from .lut_gemm import (_fill_shared_table, _register_lookup, _store_tile_counted, _thread_index, _tile_counters,
+    from .lut_gemm import (_fill_shared_table, _register_lookup, _thread_index, _tile_counters,
                            lut_linear_triton, pair_table, prepare_input, register_table, shared_table_fill_ptx)
 
     @triton.jit

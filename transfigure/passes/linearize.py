@@ -332,7 +332,6 @@ class LinearAttentionDecoder:
     def _attend(self, module, q, k, v, scaling):
         fqn = module._transfigure_fqn
         c = self.cache[fqn]
-        o = self.opts
         T = q.shape[2]
         scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
         if fqn not in self.selected:  # softmax layer with a plain growing K/V list

@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 import transfigure.kernels.lora  # noqa: F401  (registers transfigure::lora_linear)
-from transfigure.compiler.graph import LINEAR_TARGETS, GraphView, LinearCall, layer_index
+from transfigure.compiler.graph import LINEAR_TARGETS, GraphView, LinearCall
 from transfigure.compiler.options import OptionError, load_file, option
 from transfigure.compiler.passes import Pass, PassResult, register_pass
 

@@ -32,7 +32,6 @@ import dataclasses
 import fnmatch
 import json
 import logging
-import math
 import os
 import threading
 from collections.abc import Mapping
