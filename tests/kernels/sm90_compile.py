@@ -1,4 +1,4 @@
-"""Compile the decode-path Triton kernels for sm_90 on a machine without a GPU (run by test_sm90_compile.py).
+"""Compile the Triton kernels for sm_90 on a machine without a GPU (run by test_sm90_compile.py).
 
 The interpreter (how CI runs kernels) executes Python: it never type-checks the code Triton's compiler would
 build, so a kernel can pass every CPU test and fail to compile on the GPU (a statement after a returning
@@ -31,34 +31,42 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
           torch.bool: "i1"}
 
 
-class _Caught(Exception):
-    pass
-
-
 def _capture(launch):
-    """Run ``launch()`` until its first Triton launch; return (kernel, bound arguments, compile options)."""
+    """Run ``launch()`` with Triton launches recorded instead of run; return [(kernel, arguments, options)].
+
+    The launcher goes on after each (its outputs stay unwritten), so multi-kernel launchers give every kernel;
+    an error after at least one recorded launch (a launcher reading an unwritten result) ends the capture."""
     seen = []
     original = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
         seen.append((self, args, kwargs))
-        raise _Caught
 
     JITFunction.run = run
     try:
         launch()
-    except _Caught:
-        pass
+    except Exception:
+        if not seen:
+            raise
     finally:
         JITFunction.run = original
     if not seen:
         raise RuntimeError("the launcher ran no Triton kernel")
-    kernel, args, kwargs = seen[0]
-    names = [p.name for p in kernel.params]
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
-    bound.apply_defaults()
-    return kernel, bound.arguments, options
+    launches = []
+    for kernel, args, kwargs in seen:
+        names = [p.name for p in kernel.params]
+        options = {k: v for k, v in kwargs.items() if k not in names}
+        bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
+        bound.apply_defaults()
+        launches.append((kernel, bound.arguments, options))
+    return launches
+
+
+def _tuner_cases(label, tuner, args):
+    """One case per config the autotuner would try for ``args``."""
+    configs = tuner.prune(tuner.configs, args) if tuner.prune else tuner.configs
+    for config in configs:
+        yield f"{label} {config.describe()}", lambda config=config: tuner.launch(config, *args)
 
 
 def _compile(kernel, arguments, options):
@@ -87,7 +95,6 @@ def _compile(kernel, arguments, options):
 
 def _cases():
     from transfigure.kernels import decode_attention, fwht, lut_gemm, rotated_sparse_lut
-    from transfigure.kernels.autotune import Config
     from transfigure.kernels.grids import higgs_grid
     from transfigure.kernels.lut_format import pack
 
@@ -130,7 +137,46 @@ def _cases():
             yield (f"decode_attention {dtype} {config.describe()}",
                    lambda q=q, k=k, config=config: decode_attention._launch(
                        config, q, k, k, mask, 1, (0, 0, 0, 1), 0.125, False))
-    del Config
+    from transfigure.kernels import lora, linear_attention, scale_search, sparse_gemv, sparse_lut_gemv, threshold
+    from transfigure.kernels import window_attention
+    from transfigure.kernels.sparse_lut_gemv import repack_column_major
+
+    for dtype in (torch.bfloat16, torch.float16):
+        weight_t = torch.randn(2048, 1024, dtype=dtype)
+        bias = torch.randn(1024, dtype=dtype)
+        for m in (1, 4):
+            x2 = torch.randn(m, 2048, dtype=dtype)
+            yield from _tuner_cases(f"sparse GEMV M={m} {dtype}", sparse_gemv._tuner, (x2, weight_t, bias, 0.5))
+            yield from _tuner_cases(f"sparse GEMV (compaction) M={m} {dtype}", sparse_gemv._compact_tuner,
+                                    (x2, weight_t, bias, 0.5))
+            codes_t, scales_t = repack_column_major(packed.codes, packed.scales, 4)
+            yield from _tuner_cases(f"sparse LUT GEMV M={m} {dtype}", sparse_lut_gemv._tuner,
+                                    (x2, codes_t, scales_t, packed.table.reshape(-1).float(), None, 4, 128, 0.5))
+        yield from _tuner_cases(f"threshold {dtype}", threshold._sparsify_tuner, (torch.randn(4096, dtype=dtype), 0.5))
+        x = torch.randn(64, 512, dtype=dtype)
+        w = torch.randn(1024, 512, dtype=dtype)
+        a, b = torch.randn(512, 16, dtype=dtype), torch.randn(16, 1024, dtype=dtype)
+        yield from _tuner_cases(f"LoRA low-rank addmm {dtype}", lora._tuner, (x, w, a, b, 2.0, None))
+        q = torch.randn(1, 4, 256, 128, dtype=dtype)
+        for gated in (False, True):
+            g = -torch.rand(1, 4, 256, 128) if gated else None
+            yield from _tuner_cases(f"linear attention fwd gated={gated} {dtype}", linear_attention._fwd_tuner,
+                                    (q, q, q, g, 0.1, 64))
+            yield from _tuner_cases(f"linear attention bwd gated={gated} {dtype}", linear_attention._bwd_tuner,
+                                    (q, q, q, g, q, 0.1, 64))
+            state = torch.zeros(1, 4, 128, 128)
+            step = q[:, :, 0].contiguous()  # one token: [B, H, D]
+            yield from _tuner_cases(f"linear attention decode gated={gated} {dtype}", linear_attention._decode_tuner,
+                                    (step, step, step, g[:, :, 0].contiguous() if gated else None, state, 0.1))
+        valid = torch.ones(1, 256, dtype=torch.bool)
+        factor = torch.full((4,), 0.5)
+        for mode in window_attention.MODES:
+            yield (f"window attention {mode} {dtype}",
+                   lambda q=q, valid=valid, mode=mode: window_attention.window_attention_triton(
+                       q, q, q, valid, factor, 64, 0.1, mode))
+    groups = torch.randn(64, 16, 128)
+    yield ("scale search", lambda: scale_search.search_scales_triton(
+        groups, groups.abs().amax(2) / table.abs().max(), table, 1, 17))
 
 
 def main() -> int:
@@ -141,7 +187,13 @@ def main() -> int:
         if only not in name:
             continue
         try:
-            kernel, arguments, options = _capture(launch)
+            launches = _capture(launch)
+        except Exception as error:  # noqa: BLE001  (reported, the test fails on it)
+            failures += 1
+            print(json.dumps({"case": name, "ok": False, "error": f"{type(error).__name__}: {error}"[-1500:]}),
+                  flush=True)
+            continue
+        for kernel, arguments, options in launches:
             # one compile per code path: the switches (bool / str constexprs) and the tensors' dtypes, not the
             # sizes (every size compiled takes ~0.5 s of CI)
             key = (kernel.fn.__name__,
@@ -150,12 +202,14 @@ def main() -> int:
             if key in done:
                 continue
             done.add(key)
-            _compile(kernel, arguments, options)
-            print(json.dumps({"case": name, "kernel": kernel.fn.__name__, "ok": True}), flush=True)
-        except Exception as error:  # noqa: BLE001  (reported, the test fails on it)
-            failures += 1
-            text = f"{type(error).__name__}: {error}".replace("\n", " | ")
-            print(json.dumps({"case": name, "ok": False, "error": text[-1500:]}), flush=True)
+            try:
+                _compile(kernel, arguments, options)
+                print(json.dumps({"case": name, "kernel": kernel.fn.__name__, "ok": True}), flush=True)
+            except Exception as error:  # noqa: BLE001
+                failures += 1
+                text = f"{type(error).__name__}: {error}".replace("\n", " | ")
+                print(json.dumps({"case": name, "kernel": kernel.fn.__name__, "ok": False, "error": text[-1500:]}),
+                      flush=True)
     return 1 if failures else 0
 
 
