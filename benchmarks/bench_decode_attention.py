@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from transfigure.bench import pyplot  # noqa: E402
 from transfigure.kernels import decode_attention as da  # noqa: E402
 from transfigure.kernels.autotune import rotating_copies, time_per_call  # noqa: E402
 
@@ -101,10 +102,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(7, 4))
     series: dict = {}

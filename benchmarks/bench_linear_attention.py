@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from transfigure.bench import environment  # noqa: E402
+from transfigure.bench import environment, pyplot  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -466,10 +466,9 @@ def write_markdown(out_dir: str, results: dict) -> None:
 
 
 def plot(out_dir: str, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     shapes = sorted({(r["B"], r["H"], r["D"]) for r in results["timings"]})
     fig, axes = plt.subplots(1, len(shapes) + 1, figsize=(6 * (len(shapes) + 1), 4.5))

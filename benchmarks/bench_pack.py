@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from transfigure.bench import pyplot
 from transfigure.kernels import lut_format, scale_search
 from transfigure.kernels.grids import get_grid
 
@@ -45,13 +46,8 @@ def _host_sha256(weight: torch.Tensor) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Per 8B linear shape: packing with the Triton vs the torch-ops scale search, and the two cache keys."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # matplotlib may be absent on the GPU machine
-        print("no plot:", error)
+    plt = pyplot()
+    if plt is None:
         return
     rows = result["rows"]
     series = {"pack, Triton search": "pack_triton_search_s", "pack, torch-ops search": "pack_torch_search_s",

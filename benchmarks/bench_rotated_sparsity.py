@@ -28,6 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sparsity import rel_err  # noqa: E402
 
+from transfigure.bench import pyplot  # noqa: E402
+
 SHAPES = {"8B qkv 6144x4096": (6144, 4096), "8B o 4096x4096": (4096, 4096),
           "8B gate/up 28672x4096": (28672, 4096), "8B down 4096x14336": (4096, 14336),
           "1B qkv 3072x2048": (3072, 2048), "1B o 2048x2048": (2048, 2048),
@@ -40,8 +42,6 @@ def gaussian_tau(sparsity: float) -> float:
 
 
 def run(out_dir: Path, families: bool = False) -> dict:
-    import triton
-
     from transfigure.kernels import lut_gemm  # noqa: F401  (registers the ops)
     from transfigure.kernels.grids import higgs_grid
     from transfigure.kernels.lut_format import pack
@@ -189,12 +189,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = result["rows"]
     names = [r["shape"] for r in rows]

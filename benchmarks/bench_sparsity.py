@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from transfigure.bench import pyplot
 from transfigure.kernels.autotune import copies_beyond_l2, time_per_call
 
 SHAPES_8B = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096),
@@ -263,10 +264,9 @@ def markdown(r) -> str:
 
 
 def plot(r, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     rows = r["m1"]

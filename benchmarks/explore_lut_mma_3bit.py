@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from transfigure.bench import pyplot  # noqa: E402
 from transfigure.kernels.autotune import copies_beyond_l2, time_per_call  # noqa: E402
 from transfigure.kernels.grids import get_grid  # noqa: E402
 from transfigure.kernels.lut_format import pack  # noqa: E402
@@ -288,13 +289,8 @@ def main() -> None:
 
 def plot(results: dict, path: str) -> None:
     """Bars of cuBLAS bf16 / ours per shape and M: the old 3-bit path, the 3-bit and 4-bit tensor-core GEMVs."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # matplotlib may be absent on the GPU machine
-        print("no plot:", error)
+    plt = pyplot()
+    if plt is None:
         return
     rows = [t for t in results["timings"] if t.get("best")]
     if not rows:

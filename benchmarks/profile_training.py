@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import transfigure  # noqa: E402
 import transfigure.passes.lora as lora  # noqa: E402
-from transfigure.bench import environment  # noqa: E402
+from transfigure.bench import environment, pyplot  # noqa: E402
 
 VARIANTS = ("peft+inductor", "lora-fused", "lora-unfused")
 # also: "peft-bf16+inductor" -- PEFT with autocast_adapter_dtype=False (bf16 adapters, bf16 adapter matmuls)
@@ -198,12 +198,8 @@ def summarize(paths: list[str], out: str) -> str:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "lora_training.md"), "w") as f:
         f.write(text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return text
     fig, ax = plt.subplots(figsize=(9, 4))
     labels = [f"{v['name']}\n({mode})" for mode, v in rows]

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from transfigure.bench import pyplot
+
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(9, 4))

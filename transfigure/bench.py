@@ -390,17 +390,27 @@ def merge(parts: Sequence[str | Path]) -> dict[str, Any]:
     return merged
 
 
-def save(result: dict[str, Any], out_dir: str | Path, stem: str = "e2e_decode") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(markdown(result) + "\n")
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend, or None when matplotlib is not installed (the GPU machine
+    may lack it): the JSON and Markdown are written either way, the plot only where it can be."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError as error:
+        print("no plot:", error)
+        return None
+    return plt
+
+
+def save(result: dict[str, Any], out_dir: str | Path, stem: str = "e2e_decode") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(markdown(result) + "\n")
+    plt = pyplot()
+    if plt is None:
         return out
     ok = [r for r in summarize(result["rows"]) if r["failed"] < r["runs"]]
     groups = sorted({(r["model"], r["batch"], r["new_tokens"]) for r in ok})
@@ -580,12 +590,8 @@ def save_training(result: dict[str, Any], out_dir: str | Path, stem: str = "trai
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(training_markdown(result) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return out
     ok = [r for r in result["rows"] if not r["error"]]
     if not ok:
