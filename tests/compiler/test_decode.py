@@ -292,3 +292,43 @@ def test_linearizing_backends_are_refused_with_the_helper_named():
         transfigure.generate(model, prompt, 3, backend=backend)
     with pytest.raises(ValueError, match="LinearAttentionDecoder"):
         model.generate(prompt, max_new_tokens=3, do_sample=False, custom_generate=transfigure.decoding_loop(backend))
+
+
+def test_lagged_stop_checks_wait_only_for_the_checkpoint_before_the_newest(monkeypatch):
+    """On CUDA the loop reads "every row finished" flags behind events: a flag still in flight is waited for only
+    once a newer checkpoint exists (the GPU keeps an interval of steps queued), and the first finished checkpoint
+    is reported whichever way it arrived."""
+    from transfigure.backends.decode import _FinishedChecks
+
+    class FakeEvent:
+        def __init__(self):
+            self.done, self.waited = False, False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = self.done = True
+
+    events = []
+
+    def stage(flag):
+        events.append(FakeEvent())
+        return flag.clone(), events[-1]
+
+    monkeypatch.setattr(_FinishedChecks, "_stage", staticmethod(stage))
+    checks = _FinishedChecks(lagged=True)
+    checks.push(16, torch.tensor(True))
+    assert checks.all_finished() is None and not events[0].waited  # the only checkpoint: never waited for
+    checks.push(32, torch.tensor(False))  # every row finished by step 32, not yet known to the host
+    assert checks.all_finished() is None and events[0].waited and not events[1].waited
+    checks.push(48, torch.tensor(False))
+    assert checks.all_finished() == 32 and events[1].waited and not events[2].waited
+    events_done = _FinishedChecks(lagged=True)
+    events_done.push(16, torch.tensor(False))
+    events[-1].done = True  # arrived already: read without waiting
+    assert events_done.all_finished() == 16 and not events[-1].waited
+    synchronous = _FinishedChecks(lagged=False)
+    synchronous.push(8, torch.tensor(True))
+    synchronous.push(16, torch.tensor(False))
+    assert synchronous.all_finished() == 16
