@@ -94,7 +94,7 @@ def _compile(kernel, arguments, options):
 
 
 def _cases():
-    from transfigure.kernels import decode_attention, fwht, lut_gemm, rotated_sparse_lut
+    from transfigure.kernels import decode_attention, fwht, lut_gemm, rotation_prologue, rotated_sparse_lut
     from transfigure.kernels.grids import higgs_grid
     from transfigure.kernels.lut_format import pack
 
@@ -123,6 +123,15 @@ def _cases():
         x = torch.randn(1, 2048, dtype=dtype)
         yield (f"rotate+compact {dtype}",
                lambda x=x: rotated_sparse_lut.rotate_compact_triton(x, packed.signs, 0.6745, 512, 128, 2048, 2048))
+        residual, delta, norm = torch.randn(1, 2048, dtype=dtype), torch.randn(1, 2048, dtype=dtype), torch.ones(
+            2048, dtype=dtype)
+        for tau in (None, 0.6745):
+            yield (f"add+rmsnorm+rotate tau={tau} {dtype}",
+                   lambda residual=residual, delta=delta, norm=norm, tau=tau: rotation_prologue.add_rmsnorm_rotate(
+                       residual, delta, norm, 1e-5, packed.signs, 512, 2048, tau=tau, group_size=128))
+            yield (f"silu*mul+rotate tau={tau} {dtype}",
+                   lambda gate=residual, up=delta, tau=tau: rotation_prologue.silu_mul_rotate(
+                       gate, up, packed.signs, 512, 2048, tau=tau, group_size=128))
         codes_tm, scales_tm = rotated_sparse_lut.decode_layout(packed.codes, packed.scales)
         vals, idx = torch.randn(2048), torch.arange(2048, dtype=torch.int32)
         counts = torch.full((16,), 64, dtype=torch.int32)

@@ -36,8 +36,9 @@ def test_siblings_fuse_exactly_and_share_storage(arch):
     fused, graph = _compile(model, lut_quant={"cache": False})
     groups, members = EXPECTED[arch]
     names = [p.name for p in graph.passes]
-    assert names == ["lut_quant", "lut_fuse"] and [p.name for p in graph_apart.passes] == ["lut_quant"]
-    fuse = graph.passes[-1].result
+    assert names == ["lut_quant", "lut_fuse", "norm_fuse", "act_fuse"]
+    assert [p.name for p in graph_apart.passes] == ["lut_quant", "norm_fuse", "act_fuse"]
+    fuse = graph.passes[1].result
     assert sum(note.startswith("fused ") for note in fuse.notes) == groups * layers
     assert len(fuse.rewritten) == members * layers
     calls = graph.final_code.count("torch.ops.transfigure.lut_linear.default(")
@@ -64,7 +65,7 @@ def test_disable_keeps_siblings_apart():
     model = tiny_model("llama")
     torch._dynamo.reset()
     _, graph = _compile(model, lut_quant={"cache": False}, disable=["lut_fuse"])
-    assert [p.name for p in graph.passes] == ["lut_quant"]
+    assert [p.name for p in graph.passes] == ["lut_quant", "norm_fuse", "act_fuse"]
     assert graph.final_code.count("torch.ops.transfigure.lut_linear.default(") == 7 * model.config.num_hidden_layers
 
 
@@ -78,7 +79,7 @@ def test_fuses_after_sparsity_shares_one_threshold():
     torch._dynamo.reset()
     fused, graph = _compile(model, lut_quant={"cache": False}, sparsity=sparsity)
     layers = model.config.num_hidden_layers
-    assert [p.name for p in graph.passes] == ["lut_quant", "sparsity", "lut_fuse"]
+    assert [p.name for p in graph.passes] == ["lut_quant", "sparsity", "lut_fuse", "norm_fuse", "act_fuse"]
     assert graph.final_code.count("torch.ops.transfigure.sparsify") == 4 * layers
     assert graph.final_code.count("torch.ops.transfigure.lut_linear.default(") == 4 * layers
     assert torch.equal(fused, apart)

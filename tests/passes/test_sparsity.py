@@ -257,7 +257,7 @@ def test_composes_with_lut_quantization(hadamard_size):
     x = torch.randint(0, 256, (1, 4))
     with torch.no_grad():
         sparse = _output(torch.compile(model, backend=both)(x))
-    result = both.report.graphs[0].passes[-1].result
+    result = both.report.pass_report("sparsity").result
     assert len(result.rewritten) == 14
     code = both.report.graphs[0].final_code
     if hadamard_size == 0:

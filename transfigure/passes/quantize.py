@@ -100,6 +100,10 @@ class LUTQuantOptions:
     fuse_siblings: bool = option(True, "linears reading the same input (q/k/v, gate/up) keep codes and scales in "
                                  "one buffer and run as ONE lut_linear with one input rotation (pass lut_fuse, "
                                  "after sparsity and LoRA; disable=['lut_fuse'] keeps them apart)")
+    fuse_norms: bool = option(True, "a residual add + RMSNorm feeding a rotated linear runs inside its input "
+                              "rotation (pass norm_fuse; one launch fewer per norm at decode; inference graphs)")
+    fuse_activations: bool = option(True, "a SwiGLU product silu(gate) * up feeding a rotated linear runs inside "
+                                    "its input rotation (pass act_fuse; inference graphs)")
 
     def __post_init__(self):
         h = self.hadamard_size
@@ -276,7 +280,12 @@ class LUTQuantPass(Pass):
     description = "Hadamard-rotated lookup-table weight quantization (HIGGS grids / NF4 / uniform, 2-4 bits)"
 
     def implied_passes(self) -> list[Pass]:
-        return [LUTFusePass()] if self.options.fuse_siblings else []
+        from .fuse_activation import ActivationFusePass
+        from .fuse_norm import NormFusePass
+
+        implied: list[Pass] = [LUTFusePass()] if self.options.fuse_siblings else []
+        implied += [NormFusePass()] if self.options.fuse_norms else []
+        return implied + ([ActivationFusePass()] if self.options.fuse_activations else [])
 
     def run(self, graph: GraphView) -> PassResult:
         opts: LUTQuantOptions = self.options
