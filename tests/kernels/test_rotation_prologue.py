@@ -235,3 +235,14 @@ def test_swiglu_op_launchers_match_their_references(m, sparse):
     assert torch.ops.transfigure.silu_mul_lut_linear(
         gate.float(), up.float(), packed.codes, packed.scales, packed.table, packed.signs, None, 4, 1, group, h,
         k).shape == (m, 1, 48)
+
+
+def test_rows_wider_than_one_chunk_sum_their_squares_over_several(monkeypatch):
+    """Rows above MAX_ROW_CHUNK take several chunks for the mean square (here forced with a 256-wide chunk)."""
+    monkeypatch.setattr(rotation_prologue, "MAX_ROW_CHUNK", 256)
+    generator = torch.Generator().manual_seed(5)
+    residual, delta, weight = _token(1000, torch.float32, generator)
+    z, h = add_rmsnorm_rotate(residual, delta, weight, 1e-6, None, 256, 1024)
+    x, _ = add_rmsnorm_reference(residual, delta, weight, 1e-6)
+    expected = fwht_triton(torch.nn.functional.pad(x, (0, 24)), None, 256, 1 / 16)
+    assert torch.allclose(z, expected, rtol=1e-5, atol=1e-5) and torch.equal(h, residual + delta)

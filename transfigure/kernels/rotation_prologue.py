@@ -32,6 +32,9 @@ from .registry import define_op, triton_available
 from .rotated_sparse_lut import rotated_sparse_lut_linear_reference
 from .sparse_gemv import _tokens
 
+MAX_ROW_CHUNK = 8192
+"""Widest chunk of the row the norm kernel loads at once for its mean square (wider rows take several)."""
+
 MAX_NORM_ROTATION = 2048
 """Largest Hadamard block the fused kernel rotates (the FWHT's one-rounding two-factor form, as
 ``rotated_sparse_lut.MAX_FUSED_ROTATION``), so it keeps the values the separate FWHT launch computes."""
@@ -94,14 +97,16 @@ if triton_available():
     def _add_rmsnorm_rotate_kernel(r_ptr, d_ptr, w_ptr, s_ptr, h_ptr, z_ptr, vals_ptr, idx_ptr, count_ptr,
                                    in_features, eps, scale, tau2, A: tl.constexpr, B: tl.constexpr,
                                    LOG_A: tl.constexpr, LOG_B: tl.constexpr, G: tl.constexpr,
-                                   HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr, COMPACT: tl.constexpr):
+                                   HAS_SIGNS: tl.constexpr, LOWP: tl.constexpr, COMPACT: tl.constexpr,
+                                   ROW: tl.constexpr):
         """Program ``pid``: Hadamard block ``pid`` of one token. The row's sum of squares of ``h = r + d`` (as
-        rounded to the activation dtype) over ``A * B``-wide chunks, then the block's norm, its ``h`` store and
-        ``_rotate_tail``. Inputs past ``in_features`` are the zero padding."""
+        rounded to the activation dtype) over ``ROW``-wide chunks (one for rows up to 8192: the loads go out
+        together), then the block's norm, its ``h`` store and ``_rotate_tail``. Inputs past ``in_features`` are
+        the zero padding."""
         pid = tl.program_id(0)
-        chunk = tl.arange(0, A * B)
-        sum_sq = tl.zeros([A * B], dtype=tl.float32)
-        for start in range(0, in_features, A * B):
+        chunk = tl.arange(0, ROW)
+        sum_sq = tl.zeros([ROW], dtype=tl.float32)
+        for start in range(0, in_features, ROW):
             offs = start + chunk
             inside = offs < in_features
             r = tl.load(r_ptr + offs, mask=inside, other=0.0)
@@ -174,6 +179,7 @@ if triton_available():
         _add_rmsnorm_rotate_kernel[(kp // hadamard_size,)](
             residual, delta, weight, signs if signs is not None else residual, h, z, vals, idx, counts, in_features,
             float(eps), 1.0 / math.sqrt(hadamard_size), float(tau or 0.0) ** 2,
+            ROW=min(triton.next_power_of_2(in_features), MAX_ROW_CHUNK),
             **_rotation_meta(hadamard_size, group_size, signs, residual, tau))
         return ((vals, idx, counts) if tau is not None else z), h
 
