@@ -25,7 +25,7 @@ from transfigure.compiler.passes import Pass, PassResult, SiteRecord, register_p
 from transfigure.kernels import rotation_prologue as _rotation_prologue  # noqa: F401  (registers the fused ops)
 from transfigure.kernels.rotation_prologue import fuses
 
-from .fuse_norm import _kind, _sizes
+from .fuse_norm import TRAINING_NOTE, rotated_lut_kind, rotated_lut_sizes, traced_for_training
 
 __all__ = ["ActivationFusePass"]
 
@@ -56,15 +56,15 @@ class ActivationFusePass(Pass):
 
     def run(self, graph: GraphView) -> PassResult:
         result = PassResult(self.name)
-        if torch.is_grad_enabled() and any(p.trainable for p in graph.placeholders):
-            result.note("not run: the graph is traced for training (the fused ops have no backward)")
+        if traced_for_training(graph):
+            result.note(TRAINING_NOTE)
             return result
-        for op in [n for n in graph.graph.nodes if _kind(n)]:
+        for op in [n for n in graph.graph.nodes if rotated_lut_kind(n)]:
             x = op.args[0]
             pair = _swiglu_inputs(x) if isinstance(x, fx.Node) else None
             if pair is None:
                 continue
-            kind = _kind(op)
+            kind = rotated_lut_kind(op)
             linear = op.meta.get("transfigure_linear")
             fqn = getattr(linear, "fqn", "") or graph.module_fqn(op)
             target = "transfigure.silu_mul_" + ("lut_linear" if kind == "dense" else "rotated_sparse_lut_linear")
@@ -76,7 +76,7 @@ class ActivationFusePass(Pass):
 
     @staticmethod
     def _fuse(graph: GraphView, op: fx.Node, kind: str, product: fx.Node, silu: fx.Node, up: fx.Node) -> str:
-        group, hadamard, in_features = _sizes(op, kind)
+        group, hadamard, in_features = rotated_lut_sizes(op, kind)
         if not fuses(hadamard, group if kind == "sparse" else hadamard):
             return (f"hadamard_size {hadamard} (group {group}): the fused kernel rotates blocks of 256..2048 "
                     "holding whole groups")

@@ -34,13 +34,21 @@ from transfigure.compiler.passes import Pass, PassResult, SiteRecord, register_p
 from transfigure.kernels import rotation_prologue as _rotation_prologue  # noqa: F401  (registers the fused ops)
 from transfigure.kernels.rotation_prologue import add_rmsnorm_reference, fuses
 
-__all__ = ["NormFusePass"]
+__all__ = ["NormFusePass", "TRAINING_NOTE", "rotated_lut_kind", "rotated_lut_sizes", "traced_for_training"]
 
 _DENSE = "transfigure.lut_linear"
 _SPARSE = "transfigure.rotated_sparse_lut_linear"
 
 
-def _kind(node: fx.Node) -> str | None:
+TRAINING_NOTE = "not run: the graph is traced for training (the fused ops have no backward)"
+
+
+def traced_for_training(graph: GraphView) -> bool:
+    """Autograd is on and some graph input is trainable: AOTAutograd will build a backward for this graph."""
+    return torch.is_grad_enabled() and any(p.trainable for p in graph.placeholders)
+
+
+def rotated_lut_kind(node: fx.Node) -> str | None:
     """'dense' / 'sparse' for the rotated LUT ops this pass can absorb a norm into, else None."""
     if node.op != "call_function" or node.kwargs:
         return None
@@ -52,7 +60,7 @@ def _kind(node: fx.Node) -> str | None:
     return None
 
 
-def _sizes(node: fx.Node, kind: str) -> tuple[int, int, int]:
+def rotated_lut_sizes(node: fx.Node, kind: str) -> tuple[int, int, int]:
     """(group_size, hadamard_size, in_features) of a LUT op node."""
     if kind == "dense":
         return node.args[8], node.args[9], node.args[10]
@@ -147,15 +155,15 @@ class NormFusePass(Pass):
 
     def run(self, graph: GraphView) -> PassResult:
         result = PassResult(self.name)
-        if torch.is_grad_enabled() and any(p.trainable for p in graph.placeholders):
-            result.note("not run: the graph is traced for training (the fused ops have no backward)")
+        if traced_for_training(graph):
+            result.note(TRAINING_NOTE)
             return result
         order = {node: i for i, node in enumerate(graph.graph.nodes)}
-        for op in [n for n in graph.graph.nodes if _kind(n)]:
+        for op in [n for n in graph.graph.nodes if rotated_lut_kind(n)]:
             module = _innermost_module(op.args[0]) if isinstance(op.args[0], fx.Node) else None
             if module is None or not module[1].endswith("RMSNorm"):
                 continue  # not fed by a norm: not a site of this pass
-            kind = _kind(op)
+            kind = rotated_lut_kind(op)
             linear = op.meta.get("transfigure_linear")
             fqn = getattr(linear, "fqn", "") or normalize_module_path(module[0])
             reason = self._fuse(graph, op, kind, order)
@@ -169,7 +177,7 @@ class NormFusePass(Pass):
         return result
 
     def _fuse(self, graph: GraphView, op: fx.Node, kind: str, order: dict) -> str:
-        group, hadamard, in_features = _sizes(op, kind)
+        group, hadamard, in_features = rotated_lut_sizes(op, kind)
         if not fuses(hadamard, group if kind == "sparse" else hadamard):
             return (f"hadamard_size {hadamard} (group {group}): the fused kernel rotates blocks of 256..2048 "
                     "holding whole groups")
