@@ -16,7 +16,6 @@ from transfigure.kernels.rotation_prologue import (
     _silu_mul_rotated_sparse_cuda,
     add_rmsnorm_reference,
     add_rmsnorm_rotate,
-    fuses,
     rmsnorm_lut_linear_reference,
     rmsnorm_rotated_sparse_lut_linear_reference,
     silu_mul_lut_linear_reference,
@@ -24,7 +23,7 @@ from transfigure.kernels.rotation_prologue import (
     silu_mul_rotate,
     silu_mul_rotated_sparse_lut_linear_reference,
 )
-from transfigure.kernels.rotated_sparse_lut import compact_rotated, decode_layout
+from transfigure.kernels.rotated_sparse_lut import compact_rotated, decode_layout, fuses_rotation
 
 GAUSSIAN_HALF = 0.6745
 
@@ -99,8 +98,8 @@ def test_fused_norm_compaction_keeps_what_the_compaction_of_its_z_keeps(h, group
 
 
 def test_fused_kernel_covers_only_whole_kronecker_blocks():
-    assert fuses(256, 64) and fuses(2048, 2048)
-    assert not fuses(128, 64) and not fuses(4096, 128) and not fuses(256, 512)
+    assert fuses_rotation(256, 64) and fuses_rotation(2048, 2048)
+    assert not fuses_rotation(128, 64) and not fuses_rotation(4096, 128) and not fuses_rotation(256, 512)
     with pytest.raises(ValueError, match="no fused kernel"):
         add_rmsnorm_rotate(torch.randn(1, 128), torch.randn(1, 128), torch.ones(128), 1e-6, None, 128, 128)
     with pytest.raises(ValueError, match="one token"):

@@ -61,6 +61,14 @@ def supports(bits: int, p: int, group_size: int, hadamard_size: int) -> bool:
     return bits == 4 and p == 1 and 0 < hadamard_size and max(hadamard_size, group_size) <= MAX_COMPACT_SLICE
 
 
+def fuses_rotation(hadamard_size: int, group_size: int) -> bool:
+    """Whether the one-token kernels that rotate inside their own programs cover this format
+    (:func:`rotate_compact_triton` here, the prologue kernels of :mod:`.rotation_prologue`): one Hadamard block
+    per program (``h >=`` group), ``h`` in the FWHT's two-factor Kronecker range (from 256; below, its tile kernel
+    rotates) up to MAX_FUSED_ROTATION. Other formats keep the FWHT launch, then ``compact_rotated_triton``."""
+    return 256 <= hadamard_size <= MAX_FUSED_ROTATION and group_size <= hadamard_size
+
+
 def rotated_keep(z: torch.Tensor, tau: float, hadamard_size: int) -> torch.Tensor:
     """Bool mask of the entries ``s_R`` keeps: ``z_k^2 > tau^2 * mean(z^2 over its h-block)`` (fp32 squares)."""
     h = hadamard_size
@@ -184,7 +192,6 @@ SPARSE_MMA_STEP_CONSTRAINTS = ",".join(["=f"] * 16 + ["f"] * 16 + ["l", "l", "l"
 
 compact_rotated = None
 rotate_compact_triton = None
-fuses_rotation = None
 rotated_sparse_gemv_triton = None
 _rotated_sparse_lut_linear_cuda = None
 
@@ -487,12 +494,6 @@ if triton_available():
         return vals, idx, counts
 
     compact_rotated = compact_rotated_triton
-
-    def fuses_rotation(hadamard_size: int, group_size: int) -> bool:
-        """Whether :func:`rotate_compact_triton` covers this format: one Hadamard block per program (``h >=``
-        group), ``h`` in the FWHT's two-factor Kronecker range (from 256; below, its tile kernel rotates) up to
-        MAX_FUSED_ROTATION. Other formats keep the FWHT launch, then ``compact_rotated_triton``."""
-        return 256 <= hadamard_size <= MAX_FUSED_ROTATION and group_size <= hadamard_size
 
     def rotate_compact_triton(x: torch.Tensor, signs: torch.Tensor | None, tau: float, hadamard_size: int,
                               group_size: int, kp: int, in_features: int):

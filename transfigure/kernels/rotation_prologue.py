@@ -29,15 +29,11 @@ import torch
 
 from .lut_gemm import lut_linear_reference, lut_linear_triton
 from .registry import define_op, triton_available
-from .rotated_sparse_lut import rotated_sparse_lut_linear_reference
+from .rotated_sparse_lut import fuses_rotation, rotated_sparse_lut_linear_reference
 from .sparse_gemv import _tokens
 
 MAX_ROW_CHUNK = 8192
 """Widest chunk of the row the norm kernel loads at once for its mean square (wider rows take several)."""
-
-MAX_NORM_ROTATION = 2048
-"""Largest Hadamard block the fused kernel rotates (the FWHT's one-rounding two-factor form, as
-``rotated_sparse_lut.MAX_FUSED_ROTATION``), so it keeps the values the separate FWHT launch computes."""
 
 
 def add_rmsnorm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -56,12 +52,6 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def fuses(hadamard_size: int, group_size: int) -> bool:
-    """Whether the fused kernel covers this format: one Hadamard block of 256..2048 per program, at least one
-    quantization group per block (the compaction's slices)."""
-    return 256 <= hadamard_size <= MAX_NORM_ROTATION and group_size <= hadamard_size
-
-
 add_rmsnorm_rotate = silu_mul_rotate = None
 """``add_rmsnorm_rotate(residual, delta, weight, eps, signs, hadamard_size, kp, tau=None, group_size=0)`` ->
 ``(z [1, kp], h)`` or, with ``tau``, ``((values, indices, counts), h)``; ``silu_mul_rotate(gate, up, signs,
@@ -73,7 +63,7 @@ if triton_available():
     import triton.language as tl
 
     from .fwht import _hadamard, _kron_rotate, _split
-    from .rotated_sparse_lut import _compact_slice
+    from .rotated_sparse_lut import _compact_slice, rotated_sparse_gemv
 
     @triton.jit
     def _rotate_tail(x, pid, block, inner, s_ptr, z_ptr, vals_ptr, idx_ptr, count_ptr, scale, tau2,
@@ -159,7 +149,8 @@ if triton_available():
                     COMPACT=tau is not None, num_warps=4, num_stages=1)
 
     def _check_format(who: str, in_features: int, hadamard_size: int, group_size: int, kp: int) -> None:
-        if kp % hadamard_size or in_features > kp or not fuses(hadamard_size, group_size or hadamard_size):
+        if kp % hadamard_size or in_features > kp or not fuses_rotation(hadamard_size,
+                                                                         group_size or hadamard_size):
             raise ValueError(f"{who}: no fused kernel for hadamard_size={hadamard_size}, group_size={group_size}, "
                              f"{in_features} features padded to {kp}")
 
@@ -227,7 +218,8 @@ def rmsnorm_rotated_sparse_lut_linear_reference(
 def _rmsnorm_lut_linear_cuda(residual, delta, norm_weight, eps, codes, scales, table, signs, bias, bits, p,
                              group_size, hadamard_size, in_features):
     kp = scales.shape[1] * group_size
-    if _tokens(residual) == 1 and fuses(hadamard_size, hadamard_size) and norm_weight.dtype == residual.dtype:
+    if (_tokens(residual) == 1 and fuses_rotation(hadamard_size, hadamard_size)
+            and norm_weight.dtype == residual.dtype):
         z, h = add_rmsnorm_rotate(residual.reshape(-1), delta.reshape(-1), norm_weight, eps, signs, hadamard_size,
                                   kp)
         y = lut_linear_triton(z, codes, scales, table, None, bias, bits, p, group_size, 0, kp)
@@ -240,9 +232,8 @@ def _rmsnorm_lut_linear_cuda(residual, delta, norm_weight, eps, codes, scales, t
 def _rmsnorm_rotated_sparse_cuda(residual, delta, norm_weight, eps, codes, scales, table, signs, bias, codes_tm,
                                  scales_tm, bits, group_size, hadamard_size, in_features, tau, sparse_prefill=True):
     kp = scales.shape[1] * group_size
-    if _tokens(residual) == 1 and fuses(hadamard_size, group_size) and norm_weight.dtype == residual.dtype:
-        from .rotated_sparse_lut import rotated_sparse_gemv
-
+    if (_tokens(residual) == 1 and fuses_rotation(hadamard_size, group_size)
+            and norm_weight.dtype == residual.dtype):
         (vals, idx, counts), h = add_rmsnorm_rotate(residual.reshape(-1), delta.reshape(-1), norm_weight, eps,
                                                     signs, hadamard_size, kp, tau=tau, group_size=group_size)
         y = rotated_sparse_gemv(vals, idx, counts, codes_tm, scales_tm, table, bias, group_size, residual.dtype,
@@ -278,7 +269,7 @@ def silu_mul_rotated_sparse_lut_linear_reference(
 def _silu_mul_lut_linear_cuda(gate, up, codes, scales, table, signs, bias, bits, p, group_size, hadamard_size,
                               in_features):
     kp = scales.shape[1] * group_size
-    if _tokens(gate) == 1 and fuses(hadamard_size, hadamard_size) and gate.shape == up.shape:
+    if _tokens(gate) == 1 and fuses_rotation(hadamard_size, hadamard_size) and gate.shape == up.shape:
         z = silu_mul_rotate(gate.reshape(-1), up.reshape(-1), signs, hadamard_size, kp)
         y = lut_linear_triton(z, codes, scales, table, None, bias, bits, p, group_size, 0, kp)
         return y.reshape(*gate.shape[:-1], scales.shape[0])
@@ -289,9 +280,7 @@ def _silu_mul_lut_linear_cuda(gate, up, codes, scales, table, signs, bias, bits,
 def _silu_mul_rotated_sparse_cuda(gate, up, codes, scales, table, signs, bias, codes_tm, scales_tm, bits, group_size,
                                   hadamard_size, in_features, tau, sparse_prefill=True):
     kp = scales.shape[1] * group_size
-    if _tokens(gate) == 1 and fuses(hadamard_size, group_size) and gate.shape == up.shape:
-        from .rotated_sparse_lut import rotated_sparse_gemv
-
+    if _tokens(gate) == 1 and fuses_rotation(hadamard_size, group_size) and gate.shape == up.shape:
         vals, idx, counts = silu_mul_rotate(gate.reshape(-1), up.reshape(-1), signs, hadamard_size, kp, tau=tau,
                                             group_size=group_size)
         y = rotated_sparse_gemv(vals, idx, counts, codes_tm, scales_tm, table, bias, group_size, gate.dtype,
@@ -325,6 +314,6 @@ silu_mul_rotated_sparse_lut_linear = define_op(
     "silu_mul_rotated_sparse_lut_linear", silu_mul_rotated_sparse_lut_linear_reference,
     cuda=_silu_mul_rotated_sparse_cuda if triton_available() else None, fake=_fake_silu)
 
-__all__ = ["MAX_NORM_ROTATION", "add_rmsnorm_reference", "add_rmsnorm_rotate", "fuses", "rmsnorm_lut_linear",
+__all__ = ["add_rmsnorm_reference", "add_rmsnorm_rotate", "rmsnorm_lut_linear",
            "rmsnorm_rotated_sparse_lut_linear", "silu_mul_reference", "silu_mul_rotate", "silu_mul_lut_linear",
            "silu_mul_rotated_sparse_lut_linear"]

@@ -23,7 +23,7 @@ import torch.fx as fx
 from transfigure.compiler.graph import GraphView
 from transfigure.compiler.passes import Pass, PassResult, SiteRecord, register_pass
 from transfigure.kernels import rotation_prologue as _rotation_prologue  # noqa: F401  (registers the fused ops)
-from transfigure.kernels.rotation_prologue import fuses
+from transfigure.kernels.rotated_sparse_lut import fuses_rotation
 
 from .fuse_norm import TRAINING_NOTE, rotated_lut_kind, rotated_lut_sizes, traced_for_training
 
@@ -77,7 +77,7 @@ class ActivationFusePass(Pass):
     @staticmethod
     def _fuse(graph: GraphView, op: fx.Node, kind: str, product: fx.Node, silu: fx.Node, up: fx.Node) -> str:
         group, hadamard, in_features = rotated_lut_sizes(op, kind)
-        if not fuses(hadamard, group if kind == "sparse" else hadamard):
+        if not fuses_rotation(hadamard, group if kind == "sparse" else hadamard):
             return (f"hadamard_size {hadamard} (group {group}): the fused kernel rotates blocks of 256..2048 "
                     "holding whole groups")
         if len(product.users) != 1 or len(silu.users) != 1:

@@ -32,7 +32,8 @@ import torch.fx as fx
 from transfigure.compiler.graph import GraphView, normalize_module_path
 from transfigure.compiler.passes import Pass, PassResult, SiteRecord, register_pass
 from transfigure.kernels import rotation_prologue as _rotation_prologue  # noqa: F401  (registers the fused ops)
-from transfigure.kernels.rotation_prologue import add_rmsnorm_reference, fuses
+from transfigure.kernels.rotated_sparse_lut import fuses_rotation
+from transfigure.kernels.rotation_prologue import add_rmsnorm_reference
 
 __all__ = ["NormFusePass", "TRAINING_NOTE", "rotated_lut_kind", "rotated_lut_sizes", "traced_for_training"]
 
@@ -178,7 +179,7 @@ class NormFusePass(Pass):
 
     def _fuse(self, graph: GraphView, op: fx.Node, kind: str, order: dict) -> str:
         group, hadamard, in_features = rotated_lut_sizes(op, kind)
-        if not fuses(hadamard, group if kind == "sparse" else hadamard):
+        if not fuses_rotation(hadamard, group if kind == "sparse" else hadamard):
             return (f"hadamard_size {hadamard} (group {group}): the fused kernel rotates blocks of 256..2048 "
                     "holding whole groups")
         x = op.args[0]
@@ -201,7 +202,9 @@ class NormFusePass(Pass):
             return f"{norm.fqn}'s weight is {weight.dtype} {tuple(weight.shape)}, the activations {value.dtype}"
         if not _computes_rmsnorm(graph, norm, value.dtype, in_features):
             return f"{norm.fqn} does not compute w * x * rsqrt(mean(x^2) + eps) (e.g. Gemma's 1 + w)"
-        late = [a for a in op.args[1:] if isinstance(a, fx.Node) and a.op != "placeholder" and order[a] > order[source]]
+        # nodes an earlier fusion of this pass inserted have no position: count them as late
+        late = [a for a in op.args[1:] if isinstance(a, fx.Node) and a.op != "placeholder"
+                and order.get(a, len(order)) > order[source]]
         if late:
             return f"the linear's argument {late[0].name} is computed after the residual add"
         target = (torch.ops.transfigure.rmsnorm_lut_linear.default if kind == "dense"
