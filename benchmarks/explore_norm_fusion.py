@@ -1,10 +1,13 @@
-"""Norms and SwiGLU products inside the input rotation (``lut_quant.fuse_norms`` / ``fuse_activations``): on, off.
+"""A late fusion on vs off: norms and SwiGLU products inside the input rotation (``--toggle norms``:
+``lut_quant.fuse_norms`` / ``fuse_activations``) or RoPE + KV-cache write inside the decode attention launch
+(``--toggle cache_update``: ``decode_attention.fuse_cache_update``).
 
 For each variant of the 1B model, the same compiled greedy step as ``transfigure.generate`` (mode
-"reduce-overhead"), with both fusions off and on: GPU time per step (CUDA events over a sync-free loop of 255
+"reduce-overhead"), with the fusion off and on: GPU time per step (CUDA events over a sync-free loop of 255
 real decode steps), ``transfigure.generate`` tokens/s, kernels per step, and whether both decode the same tokens.
+``--toggle cache_update`` also checks the fused op's Triton kernel against its reference on the GPU (bf16).
 
-    python benchmarks/explore_norm_fusion.py --out $OUT --variants lut-4bit+lm_head+decode-attn
+    python benchmarks/explore_norm_fusion.py --out $OUT --variants lut-4bit+lm_head+decode-attn [--toggle cache_update]
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ from transfigure.bench import _variant_options, build_model, environment  # noqa
 
 
 @torch.no_grad()
-def measure(model, variant: str, fuse: bool, prompt_ids: torch.Tensor, new_tokens: int) -> dict:
+def measure(model, variant: str, fuse: bool, prompt_ids: torch.Tensor, new_tokens: int, toggle: str = "norms") -> dict:
     torch._dynamo.reset()
     options = copy.copy(_variant_options("transfigure+" + variant, model, "cuda"))
-    options["lut_quant"] = {**options["lut_quant"], "fuse_norms": fuse, "fuse_activations": fuse}
+    if toggle == "norms":
+        options["lut_quant"] = {**options["lut_quant"], "fuse_norms": fuse, "fuse_activations": fuse}
+    else:
+        options["decode_attention"] = {**options["decode_attention"], "fuse_cache_update": fuse}
     backend = transfigure.backend(**options)
     start = time.perf_counter()
     tokens = transfigure.generate(model, prompt_ids, new_tokens, backend=backend)
     torch.cuda.synchronize()
-    row = {"variant": variant, "fuse_norms": fuse, "first_call_s": time.perf_counter() - start}
+    row = {"variant": variant, "fuse_" + toggle: fuse, "first_call_s": time.perf_counter() - start}
     walls = []
     for _ in range(3):
         torch.cuda.synchronize()
@@ -46,6 +52,10 @@ def measure(model, variant: str, fuse: bool, prompt_ids: torch.Tensor, new_token
     report = backend.report.pass_report("norm_fuse").result if fuse else None
     row["norms_fused"] = len(report.rewritten) if report else 0
     row["products_fused"] = len(backend.report.pass_report("act_fuse").result.rewritten) if fuse else 0
+    if toggle == "cache_update":
+        found = backend.report.pass_report("cache_update_fuse") if fuse else None
+        row["cache_updates_fused"] = len(found.result.rewritten) if found else 0
+        row["cache_update_skips"] = [s.detail for s in found.result.skipped][:3] if found else []
     step = decode_module._compiled_step(model, backend, "reduce-overhead", greedy=True)
     _, (cache, buffer, unfinished, steps_running) = decode_module._BUFFERS[model]
     prompt = prompt_ids.shape[1]
@@ -76,9 +86,41 @@ def measure(model, variant: str, fuse: bool, prompt_ids: torch.Tensor, new_token
     events = [e for e in prof.key_averages() if (getattr(e, "device_time_total", 0) or 0) > 0]
     row["kernels_per_step"] = sum(e.count for e in events) / 16
     row["top_kernels"] = sorted(([e.key[:90], round(e.device_time_total / 16, 1), e.count / 16] for e in events),
-                                key=lambda r: -r[1])[:8]
+                                key=lambda r: -r[1])[:30]
     row["tokens"] = tokens[0, prompt:].tolist()
     return row
+
+
+def check_update_kernel() -> list[dict]:
+    """``decode_attention_update`` on the GPU (bf16, 1B attention shapes, a 384-key cache) against its reference:
+    output, caches and counter, with the fill counter and with explicit positions."""
+    from transfigure.kernels.decode_attention import (decode_attention_update_reference,
+                                                      decode_attention_update_triton)
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for batch, Lq, filled, counter in ((1, 1, 200, True), (1, 1, 383, False), (8, 1, 130, True), (1, 3, 64, True)):
+        q = torch.randn(batch, 32, Lq, 64, device="cuda", generator=gen).bfloat16()
+        k_new, v_new = (torch.randn(batch, 8, Lq, 64, device="cuda", generator=gen).bfloat16() for _ in range(2))
+        cache_k, cache_v = (torch.randn(batch, 8, 384, 64, device="cuda", generator=gen).bfloat16() for _ in range(2))
+        angles = torch.rand(1, 1, Lq, 32, device="cuda", generator=gen) * 6.3
+        cos, sin = (torch.cat((f(angles), f(angles)), -1).bfloat16() for f in (torch.cos, torch.sin))
+        positions = filled + torch.arange(Lq, device="cuda")
+        mask = (torch.arange(384, device="cuda")[None, None, None, :] <= positions[None, None, :, None])
+        states = []
+        for fn in (decode_attention_update_reference, decode_attention_update_triton):
+            fill = torch.tensor(filled, device="cuda")
+            k_c, v_c = cache_k.clone(), cache_v.clone()
+            out = fn(q, k_new, v_new, cos, sin, k_c, v_c, None if counter else positions, fill if counter else None,
+                     mask.expand(batch, 1, Lq, 384), 0.125, False)
+            torch.cuda.synchronize()
+            states.append((out.float(), k_c.float(), v_c.float(), int(fill)))
+        (o1, k1, v1, f1), (o2, k2, v2, f2) = states
+        rows.append({"batch": batch, "Lq": Lq, "filled": filled, "counter": counter,
+                     "out_rel_err": ((o1 - o2).norm() / o1.norm()).item(),
+                     "keys_max_abs": (k1 - k2).abs().max().item(), "values_max_abs": (v1 - v2).abs().max().item(),
+                     "fill": [f1, f2]})
+    return rows
 
 
 def main() -> None:
@@ -86,9 +128,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", default="lut-4bit+lm_head+decode-attn")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--toggle", choices=("norms", "cache_update"), default="norms")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     result = {**environment("cuda"), "rows": []}
+    stem = "explore_norm_fusion" if args.toggle == "norms" else "explore_cache_update_fusion"
+    if args.toggle == "cache_update":
+        result["kernel_check"] = check_update_kernel()
+        print(json.dumps(result["kernel_check"]), flush=True)
     model = build_model("llama-1b", "cuda", torch.bfloat16)
     torch.manual_seed(1)
     prompt_ids = torch.randint(0, model.config.vocab_size, (1, 128), device="cuda")
@@ -96,11 +143,11 @@ def main() -> None:
         rows = []
         for fuse in (False, True):
             try:
-                rows.append(measure(model, variant, fuse, prompt_ids, args.new_tokens))
+                rows.append(measure(model, variant, fuse, prompt_ids, args.new_tokens, args.toggle))
             except Exception:
                 import traceback
 
-                rows.append({"variant": variant, "fuse_norms": fuse, "error": traceback.format_exc()[-3000:]})
+                rows.append({"variant": variant, "fuse_" + args.toggle: fuse, "error": traceback.format_exc()[-3000:]})
         if len(rows) == 2 and "tokens" in rows[0] and "tokens" in rows[1]:
             same = [a == b for a, b in zip(rows[0]["tokens"], rows[1]["tokens"])]
             rows[1]["same_tokens_as_unfused"] = all(same)
@@ -109,7 +156,7 @@ def main() -> None:
             row.pop("tokens", None)
             print(json.dumps(row), flush=True)
         result["rows"] += rows
-        with open(os.path.join(args.out, "explore_norm_fusion.json"), "w") as f:
+        with open(os.path.join(args.out, stem + ".json"), "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -146,6 +146,16 @@ def _cases():
             yield (f"decode_attention {dtype} {config.describe()}",
                    lambda q=q, k=k, config=config: decode_attention._launch(
                        config, q, k, k, mask, 1, (0, 0, 0, 1), 0.125, False))
+        k_new, table = torch.randn(1, 8, 1, 64, dtype=dtype), torch.randn(1, 1, 1, 64, dtype=dtype)
+        fill, positions = torch.tensor(7), torch.tensor([7])
+        for config in decode_attention._configs()[:2]:
+            for rope in (True, False):
+                for counter in (True, False):
+                    update = (k_new, k_new, table if rope else None, table if rope else None,
+                              None if counter else positions, fill if counter else None)
+                    yield (f"decode_attention_update rope={rope} counter={counter} {dtype} {config.describe()}",
+                           lambda q=q, k=k, config=config, update=update: decode_attention._launch(
+                               config, q, k, k, mask, 1, (0, 0, 0, 1), 0.125, False, update=update))
     from transfigure.kernels import lora, linear_attention, scale_search, sparse_gemv, sparse_lut_gemv, threshold
     from transfigure.kernels import window_attention
     from transfigure.kernels.sparse_lut_gemv import repack_column_major

@@ -78,6 +78,81 @@ def _fake(q, k, v, attn_mask, scale, is_causal):
     return q.new_empty((B, H, Lq, v.shape[-1]))
 
 
+def rotate_half_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding as transformers' Llama applies it: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``; computed in fp32 (fp64 for fp64), rounded once to
+    ``x``'s dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.to(compute) + rotated * sin.to(compute)).to(x.dtype)
+
+
+def decode_attention_update_reference(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: Optional[torch.Tensor],
+    fill: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """A static-cache decode step's whole attention update, as one op.
+
+    The new tokens go to ``positions`` (``[Lq]`` integers) or, without them, to ``fill + arange(Lq)``, and then
+    ``fill`` (a 0-d int64 counter, transformers' ``StaticLayer.cumulative_length``) advances by ``Lq``. With
+    ``cos``/``sin`` (broadcastable to ``[B, 1, Lq, D]``) the query and the
+    new keys are rotary-embedded (:func:`rotate_half_embedding`); the new keys/values (``[B, Hk, Lq, D]``) are
+    written into ``k_cache``/``v_cache`` (``[B, Hk, L, D]``) along dim 2; the result is
+    :func:`decode_attention_reference` of the query over the updated cache. Mutates ``k_cache``, ``v_cache`` and
+    ``fill``, exactly as ``StaticLayer.update`` does. (A counter that other parts of the graph read is not passed:
+    Inductor may recompute those reads after the op, so the graph keeps its own increment and passes positions.)"""
+    Lq = q.shape[2]
+    if cos is not None and sin is not None:
+        q = rotate_half_embedding(q, cos, sin)
+        k_new = rotate_half_embedding(k_new, cos, sin)
+    if (positions is None) == (fill is None):
+        raise ValueError("decode_attention_update: give exactly one of positions and fill")
+    if positions is None:
+        positions = fill.reshape(()) + torch.arange(Lq, device=fill.device, dtype=fill.dtype)
+    positions = positions.reshape(-1).long()
+    if int(positions.max()) >= k_cache.shape[2]:
+        raise IndexError(f"decode_attention_update: cache of {k_cache.shape[2]} positions is full (writing up to "
+                         f"{int(positions[-1])})")
+    k_cache.index_copy_(2, positions, k_new.to(k_cache.dtype))
+    v_cache.index_copy_(2, positions, v_new.to(v_cache.dtype))
+    if fill is not None:
+        fill.add_(Lq)
+    return decode_attention_reference(q, k_cache, v_cache, attn_mask, scale, is_causal)
+
+
+def update_supported(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill) -> bool:
+    """What the fused update launch covers: new keys/values of the cache's dtype and head dims, unit-stride
+    caches (written in place), one of a 0-d / 1-element integer counter or ``Lq`` integer positions,
+    ``cos``/``sin`` both or neither, of width ``D`` and even ``D`` when rotating."""
+    B, H, Lq, D = q.shape
+    rope = cos is not None and sin is not None
+    return (k_new.shape == (B, k_cache.shape[1], Lq, D) and v_new.shape[:3] == k_new.shape[:3]
+            and v_new.shape[-1] == v_cache.shape[-1] and k_new.dtype == k_cache.dtype and v_new.dtype == v_cache.dtype
+            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and (positions is None) != (fill is None)
+            and (fill is None or (fill.numel() == 1 and fill.dtype in (torch.int32, torch.int64)))
+            and (positions is None or (positions.numel() == Lq and positions.dtype in (torch.int32, torch.int64)))
+            and (cos is None) == (sin is None)
+            and (not rope or (D % 2 == 0 and cos.shape[-1] == D and sin.shape[-1] == D and cos.dim() == 4
+                              and sin.dim() == 4 and cos.shape[1] == 1 and sin.shape[1] == 1)))
+
+
+def _fake_update(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill, attn_mask, scale, is_causal):
+    B, H, Lq, _ = q.shape
+    return q.new_empty((B, H, Lq, v_cache.shape[-1]))
+
+
 def triton_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Few query rows per key/value head (``G * Lq <= MAX_QUERY_ROWS``), head dims <= 256, 16-bit or fp32."""
     B, H, Lq, D = q.shape
@@ -87,6 +162,7 @@ def triton_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 decode_attention_triton = None
+decode_attention_update_triton = None
 
 if triton_available():
     import triton
@@ -97,14 +173,24 @@ if triton_available():
 
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, work_ptr, stat_ptr, count_ptr,
+                                 knew_ptr, vnew_ptr, cos_ptr, sin_ptr, fill_ptr, launch_ptr,
                                  Hk, Lq, L, span, splits, scale,
                                  sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, sml, sms,
+                                 snb, snh, snl, swb, swh, swl, scb, scl, ssb, ssl,
                                  G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
                                  BDV: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
-                                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+                                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                                 UPDATE: tl.constexpr, ADVANCE: tl.constexpr, ROPE: tl.constexpr,
+                                 BLQ: tl.constexpr):
         """One program: the ``G * Lq`` query rows of key/value head ``program_id(0)`` over key split
         ``program_id(1)`` (``span`` keys). ``MASK_KIND``: 0 none, 1 bool, 2 additive. Rows are query
-        (head, position) pairs, row ``r`` = head ``hk * G + r // Lq``, position ``r % Lq``."""
+        (head, position) pairs, row ``r`` = head ``hk * G + r // Lq``, position ``r % Lq``.
+
+        ``UPDATE``: the step's new keys/values (``knew``/``vnew``, ``Lq`` tokens) go into the cache first, at
+        positions ``fill + t`` (``ADVANCE``; the last program of the launch then advances ``fill`` by ``Lq``) or
+        ``fill[t]`` (an explicit position vector) -- each by the program whose split holds that position, the only
+        one that reads it. ``ROPE``: queries and new keys are
+        rotary-embedded on load (``x * cos + rotate_half(x) * sin``, in fp32)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // Hk
@@ -115,8 +201,18 @@ if triton_available():
         pos = r % Lq
         dq = tl.arange(0, BD)
         dv = tl.arange(0, BDV)
-        q = tl.load(q_ptr + b.to(tl.int64) * sqb + head[:, None] * sqh + pos[:, None] * sql + dq[None, :],
-                    mask=row_ok[:, None] & (dq[None, :] < D), other=0.0)
+        q_rows = q_ptr + b.to(tl.int64) * sqb + head[:, None] * sqh + pos[:, None] * sql
+        q = tl.load(q_rows + dq[None, :], mask=row_ok[:, None] & (dq[None, :] < D), other=0.0)
+        if ROPE:
+            # rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] after
+            partner = (dq + D // 2) % D
+            sign = tl.where(dq < D // 2, -1.0, 1.0)
+            q_partner = tl.load(q_rows + partner[None, :], mask=row_ok[:, None] & (dq[None, :] < D), other=0.0)
+            cos_q = tl.load(cos_ptr + b.to(tl.int64) * scb + pos[:, None] * scl + dq[None, :],
+                            mask=row_ok[:, None] & (dq[None, :] < D), other=0.0).to(tl.float32)
+            sin_q = tl.load(sin_ptr + b.to(tl.int64) * ssb + pos[:, None] * ssl + dq[None, :],
+                            mask=row_ok[:, None] & (dq[None, :] < D), other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos_q + sign[None, :] * q_partner.to(tl.float32) * sin_q).to(q_ptr.dtype.element_ty)
         k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
         v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
         mask_rows = mask_ptr + b.to(tl.int64) * smb + head.to(tl.int64) * smh + pos * sml
@@ -125,6 +221,33 @@ if triton_available():
         acc = tl.zeros([ROWS, BDV], dtype=tl.float32)
         lo = split * span
         hi = tl.minimum(lo + span, L)
+        if UPDATE:
+            t = tl.arange(0, BLQ)
+            if ADVANCE:
+                first_new = tl.load(fill_ptr)
+                cache_pos = first_new + t
+            else:
+                cache_pos = tl.load(fill_ptr + t, mask=t < Lq, other=0)
+            mine = (t < Lq) & (cache_pos >= lo) & (cache_pos < hi)
+            if tl.max(mine.to(tl.int32)) > 0:
+                new_rows = knew_ptr + b.to(tl.int64) * snb + hk.to(tl.int64) * snh + t[:, None] * snl
+                k_ok = mine[:, None] & (dq[None, :] < D)
+                k_new = tl.load(new_rows + dq[None, :], mask=k_ok, other=0.0).to(tl.float32)
+                if ROPE:
+                    k_partner = tl.load(new_rows + partner[None, :], mask=k_ok, other=0.0).to(tl.float32)
+                    cos_k = tl.load(cos_ptr + b.to(tl.int64) * scb + t[:, None] * scl + dq[None, :], mask=k_ok,
+                                    other=0.0).to(tl.float32)
+                    sin_k = tl.load(sin_ptr + b.to(tl.int64) * ssb + t[:, None] * ssl + dq[None, :], mask=k_ok,
+                                    other=0.0).to(tl.float32)
+                    k_new = k_new * cos_k + sign[None, :] * k_partner * sin_k
+                tl.store(k_base + cache_pos[:, None].to(tl.int64) * skl + dq[None, :],
+                         k_new.to(k_ptr.dtype.element_ty), mask=k_ok)
+                v_ok = mine[:, None] & (dv[None, :] < DV)
+                v_new = tl.load(vnew_ptr + b.to(tl.int64) * swb + hk.to(tl.int64) * swh + t[:, None] * swl
+                                + dv[None, :], mask=v_ok, other=0.0)
+                tl.store(v_base + cache_pos[:, None].to(tl.int64) * svl + dv[None, :],
+                         v_new.to(v_ptr.dtype.element_ty), mask=v_ok)
+            tl.debug_barrier()  # the new keys are in the cache before any thread of this program reads them
         for start in range(lo, hi, BLOCK_L):
             cols = start + tl.arange(0, BLOCK_L)
             allowed = row_ok[:, None] & (cols[None, :] < hi)
@@ -191,6 +314,12 @@ if triton_available():
                 result = total / tl.where(total_den > 0, total_den, 1.0)[:, None]
                 tl.store(out_rows[:, None] + dv[None, :], result.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(count_ptr + bh, 0)
+        if ADVANCE:
+            # every program read ``fill`` before arriving here: the last one to arrive advances it
+            arrived_all = tl.atomic_add(launch_ptr, 1, sem="acq_rel")
+            if arrived_all == tl.num_programs(0) * tl.num_programs(1) - 1:
+                tl.store(fill_ptr, first_new + Lq)
+                tl.atomic_xchg(launch_ptr, 0)
 
     def _prepared(q, k, v, attn_mask):
         """Inner dims made unit-stride (the kernel assumes it for the head dim) and the mask as 4-D strides."""
@@ -212,7 +341,8 @@ if triton_available():
         wanted = -(-config.meta["WAVES"] * sms // max(heads, 1))
         return max(1, min(wanted, triton.cdiv(L, config.meta["BLOCK_L"])))
 
-    def _launch(config: Config, q, k, v, mask, kind, mask_strides, scale: float, is_causal: bool):
+    def _launch(config: Config, q, k, v, mask, kind, mask_strides, scale: float, is_causal: bool, update=None):
+        """``update``: None, or ``(k_new, v_new, cos, sin, positions, fill)`` of :func:`decode_attention_update`."""
         B, H, Lq, D = q.shape
         Hk, L, DV = k.shape[1], k.shape[2], v.shape[-1]
         G = H // Hk
@@ -226,15 +356,34 @@ if triton_available():
         pieces = B * Hk * splits if splits > 1 else 1  # one split writes ``out`` directly: no partials
         work = torch.empty(pieces * rows * bdv, device=q.device, dtype=torch.float32)
         stats = torch.empty(pieces * 2 * rows, device=q.device, dtype=torch.float32)
-        counts = _tile_counters(q.device, B * Hk)
+        counts = _tile_counters(q.device, B * Hk + 1)
+        if update is None:
+            k_new = v_new = cos = sin = fill = q
+            new_strides, rope, advance = (0,) * 10, False, False
+        else:
+            k_new, v_new, cos, sin, positions, fill = update
+            advance = fill is not None
+            fill = fill if advance else positions
+            rope = cos is not None
+            tables = (*_rope_strides(cos, B, Lq), *_rope_strides(sin, B, Lq)) if rope else (0,) * 4
+            cos, sin = (cos, sin) if rope else (q, q)
+            new_strides = (k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1),
+                           v_new.stride(2), *tables)
         _decode_attention_kernel[(B * Hk, splits)](
-            q, k, v, mask if mask is not None else q, out, work, stats, counts, Hk, Lq, L, span, splits, float(scale),
+            q, k, v, mask if mask is not None else q, out, work, stats, counts,
+            k_new, v_new, cos, sin, fill, counts[B * Hk:], Hk, Lq, L, span, splits, float(scale),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *mask_strides,
+            v.stride(0), v.stride(1), v.stride(2), *mask_strides, *new_strides,
             G=G, D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=bdv, ROWS=rows, BLOCK_L=block_l,
             MASK_KIND=kind, CAUSAL=bool(is_causal), IEEE=q.dtype == torch.float32,
+            UPDATE=update is not None, ADVANCE=advance, ROPE=rope, BLQ=max(16, triton.next_power_of_2(Lq)),
             num_warps=config.num_warps, num_stages=config.num_stages)
         return out
+
+    def _rope_strides(table: torch.Tensor, B: int, Lq: int) -> tuple[int, int]:
+        """Batch and position strides of a ``cos``/``sin`` table broadcast to ``[B, 1, Lq, D]`` (0 where broadcast)."""
+        table = table.expand(B, 1, Lq, table.shape[-1])
+        return table.stride(0), table.stride(2)
 
     def _configs() -> list[Config]:
         # every winner of the 16 H100 tunings in benchmarks/results/decode_attention.json is here: 4 warps, key
@@ -267,6 +416,28 @@ if triton_available():
     def decode_attention_with_config(q, k, v, attn_mask, scale: float, is_causal: bool, config: Config):
         """One forced config (tests and benchmarks)."""
         return _launch(config, *_prepared(q, k, v, attn_mask), scale, is_causal)
+
+    def _prepared_update(q, k_new, v_new, cos, sin):
+        unit = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin)]
+        return unit
+
+    def decode_attention_update_triton(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill, attn_mask,
+                                       scale: float, is_causal: bool, config: Optional[Config] = None):
+        """Triton path of :func:`decode_attention_update`: one launch writes the new keys/values into the cache,
+        attends, and advances ``fill`` (if given). The launch shape is the plain decode attention's (same tuning: the
+        writes are ``Lq`` rows); shapes the kernel does not cover run the reference."""
+        if not (update_supported(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill)
+                and triton_supported(q, k_cache, v_cache)):
+            return decode_attention_update_reference(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill,
+                                                     attn_mask, scale, is_causal)
+        q, k_new, v_new, cos, sin = _prepared_update(q, k_new, v_new, cos, sin)
+        plain = _prepared(q, k_cache, v_cache, attn_mask)
+        if config is None:
+            # tuned as the plain attention of the same shapes (the tuner must not run a call that mutates)
+            config = _tuner.best_config(*plain, scale, is_causal)
+        if positions is not None and positions.stride(-1) != 1:
+            positions = positions.contiguous()
+        return _launch(config, *plain, scale, is_causal, update=(k_new, v_new, cos, sin, positions, fill))
 
 
 
@@ -303,4 +474,22 @@ decode_attention = define_op(
     fake=_fake,
     backward=_backward,
     setup_context=_setup_context,
+)
+
+
+def _cuda_update(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill, attn_mask, scale, is_causal):
+    if decode_attention_update_triton is None:
+        return decode_attention_update_reference(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill,
+                                                 attn_mask, scale, is_causal)
+    return decode_attention_update_triton(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill, attn_mask,
+                                          scale, is_causal)
+
+
+# Inference op (no autograd formula): the pass that inserts it leaves graphs traced for training alone.
+decode_attention_update = define_op(
+    "decode_attention_update",
+    decode_attention_update_reference,
+    cuda=_cuda_update,
+    fake=_fake_update,
+    mutates_args=("k_cache", "v_cache", "fill"),
 )

@@ -33,6 +33,9 @@ class DecodeAttentionOptions:
         4, "rewrite sites whose query has at most this many positions (decode steps; speculative drafts)", low=1,
         high=MAX_QUERY_ROWS)
     layers: tuple[int, ...] = option((), "layer indices to rewrite (empty: all)")
+    fuse_cache_update: bool = option(
+        True, "the rotary embedding, static KV-cache write and fill counter of each rewritten site run inside its "
+              "launch (pass cache_update_fuse; three launches fewer per layer; inference graphs)")
 
 
 @register_pass
@@ -41,6 +44,11 @@ class DecodeAttentionPass(Pass):
     Options = DecodeAttentionOptions
     order = 12  # after linearize (which takes the sites whose keys are the queries' own tokens)
     description = "decode-step SDPA -> GQA-native split-KV attention that skips masked cache blocks"
+
+    def implied_passes(self) -> list[Pass]:
+        from .fuse_cache_update import CacheUpdateFusePass
+
+        return [CacheUpdateFusePass()] if self.options.fuse_cache_update else []
 
     def run(self, graph: GraphView) -> PassResult:
         opts: DecodeAttentionOptions = self.options
