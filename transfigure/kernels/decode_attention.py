@@ -83,6 +83,8 @@ def rotate_half_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``; computed in fp32 (fp64 for fp64), rounded once to
     ``x``'s dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if cos.dim() == x.dim() - 1:  # [B, Lq, D] tables: shared by every head
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     xf = x.to(compute)
     half = x.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
@@ -107,7 +109,7 @@ def decode_attention_update_reference(
 
     The new tokens go to ``positions`` (``[Lq]`` integers) or, without them, to ``fill + arange(Lq)``, and then
     ``fill`` (a 0-d int64 counter, transformers' ``StaticLayer.cumulative_length``) advances by ``Lq``. With
-    ``cos``/``sin`` (broadcastable to ``[B, 1, Lq, D]``) the query and the
+    ``cos``/``sin`` (``[B, Lq, D]`` or ``[B, 1, Lq, D]``, batch 1 broadcast) the query and the
     new keys are rotary-embedded (:func:`rotate_half_embedding`); the new keys/values (``[B, Hk, Lq, D]``) are
     written into ``k_cache``/``v_cache`` (``[B, Hk, L, D]``) along dim 2; the result is
     :func:`decode_attention_reference` of the query over the updated cache. Mutates ``k_cache``, ``v_cache`` and
@@ -144,8 +146,8 @@ def update_supported(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fil
             and (fill is None or (fill.numel() == 1 and fill.dtype in (torch.int32, torch.int64)))
             and (positions is None or (positions.numel() == Lq and positions.dtype in (torch.int32, torch.int64)))
             and (cos is None) == (sin is None)
-            and (not rope or (D % 2 == 0 and cos.shape[-1] == D and sin.shape[-1] == D and cos.dim() == 4
-                              and sin.dim() == 4 and cos.shape[1] == 1 and sin.shape[1] == 1)))
+            and (not rope or (D % 2 == 0 and cos.shape[-1] == D and sin.shape[-1] == D
+                              and all(t.dim() == 3 or (t.dim() == 4 and t.shape[1] == 1) for t in (cos, sin)))))
 
 
 def _fake_update(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill, attn_mask, scale, is_causal):
@@ -382,6 +384,7 @@ if triton_available():
 
     def _rope_strides(table: torch.Tensor, B: int, Lq: int) -> tuple[int, int]:
         """Batch and position strides of a ``cos``/``sin`` table broadcast to ``[B, 1, Lq, D]`` (0 where broadcast)."""
+        table = table.unsqueeze(1) if table.dim() == 3 else table
         table = table.expand(B, 1, Lq, table.shape[-1])
         return table.stride(0), table.stride(2)
 

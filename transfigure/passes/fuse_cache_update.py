@@ -108,6 +108,22 @@ def _computes_rope(graph: GraphView, x: fx.Node, cos: fx.Node, sin: fx.Node, reg
         got.double(), expected, rtol=1e-9, atol=1e-9)
 
 
+def _before_unsqueeze(table: fx.Node) -> fx.Node:
+    """``cos`` for ``cos.unsqueeze(1)``: every layer unsqueezes the model's one table; handing the op that one
+    table lets Inductor compute it once per step instead of once per layer (it recomputes small pointwise
+    results for each extern kernel that reads them through a view)."""
+    if _is_call(table, (torch.unsqueeze,), "unsqueeze") and tuple(table.args[1:]) == (1,) and not table.kwargs:
+        return table.args[0]
+    return table
+
+
+def _before_expand(mask):
+    """The mask before transformers' ``expand`` to ``[B, 1, Lq, L]`` (the op broadcasts it), for the same reason."""
+    if _is_call(mask, (), "expand") and isinstance(mask.args[0], fx.Node):
+        return mask.args[0]
+    return mask
+
+
 def _index_copy(cache: fx.Node, attention: fx.Node) -> fx.Node | str:
     others = [u for u in cache.users if u is not attention]
     copies = [u for u in others if _is_call(u, (torch.Tensor.index_copy_,), "index_copy_")]
@@ -204,6 +220,7 @@ class CacheUpdateFusePass(Pass):
             tables = [getattr(graph.meta_value(t), "shape", None) for t in (cos, sin)]
             if any(t is None or len(t) != 4 or t[1] != 1 or t[-1] != q_shape[-1] for t in tables):
                 return f"cos/sin tables of shapes {tables} are not [B, 1, Lq, D]"
+            cos, sin = _before_unsqueeze(cos), _before_unsqueeze(sin)
         else:
             q_in, k_in = q, k_new
         k_value, cache = graph.meta_value(k_in), graph.meta_value(keys)
@@ -213,7 +230,7 @@ class CacheUpdateFusePass(Pass):
             fused = graph.graph.call_function(
                 torch.ops.transfigure.decode_attention_update.default,
                 (q_in, k_in, v_new, cos, sin, keys, values, None if foldable else positions, fill if foldable else None,
-                 mask, scale, is_causal))
+                 _before_expand(mask), scale, is_causal))
         fused.meta.update({k: v for k, v in attention.meta.items()
                            if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         attention.replace_all_uses_with(fused)
@@ -222,5 +239,5 @@ class CacheUpdateFusePass(Pass):
         # Inductor's recomputation of those reads
         for node in (attention, key_copy, value_copy) + ((increment,) if foldable else ()):
             graph.graph.erase_node(node)
-        erase_unused(graph.graph, {positions, q, k_new})
+        erase_unused(graph.graph, {positions, q, k_new, *(n for n in (mask, *(q_rope or ())[1:3]) if isinstance(n, fx.Node))})
         return fused
