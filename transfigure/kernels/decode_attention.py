@@ -107,7 +107,8 @@ def decode_attention_update_reference(
 ) -> torch.Tensor:
     """A static-cache decode step's whole attention update, as one op.
 
-    The new tokens go to ``positions`` (``[Lq]`` integers) or, without them, to ``fill + arange(Lq)``, and then
+    The new tokens go to ``positions`` (``[Lq]`` consecutive integers, as a static cache writes them) or, without
+    them, to ``fill + arange(Lq)``, and then
     ``fill`` (a 0-d int64 counter, transformers' ``StaticLayer.cumulative_length``) advances by ``Lq``. With
     ``cos``/``sin`` (``[B, Lq, D]`` or ``[B, 1, Lq, D]``, batch 1 broadcast) the query and the
     new keys are rotary-embedded (:func:`rotate_half_embedding`); the new keys/values (``[B, Hk, Lq, D]``) are
@@ -124,6 +125,8 @@ def decode_attention_update_reference(
     if positions is None:
         positions = fill.reshape(()) + torch.arange(Lq, device=fill.device, dtype=fill.dtype)
     positions = positions.reshape(-1).long()
+    if positions.device.type == "cpu" and not torch.equal(positions, positions[0] + torch.arange(Lq)):
+        raise ValueError(f"decode_attention_update: positions must be consecutive, got {positions.tolist()}")
     if int(positions.max()) >= k_cache.shape[2]:
         raise IndexError(f"decode_attention_update: cache of {k_cache.shape[2]} positions is full (writing up to "
                          f"{int(positions[-1])})")
@@ -188,10 +191,10 @@ if triton_available():
         ``program_id(1)`` (``span`` keys). ``MASK_KIND``: 0 none, 1 bool, 2 additive. Rows are query
         (head, position) pairs, row ``r`` = head ``hk * G + r // Lq``, position ``r % Lq``.
 
-        ``UPDATE``: the step's new keys/values (``knew``/``vnew``, ``Lq`` tokens) go into the cache first, at
-        positions ``fill + t`` (``ADVANCE``; the last program of the launch then advances ``fill`` by ``Lq``) or
-        ``fill[t]`` (an explicit position vector) -- each by the program whose split holds that position, the only
-        one that reads it. ``ROPE``: queries and new keys are
+        ``UPDATE``: the step's new keys/values (``knew``/``vnew``, ``Lq`` tokens) belong at positions
+        ``fill[0] + t`` (the fill counter; with ``ADVANCE`` the last program of the launch advances it by ``Lq``).
+        The program whose split holds a position attends to that token from registers and writes its cache row
+        for later steps. ``ROPE``: queries and new keys are
         rotary-embedded on load (``x * cos + rotate_half(x) * sin``, in fp32)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -224,35 +227,63 @@ if triton_available():
         lo = split * span
         hi = tl.minimum(lo + span, L)
         if UPDATE:
+            # The new tokens are attended from registers, as one more key block of this program's split; their
+            # cache rows are written for later steps and not read back here, so writes and reads need no order.
             t = tl.arange(0, BLQ)
-            if ADVANCE:
-                first_new = tl.load(fill_ptr)
-                cache_pos = first_new + t
+            first_new = tl.load(fill_ptr)  # the fill counter, or the first of the consecutive positions
+            cache_pos = first_new + t
+            t_ok = t < Lq
+            new_rows = knew_ptr + b.to(tl.int64) * snb + hk.to(tl.int64) * snh + t[:, None] * snl
+            k_ok = t_ok[:, None] & (dq[None, :] < D)
+            k_new = tl.load(new_rows + dq[None, :], mask=k_ok, other=0.0)
+            if ROPE:
+                k_partner = tl.load(new_rows + partner[None, :], mask=k_ok, other=0.0).to(tl.float32)
+                cos_k = tl.load(cos_ptr + b.to(tl.int64) * scb + t[:, None] * scl + dq[None, :], mask=k_ok,
+                                other=0.0).to(tl.float32)
+                sin_k = tl.load(sin_ptr + b.to(tl.int64) * ssb + t[:, None] * ssl + dq[None, :], mask=k_ok,
+                                other=0.0).to(tl.float32)
+                k_new = k_new.to(tl.float32) * cos_k + sign[None, :] * k_partner * sin_k
+            k_new = k_new.to(k_ptr.dtype.element_ty)
+            v_ok = t_ok[:, None] & (dv[None, :] < DV)
+            v_new = tl.load(vnew_ptr + b.to(tl.int64) * swb + hk.to(tl.int64) * swh + t[:, None] * swl
+                            + dv[None, :], mask=v_ok, other=0.0).to(v_ptr.dtype.element_ty)
+            mine = t_ok & (cache_pos >= lo) & (cache_pos < hi)
+            tl.store(k_base + cache_pos[:, None].to(tl.int64) * skl + dq[None, :], k_new,
+                     mask=mine[:, None] & (dq[None, :] < D))
+            tl.store(v_base + cache_pos[:, None].to(tl.int64) * svl + dv[None, :], v_new,
+                     mask=mine[:, None] & (dv[None, :] < DV))
+            fresh_ok = row_ok[:, None] & mine[None, :]
+            if CAUSAL:
+                fresh_ok = fresh_ok & (cache_pos[None, :] <= pos[:, None])
+            if MASK_KIND == 1:
+                fresh_keep = tl.load(mask_rows[:, None] + cache_pos[None, :].to(tl.int64) * sms, mask=fresh_ok,
+                                     other=0)
+                fresh_ok = fresh_ok & (fresh_keep != 0)
+            if MASK_KIND == 2:
+                fresh_bias = tl.load(mask_rows[:, None] + cache_pos[None, :].to(tl.int64) * sms, mask=fresh_ok,
+                                     other=float("-inf")).to(tl.float32)
+                fresh_ok = fresh_ok & (fresh_bias > float("-inf"))
+            if IEEE:
+                fresh_s = tl.dot(q, tl.trans(k_new), input_precision="ieee") * scale
             else:
-                cache_pos = tl.load(fill_ptr + t, mask=t < Lq, other=0)
-            mine = (t < Lq) & (cache_pos >= lo) & (cache_pos < hi)
-            if tl.max(mine.to(tl.int32)) > 0:
-                new_rows = knew_ptr + b.to(tl.int64) * snb + hk.to(tl.int64) * snh + t[:, None] * snl
-                k_ok = mine[:, None] & (dq[None, :] < D)
-                k_new = tl.load(new_rows + dq[None, :], mask=k_ok, other=0.0).to(tl.float32)
-                if ROPE:
-                    k_partner = tl.load(new_rows + partner[None, :], mask=k_ok, other=0.0).to(tl.float32)
-                    cos_k = tl.load(cos_ptr + b.to(tl.int64) * scb + t[:, None] * scl + dq[None, :], mask=k_ok,
-                                    other=0.0).to(tl.float32)
-                    sin_k = tl.load(sin_ptr + b.to(tl.int64) * ssb + t[:, None] * ssl + dq[None, :], mask=k_ok,
-                                    other=0.0).to(tl.float32)
-                    k_new = k_new * cos_k + sign[None, :] * k_partner * sin_k
-                tl.store(k_base + cache_pos[:, None].to(tl.int64) * skl + dq[None, :],
-                         k_new.to(k_ptr.dtype.element_ty), mask=k_ok)
-                v_ok = mine[:, None] & (dv[None, :] < DV)
-                v_new = tl.load(vnew_ptr + b.to(tl.int64) * swb + hk.to(tl.int64) * swh + t[:, None] * swl
-                                + dv[None, :], mask=v_ok, other=0.0)
-                tl.store(v_base + cache_pos[:, None].to(tl.int64) * svl + dv[None, :],
-                         v_new.to(v_ptr.dtype.element_ty), mask=v_ok)
-            tl.debug_barrier()  # the new keys are in the cache before any thread of this program reads them
+                fresh_s = tl.dot(q, tl.trans(k_new)) * scale
+            if MASK_KIND == 2:
+                fresh_s = fresh_s + tl.where(fresh_ok, fresh_bias, 0.0)
+            fresh_s = tl.where(fresh_ok, fresh_s, float("-inf"))
+            m_fresh = tl.maximum(m, tl.max(fresh_s, axis=1))
+            m_fresh_ref = tl.where(m_fresh == float("-inf"), 0.0, m_fresh)
+            fresh_p = tl.where(fresh_ok, tl.exp(fresh_s - m_fresh_ref[:, None]), 0.0)
+            den = tl.sum(fresh_p, axis=1)
+            if IEEE:
+                acc = tl.dot(fresh_p, v_new.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(fresh_p.to(v_new.dtype), v_new).to(tl.float32)
+            m = m_fresh
         for start in range(lo, hi, BLOCK_L):
             cols = start + tl.arange(0, BLOCK_L)
             allowed = row_ok[:, None] & (cols[None, :] < hi)
+            if UPDATE:  # the new tokens' cache rows are stale here: they were attended from registers
+                allowed = allowed & ((cols[None, :] < first_new) | (cols[None, :] >= first_new + Lq))
             if CAUSAL:
                 allowed = allowed & (cols[None, :] <= pos[:, None])
             if MASK_KIND == 1:
