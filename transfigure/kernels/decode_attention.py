@@ -231,6 +231,11 @@ if triton_available():
             # cache rows are written for later steps and not read back here, so writes and reads need no order.
             t = tl.arange(0, BLQ)
             first_new = tl.load(fill_ptr)  # the fill counter, or the first of the consecutive positions
+            if ADVANCE:
+                # arrive as soon as ``fill`` is read (the operand depends on the loaded value, so the atomic
+                # cannot be issued before the load returns): the last reader advances it at its end, and the
+                # atomic's latency hides behind the attention instead of ending the launch
+                arrived_all = tl.atomic_add(launch_ptr, 1 + (first_new >> 62).to(tl.int32), sem="relaxed")
             cache_pos = first_new + t
             t_ok = t < Lq
             new_rows = knew_ptr + b.to(tl.int64) * snb + hk.to(tl.int64) * snh + t[:, None] * snl
@@ -348,8 +353,6 @@ if triton_available():
                 tl.store(out_rows[:, None] + dv[None, :], result.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(count_ptr + bh, 0)
         if ADVANCE:
-            # every program read ``fill`` before arriving here: the last one to arrive advances it
-            arrived_all = tl.atomic_add(launch_ptr, 1, sem="acq_rel")
             if arrived_all == tl.num_programs(0) * tl.num_programs(1) - 1:
                 tl.store(fill_ptr, first_new + Lq)
                 tl.atomic_xchg(launch_ptr, 0)
