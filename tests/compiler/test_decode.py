@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import transfigure
@@ -332,3 +334,29 @@ def test_lagged_stop_checks_wait_only_for_the_checkpoint_before_the_newest(monke
     synchronous.push(8, torch.tensor(True))
     synchronous.push(16, torch.tensor(False))
     assert synchronous.all_finished() == 16
+
+
+@given(rows=st.integers(1, 3), vocab=st.sampled_from([2048, 5000, 128256, 32001]), ties=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_wide_argmax_is_torch_argmax(rows, vocab, ties, seed):
+    """The two-reduction argmax of the greedy step: same index as torch.argmax (first of tied maxima), eager and
+    compiled, for vocabularies that do and do not split evenly."""
+    from transfigure.backends.decode import wide_argmax
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, vocab, generator=gen)
+    for row in range(rows):  # the maximum at several places, the first one anywhere
+        spots = torch.randint(0, vocab, (ties,), generator=gen)
+        scores[row, spots] = scores[row].max() + 1.0
+    expected = scores.argmax(-1)
+    assert torch.equal(wide_argmax(scores), expected)
+    assert torch.equal(torch.compile(wide_argmax, backend="inductor", fullgraph=True)(scores), expected)
+
+
+def test_wide_argmax_edge_rows():
+    from transfigure.backends.decode import wide_argmax
+
+    scores = torch.full((3, 40000), float("-inf"))
+    scores[1, 39999] = 0.0  # the maximum in the last, padded slice
+    scores[2, 7] = float("nan")  # NaN wins, as in torch.argmax
+    assert torch.equal(wide_argmax(scores), scores.argmax(-1))
