@@ -129,3 +129,11 @@ def test_full_cache_is_an_error():
         decode_attention_update_reference(*step[:7], None, step[7], None, 0.25, False)
     with pytest.raises(ValueError, match="exactly one"):
         decode_attention_update_reference(*step[:7], torch.arange(2), step[7], None, 0.25, False)
+
+
+def test_shared_step_inputs_are_fresh_copies():
+    from transfigure.kernels.decode_attention import shared_step_inputs
+
+    tables = [torch.randn(1, 3, 8), torch.rand(1, 1, 1, 9) > 0.5]
+    copies = shared_step_inputs(tables)
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(copies, tables))

@@ -47,6 +47,8 @@ def test_every_decode_step_update_moves_into_the_attention_op(arch, lowering):
     # so are the fill counters' increments, but for layer 0's: the mask and the rotary positions also read it
     assert code.count(".add_(") == 1 and "counter read elsewhere" in result.rewritten[0].detail
     assert code.count("torch.cat(") == int(rope)  # only the rotary table (freqs, freqs) is left: no rotate_half
+    # the tables and the mask every layer reads go through one op, so Inductor computes them once per step
+    assert code.count("torch.ops.transfigure.shared_step_inputs.default(") == 1
     assert not _result(unfused)  # the option turns the pass off
 
 

@@ -530,3 +530,18 @@ decode_attention_update = define_op(
     fake=_fake_update,
     mutates_args=("k_cache", "v_cache", "fill"),
 )
+
+
+def shared_step_inputs_reference(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors``: one buffer each for the rotary tables and the mask that every layer's decode op
+    reads. Inductor recomputes a small pointwise result (``cos(pos * inv_freq)``, ``kv_index <= q_index``) in a
+    kernel of its own for each extern op that reads it -- 16 launches per 1B step; routed through this op they are
+    computed once, and the copies are what the layers read."""
+    return [t.clone() for t in tensors]
+
+
+def _fake_shared(tensors):
+    return [torch.empty_like(t) for t in tensors]
+
+
+shared_step_inputs = define_op("shared_step_inputs", shared_step_inputs_reference, fake=_fake_shared)

@@ -172,6 +172,7 @@ class CacheUpdateFusePass(Pass):
             result.note(TRAINING_NOTE)
             return result
         order = {node: i for i, node in enumerate(graph.graph.nodes)}
+        self._shared: dict[tuple, list[fx.Node]] = {}
         target = torch.ops.transfigure.decode_attention.default
         for attention in [n for n in graph.graph.nodes if n.op == "call_function" and n.target is target]:
             outcome = self._fuse(graph, attention, order)
@@ -182,6 +183,28 @@ class CacheUpdateFusePass(Pass):
                 result.rewrote(outcome, f"{'RoPE + ' if outcome.args[3] is not None else ''}cache write of "
                                         f"{outcome.args[5].name}/{outcome.args[6].name} + {counter}")
         return result
+
+    def _shared_inputs(self, graph: GraphView, *inputs, order: dict) -> tuple:
+        """The rotary tables and mask, through one ``transfigure::shared_step_inputs`` per distinct set (placed
+        after the last of them), so Inductor computes them once per step rather than once per layer."""
+        nodes = [n for n in inputs if isinstance(n, fx.Node)]
+        if not nodes:
+            return inputs
+        key = tuple(nodes)
+        if key not in self._shared:
+            last = max(nodes, key=lambda n: order.get(n, -1))
+            with graph.graph.inserting_after(last):
+                shared = graph.graph.call_function(torch.ops.transfigure.shared_step_inputs.default, (list(nodes),))
+            copies = []
+            anchor = shared
+            for i, node in enumerate(nodes):
+                with graph.graph.inserting_after(anchor):
+                    anchor = graph.graph.call_function(operator.getitem, (shared, i))
+                anchor.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value")})
+                copies.append(anchor)
+            self._shared[key] = copies
+        copies = iter(self._shared[key])
+        return tuple(next(copies) if isinstance(n, fx.Node) else n for n in inputs)
 
     def _fuse(self, graph: GraphView, attention: fx.Node, order: dict) -> fx.Node | str:
         q, keys, values, mask, scale, is_causal = attention.args
@@ -226,11 +249,12 @@ class CacheUpdateFusePass(Pass):
         k_value, cache = graph.meta_value(k_in), graph.meta_value(keys)
         if getattr(k_value, "dtype", None) != getattr(cache, "dtype", None):
             return f"new keys are {getattr(k_value, 'dtype', '?')}, the cache {getattr(cache, 'dtype', '?')}"
+        cos, sin, mask = self._shared_inputs(graph, cos, sin, _before_expand(mask), order=order)
         with graph.graph.inserting_before(attention):
             fused = graph.graph.call_function(
                 torch.ops.transfigure.decode_attention_update.default,
                 (q_in, k_in, v_new, cos, sin, keys, values, None if foldable else positions, fill if foldable else None,
-                 _before_expand(mask), scale, is_causal))
+                 mask, scale, is_causal))
         fused.meta.update({k: v for k, v in attention.meta.items()
                            if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         attention.replace_all_uses_with(fused)
