@@ -455,8 +455,8 @@ if triton_available():
         return _launch(config, *_prepared(q, k, v, attn_mask), scale, is_causal)
 
     def _prepared_update(q, k_new, v_new, cos, sin):
-        unit = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin)]
-        return unit
+        """Unit-stride inner dims (the kernel assumes them for the head dim), None kept."""
+        return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin)]
 
     def decode_attention_update_triton(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, fill, attn_mask,
                                        scale: float, is_causal: bool, config: Optional[Config] = None):

@@ -8,9 +8,11 @@ Math. A decode step of a transformers model with a static cache does, per layer 
 
 Unfused, Inductor runs the rotations, the two cache writes and the counter increment as three small kernels per
 layer around the attention launch -- at one token, pure launch latency. ``transfigure::decode_attention_update``
-(:mod:`transfigure.kernels.decode_attention`) does all of it inside the decode attention launch: the program
-whose key split holds position ``p`` writes the rotated key and the value there before reading its split, every
-program rotates its query rows on load, and the last program to finish advances ``fill``. The same fusion is
+(:mod:`transfigure.kernels.decode_attention`) does all of it inside the decode attention launch: every program
+rotates its query rows on load, the program whose key split holds position ``p`` attends to the new token from
+registers and writes its cache row for later steps, and the last program to read ``fill`` advances it. The rotary
+tables and the mask, which every layer's op reads, go through one ``transfigure::shared_step_inputs`` so Inductor
+computes them once per step rather than once per layer. The same fusion is
 what serving engines' "rotary + cache append" attention prologues do (vLLM, FlashInfer's append kernels); here it
 is found in the stock graph.
 
