@@ -177,6 +177,44 @@ if triton_available():
     from .lut_gemm import _sm_count, _tile_counters
 
     @triton.jit
+    def _key_mask(allowed, cols, pos, mask_rows, sms, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+        """``allowed`` (``[rows, keys]``) narrowed by causality and the mask at key positions ``cols``, and the
+        additive bias (zeros unless ``MASK_KIND`` is 2)."""
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= pos[:, None])
+        bias = tl.where(allowed, 0.0, 0.0)
+        if MASK_KIND == 1:
+            keep = tl.load(mask_rows[:, None] + cols[None, :].to(tl.int64) * sms, mask=allowed, other=0)
+            allowed = allowed & (keep != 0)
+        if MASK_KIND == 2:
+            bias = tl.load(mask_rows[:, None] + cols[None, :].to(tl.int64) * sms, mask=allowed,
+                           other=float("-inf")).to(tl.float32)
+            allowed = allowed & (bias > float("-inf"))
+        return allowed, bias
+
+    @triton.jit
+    def _online_softmax_step(q, k, vals, allowed, bias, m, den, acc, scale, MASK_KIND: tl.constexpr,
+                             IEEE: tl.constexpr):
+        """One key block into the running ``(max, sum, acc)`` of the query rows (scores and sums in fp32)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if MASK_KIND == 2:
+            s = s + tl.where(allowed, bias, 0.0)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        p = tl.where(allowed, tl.exp(s - m_ref[:, None]), 0.0)
+        den = den * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vals.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals)
+        return m_new, den, acc
+
+    @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, work_ptr, stat_ptr, count_ptr,
                                  knew_ptr, vnew_ptr, cos_ptr, sin_ptr, fill_ptr, launch_ptr,
                                  Hk, Lq, L, span, splits, scale,
@@ -257,71 +295,24 @@ if triton_available():
                      mask=mine[:, None] & (dq[None, :] < D))
             tl.store(v_base + cache_pos[:, None].to(tl.int64) * svl + dv[None, :], v_new,
                      mask=mine[:, None] & (dv[None, :] < DV))
-            fresh_ok = row_ok[:, None] & mine[None, :]
-            if CAUSAL:
-                fresh_ok = fresh_ok & (cache_pos[None, :] <= pos[:, None])
-            if MASK_KIND == 1:
-                fresh_keep = tl.load(mask_rows[:, None] + cache_pos[None, :].to(tl.int64) * sms, mask=fresh_ok,
-                                     other=0)
-                fresh_ok = fresh_ok & (fresh_keep != 0)
-            if MASK_KIND == 2:
-                fresh_bias = tl.load(mask_rows[:, None] + cache_pos[None, :].to(tl.int64) * sms, mask=fresh_ok,
-                                     other=float("-inf")).to(tl.float32)
-                fresh_ok = fresh_ok & (fresh_bias > float("-inf"))
-            if IEEE:
-                fresh_s = tl.dot(q, tl.trans(k_new), input_precision="ieee") * scale
-            else:
-                fresh_s = tl.dot(q, tl.trans(k_new)) * scale
-            if MASK_KIND == 2:
-                fresh_s = fresh_s + tl.where(fresh_ok, fresh_bias, 0.0)
-            fresh_s = tl.where(fresh_ok, fresh_s, float("-inf"))
-            m_fresh = tl.maximum(m, tl.max(fresh_s, axis=1))
-            m_fresh_ref = tl.where(m_fresh == float("-inf"), 0.0, m_fresh)
-            fresh_p = tl.where(fresh_ok, tl.exp(fresh_s - m_fresh_ref[:, None]), 0.0)
-            den = tl.sum(fresh_p, axis=1)
-            if IEEE:
-                acc = tl.dot(fresh_p, v_new.to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(fresh_p.to(v_new.dtype), v_new).to(tl.float32)
-            m = m_fresh
+            fresh_ok, fresh_bias = _key_mask(row_ok[:, None] & mine[None, :], cache_pos, pos, mask_rows, sms,
+                                             CAUSAL, MASK_KIND)
+            m, den, acc = _online_softmax_step(q, k_new, v_new, fresh_ok, fresh_bias, m, den, acc, scale,
+                                               MASK_KIND, IEEE)
         for start in range(lo, hi, BLOCK_L):
             cols = start + tl.arange(0, BLOCK_L)
             allowed = row_ok[:, None] & (cols[None, :] < hi)
             if UPDATE:  # the new tokens' cache rows are stale here: they were attended from registers
                 allowed = allowed & ((cols[None, :] < first_new) | (cols[None, :] >= first_new + Lq))
-            if CAUSAL:
-                allowed = allowed & (cols[None, :] <= pos[:, None])
-            if MASK_KIND == 1:
-                keep = tl.load(mask_rows[:, None] + cols[None, :].to(tl.int64) * sms, mask=allowed, other=0)
-                allowed = allowed & (keep != 0)
-            if MASK_KIND == 2:
-                bias = tl.load(mask_rows[:, None] + cols[None, :].to(tl.int64) * sms, mask=allowed,
-                               other=float("-inf")).to(tl.float32)
-                allowed = allowed & (bias > float("-inf"))
+            allowed, bias = _key_mask(allowed, cols, pos, mask_rows, sms, CAUSAL, MASK_KIND)
             # a block nobody may attend to (the empty tail of a static cache) costs its mask, not its keys
             if tl.max(allowed.to(tl.int32)) > 0:
                 col_ok = cols < hi
                 k = tl.load(k_base + cols[:, None].to(tl.int64) * skl + dq[None, :],
                             mask=col_ok[:, None] & (dq[None, :] < D), other=0.0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-                else:
-                    s = tl.dot(q, tl.trans(k)) * scale
-                if MASK_KIND == 2:
-                    s = s + tl.where(allowed, bias, 0.0)
-                s = tl.where(allowed, s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m - m_ref)
-                p = tl.where(allowed, tl.exp(s - m_ref[:, None]), 0.0)
-                den = den * alpha + tl.sum(p, axis=1)
                 vals = tl.load(v_base + cols[:, None].to(tl.int64) * svl + dv[None, :],
                                mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p, vals, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals)
-                m = m_new
+                m, den, acc = _online_softmax_step(q, k, vals, allowed, bias, m, den, acc, scale, MASK_KIND, IEEE)
         out_rows = out_ptr + (b.to(tl.int64) * (Hk * G) + head) * Lq * DV + pos * DV
         out_mask = row_ok[:, None] & (dv[None, :] < DV)
         if splits == 1:
