@@ -35,10 +35,33 @@ def test_same_tokens_as_greedy_decoding_and_one_graph(arch, lowering):
     counters.clear()
     backend = transfigure.backend(lowering=lowering)
     first = transfigure.generate(model, prompt, 12, backend=backend)
+    assert counters["stats"]["unique_graphs"] == 2  # the prompt's forward and the one-token step
     again = transfigure.generate(model, prompt[:, :5], 9, backend=backend)  # other lengths: same compiled step
     assert torch.equal(first, expected)
     assert again.shape == (2, 14) and torch.equal(again[:, :5], prompt[:, :5])
-    assert counters["stats"]["unique_graphs"] == 1
+    # a second prompt length recompiles the prompt once with a symbolic length; later lengths reuse it
+    assert counters["stats"]["unique_graphs"] == 3
+    third = transfigure.generate(model, prompt[:, :6], 4, backend=backend)
+    assert torch.equal(third, _greedy_without_cache(model, prompt[:, :6], 4))
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_the_prompt_runs_through_the_rewritten_model(arch):
+    """The loop decodes the rewritten model's tokens: the prompt's first token and keys/values come from the same
+    quantized graph as the later steps (an eager prompt would use the original weights and decode a mix)."""
+    model = tiny_model(arch)
+    prompt = _prompt(model.config.vocab_size)
+    options = {"lut_quant": {"bits": 2, "hadamard_size": 64, "group_size": 64}}
+    torch._dynamo.reset()
+    rewritten = torch.compile(model, backend=transfigure.backend(lowering="eager", **options), dynamic=True)
+    expected = _greedy_without_cache(rewritten, prompt, 8)
+    original = _greedy_without_cache(model, prompt, 8)
+    if arch != "gpt2":  # the tiny random GPT-2's argmax does not move under 2-bit weights (its logits do)
+        assert not torch.equal(expected, original)  # 2-bit weights change the tokens: the check below can fail
+    backend = transfigure.backend(lowering="eager", **options)
+    assert torch.equal(transfigure.generate(model, prompt, 8, backend=backend), expected)
+    assert len(backend.report.graphs) == 2 and all(list(g.sites("rewritten")) for g in backend.report.graphs)
 
 
 def test_dynamo_reset_makes_the_kept_step_compile_again():
@@ -51,11 +74,11 @@ def test_dynamo_reset_makes_the_kept_step_compile_again():
     counters.clear()
     first = transfigure.generate(model, prompt, 6, backend=backend)
     transfigure.generate(model, prompt, 6, backend=backend)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2  # prompt + step
     torch._dynamo.reset()
     second = transfigure.generate(model, prompt, 6, backend=backend)
     assert torch.equal(first, second)
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 4
 
 
 def test_rows_stop_at_eos_and_are_padded():

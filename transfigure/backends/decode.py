@@ -2,9 +2,11 @@
 
 ``model.generate()`` spends about 3 ms of host time per token on a 1B Llama (H100, transformers 5) against
 1.5-1.7 ms of GPU work, and it looks at the tokens on the host after every step, so the two add up and a faster
-compiled model barely shows through it. The loop here keeps the GPU fed: the prompt runs eagerly into a
-transformers ``StaticCache``, then a compiled one-token step (CUDA graphs on CUDA) decodes with token selection
-and stopping rules kept on the device, and the host only looks at the tokens every ``check_every`` steps.
+compiled model barely shows through it. The loop here keeps the GPU fed: the prompt runs through the same backend
+(compiled without CUDA graphs, prompt lengths vary) into a transformers ``StaticCache``, then a compiled one-token
+step (CUDA graphs on CUDA) decodes with token selection and stopping rules kept on the device, and the host only
+looks at the tokens every ``check_every`` steps. Both halves are the rewritten model: the first token and the
+prompt's keys and values come from the same quantized / sparsified / fused graph as every later token.
 
 Two ways in:
 
@@ -47,6 +49,37 @@ def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None, greed
     return per_model[key][1]
 
 
+def _compiled_prefill(model: torch.nn.Module, backend: Any):
+    """The model's forward compiled with the step's backend for the prompt, kept per (model, backend object).
+
+    No CUDA graphs (every prompt length would record its own) and Dynamo's automatic dynamic shapes: the first
+    prompt length compiles specialised, a second one recompiles once with a symbolic length."""
+    per_model = _STEPS.setdefault(model, {})
+    key = (id(backend), "prefill")
+    if key not in per_model:
+        per_model[key] = (backend, torch.compile(model, backend=backend, fullgraph=True))
+    return per_model[key][1]
+
+
+def _allocate_cache(model: torch.nn.Module, cache: Any, batch: int, device: torch.device) -> None:
+    """Allocate the StaticCache's tensors before the compiled prompt runs.
+
+    transformers allocates them on the first ``update`` and marks them static for CUDA graphs only outside a
+    compiled region; inside the compiled prompt they would be graph-created tensors the step could not reuse."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    cache.early_initialization(batch, kv_heads, head_dim, dtype, device)
+    missing = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_initialized", True)]
+    if missing:
+        raise NotImplementedError(
+            f"transfigure decoding loop: cache layers {missing} of {type(cache).__name__} cannot be allocated ahead "
+            "of the compiled prompt (transformers' early_initialization skips them); decode with transformers' "
+            "generate() without custom_generate for this model")
+
+
 def _resolve(model: torch.nn.Module, backend: Any, mode: str | None, device: torch.device) -> tuple[Any, str | None]:
     """(backend, torch.compile mode) for this model and device."""
     if mode == "default":
@@ -57,8 +90,7 @@ def _resolve(model: torch.nn.Module, backend: Any, mode: str | None, device: tor
         backend = _DEFAULT_BACKENDS.setdefault(model, Backend())
     if any(getattr(p, "name", None) == "linearize" for p in getattr(backend, "passes", ())):
         # The loop decodes over a KV cache: the linearize pass leaves attention over a cache softmax (key length !=
-        # query length), and the prompt runs eagerly, so the tokens would be the original model's, not the
-        # linearized one's.
+        # query length), so the tokens would be the original model's attention, not the linearized one's.
         raise ValueError(
             "transfigure decoding loop: this backend linearizes attention, which cannot run over transformers' KV "
             "cache (README, section linearize). Decode with "
@@ -143,6 +175,7 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
         steps_running.zero_()
     else:
         cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
+        _allocate_cache(model, cache, batch, device)
         # as long as the cache, so the compiled step sees the same shapes for every length in the bucket
         tokens = torch.empty(batch, cache_len, dtype=input_ids.dtype, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -162,9 +195,11 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
         # a row's position id = its cache index + offset (negative by the row's padding)
         position_offsets = prompt_positions[:, -1] - (prompt - 1)
         padding = {"attention_mask": full_mask, "position_ids": prompt_positions}
-    # the prompt runs eagerly: it allocates the cache (transformers marks its tensors static for CUDA graphs)
+    # the prompt goes through the rewritten model too: an eager prompt would take the first token and the prompt's
+    # keys and values from the original weights, and decode a mix of the two models
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    logits = model(input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
+    prefill = _compiled_prefill(model, compiled[0])
+    logits = prefill(input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
                    cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
     fused = choose is None and stop is None
     if fused and eos is not None and pad is None:
