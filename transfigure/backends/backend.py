@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 import transfigure.passes  # noqa: F401  (registers the built-in passes)
@@ -54,6 +55,14 @@ class Backend:
         if not options:
             return self
         derived = Backend(self.user_passes, self.lowering, **{**self.raw_options, **dict(options)})
+        derived.report, derived._lock = self.report, self._lock
+        return derived
+
+    def with_lowering(self, lowering: str) -> "Backend":
+        """The same passes and options lowered another way, reporting into this backend's ``report``."""
+        if lowering == self.lowering:
+            return self
+        derived = Backend(self.user_passes, lowering, **self.raw_options)
         derived.report, derived._lock = self.report, self._lock
         return derived
 
@@ -119,6 +128,8 @@ def _lower(view: GraphView, lowering: str, compiler: CompilerOptions):
         def run_eager(*args):
             return module(*args, *extras)
 
+        if _mode_config(compiler.mode or "default").get("triton.cudagraphs"):
+            return _cuda_graphed(view, run_eager)
         return run_eager
     from torch._inductor.compile_fx import compile_fx
 
@@ -137,6 +148,72 @@ def _lower(view: GraphView, lowering: str, compiler: CompilerOptions):
         return compiled(*args, *extras)
 
     return run_inductor
+
+
+def _mutated_placeholders(view: GraphView) -> set[int]:
+    """Indices of placeholders the graph writes in place (a trailing-underscore method or op, or a custom op's
+    declared mutable argument)."""
+    index = {node: i for i, node in enumerate(view.graph.find_nodes(op="placeholder"))}
+    mutated: set[int] = set()
+    for node in view.graph.nodes:
+        if node.op not in ("call_method", "call_function"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        written: list[Any] = []
+        if name.endswith("_") and not name.endswith("__") and node.args:
+            written.append(node.args[0])
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            for position, argument in enumerate(schema.arguments):
+                if argument.alias_info is not None and argument.alias_info.is_write:
+                    value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+                    written.append(value)
+        mutated.update(index[arg] for arg in written if isinstance(arg, fx.Node) and arg in index)
+    return mutated
+
+
+def _cuda_graphed(view: GraphView, run_eager):
+    """The eager-lowered graph replayed from CUDA graphs (Inductor's cudagraph trees, one recording per set of
+    integer inputs, i.e. per prompt length under dynamic shapes): the host cost of ~1000 small launches goes,
+    without Inductor's compile time. Parameters, packed weights and ``mark_static_address`` tensors (a static
+    KV cache) are static inputs; other tensors are copied into the graph's buffers per call. A graph that writes
+    into a non-static input, or holds CPU tensors, runs eagerly (a replay would write into the copy)."""
+    inputs = view.inputs()
+    if not any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
+        return run_eager
+    static = [i for i, x in enumerate(inputs) if i >= len(view.example_inputs) or isinstance(x, torch.nn.Parameter)
+              or hasattr(x, "_dynamo_static_input_type")]
+    mutated = _mutated_placeholders(view)
+    unsafe = sorted(mutated - set(static))
+    cpu = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.is_cuda]
+    if unsafe or cpu:
+        log.warning("transfigure: eager lowering without CUDA graphs for this graph: %s",
+                    f"it writes into inputs {unsafe} that are not static" if unsafe else f"CPU tensor inputs {cpu}")
+        return run_eager
+    from torch._inductor.cudagraph_trees import cudagraphify_impl
+    from torch._inductor.cudagraph_utils import get_placeholder_info
+
+    module = view.gm
+
+    def boxed(args: list[Any]):  # cudagraph trees call with one list (the extra inputs included) and own it
+        values = list(args)
+        args.clear()
+        return module(*values)
+
+    device = next(x for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda).device
+    # cudagraph trees key recordings on the int inputs; symbolic sizes arrive as ints at run time
+    shapes = [x if isinstance(x, torch.Tensor) else 0 for x in inputs]
+    outputs = view.graph.output_node().args[0]
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    graphed = cudagraphify_impl(boxed, shapes, static, device_index=device.index or 0, is_backward=False,
+                                is_inference=True, mutated_input_idxs=tuple(sorted(mutated)),
+                                stack_traces=[getattr(o, "stack_trace", None) for o in outputs],
+                                placeholders=tuple(get_placeholder_info(view.graph)))
+
+    def run_graphed(*args):
+        return graphed([*args, *view.extra_inputs])
+
+    return run_graphed
 
 
 class _WeightGuard:

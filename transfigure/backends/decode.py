@@ -49,15 +49,22 @@ def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None, greed
     return per_model[key][1]
 
 
-def _compiled_prefill(model: torch.nn.Module, backend: Any):
-    """The model's forward compiled with the step's backend for the prompt, kept per (model, backend object).
+def _compiled_prefill(model: torch.nn.Module, backend: Any, mode: str | None):
+    """The model's forward compiled for the prompt with the step's passes and mode, kept per (model, backend
+    object, mode).
 
-    No CUDA graphs (every prompt length would record its own) and Dynamo's automatic dynamic shapes: the first
-    prompt length compiles specialised, a second one recompiles once with a symbolic length."""
+    A transfigure backend's prompt graph is lowered eagerly (the rewritten FX graph as Python), under CUDA graphs
+    when the mode asks for them: it runs once per call, so Inductor's compile (~10 s for a 1B graph on an H100)
+    would not pay back, while CUDA graphs remove what bounds it, the host (1B, 128 tokens: ~45 ms of Python and
+    launches for ~5 ms of GPU work). Dynamo's automatic dynamic shapes: the first prompt length compiles
+    specialised, a second recompiles once with a symbolic length; each length records its own CUDA graph."""
+    from .backend import Backend
+
     per_model = _STEPS.setdefault(model, {})
-    key = (id(backend), "prefill")
+    key = (id(backend), mode, "prefill")
     if key not in per_model:
-        per_model[key] = (backend, torch.compile(model, backend=backend, fullgraph=True))
+        prompt_backend = backend.with_lowering("eager") if isinstance(backend, Backend) else backend
+        per_model[key] = (backend, torch.compile(model, backend=prompt_backend, fullgraph=True, mode=mode))
     return per_model[key][1]
 
 
@@ -198,7 +205,7 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
     # the prompt goes through the rewritten model too: an eager prompt would take the first token and the prompt's
     # keys and values from the original weights, and decode a mix of the two models
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    prefill = _compiled_prefill(model, compiled[0])
+    prefill = _compiled_prefill(model, *compiled)
     logits = prefill(input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
                    cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
     fused = choose is None and stop is None
