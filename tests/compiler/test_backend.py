@@ -137,3 +137,63 @@ def test_mode_reaches_inductor_as_config(monkeypatch, how):
         assert f"lowering: inductor ({graph.lowering_seconds:.1f} s of a" in backend.report.table()
     with pytest.raises(transfigure.OptionError, match="'mode'"):
         transfigure.backend(mode="fastest")
+
+
+def _prompt_graph_view(arch):
+    """The GraphView of a tiny model's prompt step over a transformers StaticCache (as the decoding loop runs it)."""
+    import transformers
+
+    from transfigure.backends.decode import _allocate_cache
+    from transfigure.compiler import GraphView
+
+    model = tiny_model(arch)
+    ids = example_inputs(arch, batch=2, seq_len=5)["input_ids"]
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    _allocate_cache(model, cache, 2, ids.device)
+    views = []
+
+    def capture(gm, example_inputs):
+        views.append(GraphView(gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(
+            input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(5))
+    return views[0], cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_inputs_a_prompt_graph_writes_are_the_static_cache(arch):
+    """What makes replaying the eager-lowered prompt from CUDA graphs safe: every input it writes in place is a
+    static tensor (the cache's keys, values and fill counters), never one the replay would copy."""
+    from transfigure.backends.backend import _mutated_placeholders
+
+    view, cache = _prompt_graph_view(arch)
+    inputs = view.inputs()
+    mutated = _mutated_placeholders(view)
+    written = {id(inputs[i]) for i in mutated}
+    expected = {id(t) for layer in cache.layers for t in (layer.keys, layer.values)}
+    assert expected <= written
+    assert all(hasattr(inputs[i], "_dynamo_static_input_type") for i in mutated)
+
+
+def test_eager_lowering_on_cpu_ignores_the_cuda_graph_mode():
+    from transfigure.backends.backend import _cuda_graphed
+
+    view, _ = _prompt_graph_view("llama")
+
+    def run(*args):
+        return view.gm(*args)
+
+    assert _cuda_graphed(view, run) is run  # CPU tensors: no CUDA graphs, the plain eager graph
+
+
+def test_with_lowering_reports_into_the_same_backend():
+    backend = transfigure.backend(lowering="inductor")
+    eager = backend.with_lowering("eager")
+    assert eager.lowering == "eager" and eager.report is backend.report and backend.with_lowering("inductor") is backend
+    model = tiny_model("llama")
+    with torch.no_grad():
+        torch.compile(model, backend=eager)(**example_inputs("llama"))
+    assert [g.lowering for g in backend.report.graphs] == ["eager"]

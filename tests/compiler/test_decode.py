@@ -36,6 +36,8 @@ def test_same_tokens_as_greedy_decoding_and_one_graph(arch, lowering):
     backend = transfigure.backend(lowering=lowering)
     first = transfigure.generate(model, prompt, 12, backend=backend)
     assert counters["stats"]["unique_graphs"] == 2  # the prompt's forward and the one-token step
+    # the prompt graph runs once per call: lowered eagerly (under CUDA graphs on a GPU), not through Inductor
+    assert [g.lowering for g in backend.report.graphs] == ["eager", lowering]
     again = transfigure.generate(model, prompt[:, :5], 9, backend=backend)  # other lengths: same compiled step
     assert torch.equal(first, expected)
     assert again.shape == (2, 14) and torch.equal(again[:, :5], prompt[:, :5])

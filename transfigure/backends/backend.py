@@ -173,16 +173,17 @@ def _mutated_placeholders(view: GraphView) -> set[int]:
 
 
 def _cuda_graphed(view: GraphView, run_eager):
-    """The eager-lowered graph replayed from CUDA graphs (Inductor's cudagraph trees, one recording per set of
+    """The eager-lowered graph replayed from CUDA graphs (``mode="reduce-overhead"`` with ``lowering="eager"``) (Inductor's cudagraph trees, one recording per set of
     integer inputs, i.e. per prompt length under dynamic shapes): the host cost of ~1000 small launches goes,
-    without Inductor's compile time. Parameters, packed weights and ``mark_static_address`` tensors (a static
-    KV cache) are static inputs; other tensors are copied into the graph's buffers per call. A graph that writes
+    without Inductor's compile time. Parameters, buffers, packed weights and ``mark_static_address`` tensors (a
+    static KV cache) are static inputs; other tensors are copied into the graph's buffers per call. A graph that writes
     into a non-static input, or holds CPU tensors, runs eagerly (a replay would write into the copy)."""
     inputs = view.inputs()
     if not any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
         return run_eager
-    static = [i for i, x in enumerate(inputs) if i >= len(view.example_inputs) or isinstance(x, torch.nn.Parameter)
-              or hasattr(x, "_dynamo_static_input_type")]
+    kinds = {p.index: p.kind for p in view.placeholders}
+    static = [i for i, x in enumerate(inputs) if i >= len(view.example_inputs)
+              or kinds.get(i) in ("parameter", "buffer") or hasattr(x, "_dynamo_static_input_type")]
     mutated = _mutated_placeholders(view)
     unsafe = sorted(mutated - set(static))
     cpu = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.is_cuda]
