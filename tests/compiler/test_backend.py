@@ -197,3 +197,16 @@ def test_with_lowering_reports_into_the_same_backend():
     with torch.no_grad():
         torch.compile(model, backend=eager)(**example_inputs("llama"))
     assert [g.lowering for g in backend.report.graphs] == ["eager"]
+
+
+def test_eager_backend_takes_torch_compile_modes():
+    model = tiny_model("llama")
+    inputs = example_inputs("llama")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="transfigure_eager", mode="reduce-overhead")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="mode"):
+        with torch.no_grad():
+            torch.compile(model, backend="transfigure_eager", mode="fastest")(**inputs)

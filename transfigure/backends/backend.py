@@ -282,5 +282,7 @@ def transfigure(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapp
 
 def transfigure_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
                       mode: str | None = None):
-    """``backend="transfigure_eager"``: the pass pipeline, then the rewritten graph runs as plain PyTorch."""
-    return Backend(lowering="eager", **_options_without_lowering(options, "transfigure_eager"))(gm, example_inputs)
+    """``backend="transfigure_eager"``: the pass pipeline, then the rewritten graph runs as plain PyTorch (replayed
+    from CUDA graphs under ``mode="reduce-overhead"`` on a GPU)."""
+    return Backend(lowering="eager", **_options_without_lowering(options, "transfigure_eager"))(
+        gm, example_inputs, mode=mode)
