@@ -12,11 +12,17 @@ FUSED = "torch.ops.transfigure.decode_attention_update.default("
 
 
 def _result(backend, name="cache_update_fuse"):
-    return [p.result for g in backend.report.graphs for p in g.passes if p.result.pass_name == name]
+    return [p.result for g in _steps(backend) for p in g.passes if p.result.pass_name == name]
 
 
 def _final_code(backend):
-    return [g.final_code for g in backend.report.graphs]
+    return [g.final_code for g in _steps(backend)]
+
+
+
+def _steps(backend):
+    """The graphs but the decoding loop's prompt graphs (those go through the same passes and skip every site)."""
+    return [g for g in backend.report.graphs if g.label != "prompt"]
 
 
 def _prompt(vocab, batch=2, length=7, seed=0):

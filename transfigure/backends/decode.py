@@ -22,6 +22,7 @@ Measured speed: ``benchmarks/results/e2e_decode_*``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import inspect
@@ -66,6 +67,19 @@ def _compiled_prefill(model: torch.nn.Module, backend: Any, mode: str | None):
         prompt_backend = backend.with_lowering("eager") if isinstance(backend, Backend) else backend
         per_model[key] = (backend, torch.compile(model, backend=prompt_backend, fullgraph=True, mode=mode))
     return per_model[key][1]
+
+
+@contextlib.contextmanager
+def _labelled(backend: Any, label: str, active: bool = True):
+    """Label the graphs ``backend`` compiles inside the block (its report then tells the prompt from the step)."""
+    report = getattr(backend, "report", None)
+    first = len(report.graphs) if report is not None and active else None
+    try:
+        yield
+    finally:
+        if first is not None:
+            for graph in report.graphs[first:]:
+                graph.label = label
 
 
 def _allocate_cache(model: torch.nn.Module, cache: Any, batch: int, device: torch.device) -> None:
@@ -206,8 +220,9 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
     # keys and values from the original weights, and decode a mix of the two models
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     prefill = _compiled_prefill(model, *compiled)
-    logits = prefill(input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
-                   cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
+    with _labelled(compiled[0], "prompt"):
+        logits = prefill(input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
+                         cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
     fused = choose is None and stop is None
     if fused and eos is not None and pad is None:
         pad = eos[0]  # what transformers falls back to when only an EOS id is known
@@ -223,16 +238,18 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
     checks = _FinishedChecks(lagged=device.type == "cuda" and streamer is None)
     for i in range(max_new_tokens):
         if i and fused:
-            step(model, cache, tokens, positions[i : i + 1], unfinished, steps_running, eos,
-                 pad if tracks_stops else None, padding.get("attention_mask"), position_offsets)
+            with _labelled(compiled[0], "decode step", i == 1):
+                step(model, cache, tokens, positions[i : i + 1], unfinished, steps_running, eos,
+                     pad if tracks_stops else None, padding.get("attention_mask"), position_offsets)
         else:
             if i:
                 # a fresh [batch, 1] tensor, not a slice of ``tokens``: its strides would change with the lengths
                 step_padding = {} if not padding else {
                     "attention_mask": padding["attention_mask"],
                     "position_ids": (positions[i - 1 : i] + position_offsets)[:, None]}
-                logits = step(input_ids=next_token[:, None], **_cache_kwarg(model, cache),
-                              cache_position=positions[i - 1 : i], use_cache=True, **step_padding).logits
+                with _labelled(compiled[0], "decode step", i == 1):
+                    logits = step(input_ids=next_token[:, None], **_cache_kwarg(model, cache),
+                                  cache_position=positions[i - 1 : i], use_cache=True, **step_padding).logits
             # consumed before the next replay of the step overwrites its output
             next_token = logits[:, -1].argmax(-1) if choose is None else choose(tokens[:, : prompt + i], logits[:, -1])
             if pad is not None and tracks_stops:

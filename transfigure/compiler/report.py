@@ -165,6 +165,7 @@ class GraphReport:
     lowering: str = ""
     compile_seconds: float = 0.0  # passes + lowering (the backend's whole call for this graph)
     lowering_seconds: float = 0.0
+    label: str = ""  # what the graph is for, where the caller knows (the decoding loop: "prompt", "decode step")
 
     def sites(self, status: str | None = None):
         for report in self.passes:
@@ -176,6 +177,7 @@ class GraphReport:
         return {
             "graph": self.index,
             "lowering": self.lowering,
+            "label": self.label,
             "placeholders": self.placeholders,
             "inventory": self.inventory,
             "passes": [p.summary() for p in self.passes],
