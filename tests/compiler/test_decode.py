@@ -204,7 +204,9 @@ def test_decoding_loop_keeps_one_compiled_step_and_returns_a_dict_when_asked():
     assert torch.equal(out.sequences, expected) and out.past_key_values is not None
     model.generate(prompt[:, :4], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
                    custom_generate=loop)
-    assert counters["stats"]["unique_graphs"] == 1
+    # one step for both calls; the prompt compiled for the first length, then once with a symbolic length
+    assert counters["stats"]["unique_graphs"] == 3
+    assert [g.label for g in loop.backend.report.graphs] == ["prompt", "decode step", "prompt"]
 
 
 @pytest.mark.parametrize("case", ["beam", "right-padded", "scores", "own cache"])
