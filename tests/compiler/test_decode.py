@@ -209,6 +209,26 @@ def test_decoding_loop_keeps_one_compiled_step_and_returns_a_dict_when_asked():
     assert [g.label for g in loop.backend.report.graphs] == ["prompt", "decode step", "prompt"]
 
 
+def test_a_cache_that_cannot_be_allocated_ahead_goes_to_transformers(monkeypatch):
+    """The loop allocates the StaticCache before the compiled prompt; a cache whose layers transformers will not
+    allocate early hands the call to transformers' own loop (warning), or names the problem in generate()."""
+    import transformers
+
+    from transfigure.backends.decode import CacheNotAllocatable
+
+    model = tiny_model("llama")
+    prompt = _prompt(model.config.vocab_size)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    theirs = model.generate(prompt, **kwargs)
+    monkeypatch.setattr(transformers.StaticCache, "early_initialization", lambda self, *args, **kw: None)
+    loop = transfigure.decoding_loop(transfigure.backend(lowering="eager"))
+    with pytest.warns(UserWarning, match="cannot be allocated ahead"):
+        ours = model.generate(prompt, custom_generate=loop, **kwargs)
+    assert torch.equal(ours, theirs)
+    with pytest.raises(CacheNotAllocatable, match="cache layers"):
+        transfigure.generate(model, prompt, 5, backend=transfigure.backend(lowering="eager"))
+
+
 @pytest.mark.parametrize("case", ["beam", "right-padded", "scores", "own cache"])
 def test_decoding_loop_hands_what_it_does_not_cover_to_transformers(case):
     from transformers import DynamicCache

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["decoding_loop", "generate"]
+__all__ = ["CacheNotAllocatable", "decoding_loop", "generate"]
 
 _STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _BUFFERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -95,10 +95,14 @@ def _allocate_cache(model: torch.nn.Module, cache: Any, batch: int, device: torc
     cache.early_initialization(batch, kv_heads, head_dim, dtype, device)
     missing = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_initialized", True)]
     if missing:
-        raise NotImplementedError(
-            f"transfigure decoding loop: cache layers {missing} of {type(cache).__name__} cannot be allocated ahead "
-            "of the compiled prompt (transformers' early_initialization skips them); decode with transformers' "
-            "generate() without custom_generate for this model")
+        raise CacheNotAllocatable(
+            f"cache layers {missing} of {type(cache).__name__} cannot be allocated ahead of the compiled prompt "
+            "(transformers' early_initialization skips them); transformers' own generate() decodes this model")
+
+
+class CacheNotAllocatable(NotImplementedError):
+    """The model's StaticCache layers cannot be allocated before the compiled prompt runs (the loop needs them
+    allocated outside the graph); :class:`decoding_loop` then runs transformers' own method instead."""
 
 
 def _resolve(model: torch.nn.Module, backend: Any, mode: str | None, device: torch.device) -> tuple[Any, str | None]:
@@ -509,12 +513,16 @@ class decoding_loop:  # noqa: N801 - used like a function: custom_generate=trans
 
         compiled = _resolve(model, self.backend, self.mode, input_ids.device)
         plain_greedy = not processors and not do_sample
-        sequences, cache = _decode(model, compiled, input_ids, max_length - input_ids.shape[1],
-                                   choose=None if plain_greedy else choose, eos=eos,
-                                   pad=pad, stop=stop if others else None, check_every=self.check_every,
-                                   cache_bucket=self.cache_bucket, streamer=streamer,
-                                   keep_cache=bool(generation_config.return_dict_in_generate),
-                                   attention_mask=model_kwargs.get("attention_mask"))
+        try:
+            sequences, cache = _decode(model, compiled, input_ids, max_length - input_ids.shape[1],
+                                       choose=None if plain_greedy else choose, eos=eos, pad=pad,
+                                       stop=stop if others else None, check_every=self.check_every,
+                                       cache_bucket=self.cache_bucket, streamer=streamer,
+                                       keep_cache=bool(generation_config.return_dict_in_generate),
+                                       attention_mask=model_kwargs.get("attention_mask"))
+        except CacheNotAllocatable as error:
+            return self._transformers_loop(str(error), model, input_ids, logits_processor, stopping_criteria,
+                                           generation_config, synced_gpus, streamer, model_kwargs, mode_kwargs)
         if streamer is not None:
             streamer.end()
         if generation_config.return_dict_in_generate:
