@@ -59,7 +59,7 @@ def measure(variant: str, new_tokens: int, chunk: int, prompt_len: int) -> dict:
         walls.append(time.perf_counter() - start)
     row["a_generate_tok_s"] = new_tokens / min(walls)
     row["a_repeat_same_tokens"] = bool(torch.equal(again, reference))
-    step = decode_module._compiled_step(model, backend, "reduce-overhead", greedy=True)
+    step = decode_module._compiled_step(model, backend, "reduce-overhead", "greedy")
     _, (cache, tokens, unfinished, steps_running) = decode_module._BUFFERS[model]
     positions = torch.arange(prompt_len, prompt_len + new_tokens, device="cuda")
 

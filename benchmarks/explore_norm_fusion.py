@@ -56,7 +56,7 @@ def measure(model, variant: str, fuse: bool, prompt_ids: torch.Tensor, new_token
         found = backend.report.pass_report("cache_update_fuse") if fuse else None
         row["cache_updates_fused"] = len(found.result.rewritten) if found else 0
         row["cache_update_skips"] = [s.detail for s in found.result.skipped][:3] if found else []
-    step = decode_module._compiled_step(model, backend, "reduce-overhead", greedy=True)
+    step = decode_module._compiled_step(model, backend, "reduce-overhead", "greedy")
     _, (cache, buffer, unfinished, steps_running) = decode_module._BUFFERS[model]
     prompt = prompt_ids.shape[1]
     positions = torch.arange(prompt, prompt + new_tokens, device="cuda")

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 import transfigure.passes  # noqa: F401  (registers the built-in passes)
-from transfigure.compiler import GraphView, Pass, Report, parse_compile_options, run_pipeline
+from transfigure.compiler import GraphView, Pass, Report, parse_compile_options, run_pipeline, written_operands
 from transfigure.compiler.pipeline import CompilerOptions
 
 log = logging.getLogger("transfigure")
@@ -52,17 +52,14 @@ class Backend:
         """A backend with ``options`` over this one's. It reports into this backend's ``report``: a mode given
         by torch.compile or transformers' CompileConfig compiles through a derived backend, and the user reads
         the report of the object they created."""
-        if not options:
-            return self
-        derived = Backend(self.user_passes, self.lowering, **{**self.raw_options, **dict(options)})
-        derived.report, derived._lock = self.report, self._lock
-        return derived
+        return self._derived(self.lowering, options) if options else self
 
     def with_lowering(self, lowering: str) -> "Backend":
         """The same passes and options lowered another way, reporting into this backend's ``report``."""
-        if lowering == self.lowering:
-            return self
-        derived = Backend(self.user_passes, lowering, **self.raw_options)
+        return self if lowering == self.lowering else self._derived(lowering, {})
+
+    def _derived(self, lowering: str, options: Mapping[str, Any]) -> "Backend":
+        derived = Backend(self.user_passes, lowering, **{**self.raw_options, **dict(options)})
         derived.report, derived._lock = self.report, self._lock
         return derived
 
@@ -151,33 +148,19 @@ def _lower(view: GraphView, lowering: str, compiler: CompilerOptions):
 
 
 def _mutated_placeholders(view: GraphView) -> set[int]:
-    """Indices of placeholders the graph writes in place (a trailing-underscore method or op, or a custom op's
-    declared mutable argument)."""
+    """Indices of the placeholders the graph writes in place."""
     index = {node: i for i, node in enumerate(view.graph.find_nodes(op="placeholder"))}
-    mutated: set[int] = set()
-    for node in view.graph.nodes:
-        if node.op not in ("call_method", "call_function"):
-            continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        written: list[Any] = []
-        if name.endswith("_") and not name.endswith("__") and node.args:
-            written.append(node.args[0])
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None:
-            for position, argument in enumerate(schema.arguments):
-                if argument.alias_info is not None and argument.alias_info.is_write:
-                    value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
-                    written.append(value)
-        mutated.update(index[arg] for arg in written if isinstance(arg, fx.Node) and arg in index)
-    return mutated
+    return {index[arg] for node in view.graph.nodes for arg in written_operands(node)
+            if isinstance(arg, fx.Node) and arg in index}
 
 
 def _cuda_graphed(view: GraphView, run_eager):
-    """The eager-lowered graph replayed from CUDA graphs (``mode="reduce-overhead"`` with ``lowering="eager"``) (Inductor's cudagraph trees, one recording per set of
-    integer inputs, i.e. per prompt length under dynamic shapes): the host cost of ~1000 small launches goes,
-    without Inductor's compile time. Parameters, buffers, packed weights and ``mark_static_address`` tensors (a
-    static KV cache) are static inputs; other tensors are copied into the graph's buffers per call. A graph that writes
-    into a non-static input, or holds CPU tensors, runs eagerly (a replay would write into the copy)."""
+    """``lowering="eager"`` under ``mode="reduce-overhead"``: the rewritten graph replayed from Inductor's cudagraph
+    trees (one recording per set of integer inputs, i.e. per prompt length under dynamic shapes). The host cost of
+    ~1000 small launches goes, without Inductor's compile time. Parameters, buffers, packed weights and
+    ``mark_static_address`` tensors (a static KV cache) are static inputs; other tensors are copied into the
+    graph's buffers per call. A graph that writes into a non-static input (a replay would write into the copy),
+    or holds CPU tensors, runs eagerly."""
     inputs = view.inputs()
     if not any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
         return run_eager
@@ -211,8 +194,10 @@ def _cuda_graphed(view: GraphView, run_eager):
                                 stack_traces=[getattr(o, "stack_trace", None) for o in outputs],
                                 placeholders=tuple(get_placeholder_info(view.graph)))
 
+    extras = list(view.extra_inputs)
+
     def run_graphed(*args):
-        return graphed([*args, *view.extra_inputs])
+        return graphed([*args, *extras])
 
     return run_graphed
 

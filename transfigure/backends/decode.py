@@ -2,9 +2,9 @@
 
 ``model.generate()`` spends about 3 ms of host time per token on a 1B Llama (H100, transformers 5) against
 1.5-1.7 ms of GPU work, and it looks at the tokens on the host after every step, so the two add up and a faster
-compiled model barely shows through it. The loop here keeps the GPU fed: the prompt runs through the same backend
-(compiled without CUDA graphs, prompt lengths vary) into a transformers ``StaticCache``, then a compiled one-token
-step (CUDA graphs on CUDA) decodes with token selection and stopping rules kept on the device, and the host only
+compiled model barely shows through it. The loop here keeps the GPU fed: the prompt runs through the same passes
+(lowered eagerly, replayed from CUDA graphs on CUDA) into a transformers ``StaticCache``, then a compiled one-token
+step (Inductor, CUDA graphs on CUDA) decodes with token selection and stopping rules kept on the device, and the host only
 looks at the tokens every ``check_every`` steps. Both halves are the rewritten model: the first token and the
 prompt's keys and values come from the same quantized / sparsified / fused graph as every later token.
 
@@ -22,7 +22,6 @@ Measured speed: ``benchmarks/results/e2e_decode_*``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import inspect
@@ -39,47 +38,42 @@ _BUFFERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyD
 _DEFAULT_BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
-def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None, greedy: bool = False):
-    """One compiled step per (model, backend object, mode, kind), reused across calls (no recompiles): the model
-    itself (returns logits), or :func:`_greedy_step` with the token choice inside the graph."""
-    per_model = _STEPS.setdefault(model, {})
-    key = (id(backend), mode, greedy)
-    if key not in per_model:
-        fn = _greedy_step if greedy else model
-        per_model[key] = (backend, torch.compile(fn, backend=backend, fullgraph=True, mode=mode))
-    return per_model[key][1]
+def _compiled_step(model: torch.nn.Module, backend: Any, mode: str | None, kind: str = "logits"):
+    """One compiled callable per (model, backend object, mode, kind), reused across calls (no recompiles):
 
-
-def _compiled_prefill(model: torch.nn.Module, backend: Any, mode: str | None):
-    """The model's forward compiled for the prompt with the step's passes and mode, kept per (model, backend
-    object, mode).
-
-    A transfigure backend's prompt graph is lowered eagerly (the rewritten FX graph as Python), under CUDA graphs
-    when the mode asks for them: it runs once per call, so Inductor's compile (~10 s for a 1B graph on an H100)
-    would not pay back, while CUDA graphs remove what bounds it, the host (1B, 128 tokens: ~45 ms of Python and
-    launches for ~5 ms of GPU work). Dynamo's automatic dynamic shapes: the first prompt length compiles
-    specialised, a second recompiles once with a symbolic length; each length records its own CUDA graph."""
+    * ``"logits"``: the model itself, a one-token step returning logits;
+    * ``"greedy"``: :func:`_greedy_step`, the token choice inside the graph;
+    * ``"prompt"``: the model's forward for the prompt. A transfigure backend's prompt graph is lowered eagerly
+      (the rewritten FX graph as Python), under CUDA graphs when the mode asks for them: it runs once per call,
+      so Inductor's compile (~10 s for a 1B graph on an H100) would not pay back, while CUDA graphs remove what
+      bounds it, the host (1B, 128 tokens: ~45 ms of Python and launches for ~5 ms of GPU work). Dynamo's
+      automatic dynamic shapes: the first prompt length compiles specialised, a second recompiles once with a
+      symbolic length; each length records its own CUDA graph.
+    """
     from .backend import Backend
 
     per_model = _STEPS.setdefault(model, {})
-    key = (id(backend), mode, "prefill")
+    key = (id(backend), mode, kind)
     if key not in per_model:
-        prompt_backend = backend.with_lowering("eager") if isinstance(backend, Backend) else backend
-        per_model[key] = (backend, torch.compile(model, backend=prompt_backend, fullgraph=True, mode=mode))
+        fn, lowered_by = (_greedy_step if kind == "greedy" else model), backend
+        if kind == "prompt" and isinstance(backend, Backend):
+            lowered_by = backend.with_lowering("eager")
+        per_model[key] = (backend, torch.compile(fn, backend=lowered_by, fullgraph=True, mode=mode))
     return per_model[key][1]
 
 
-@contextlib.contextmanager
-def _labelled(backend: Any, label: str, active: bool = True):
-    """Label the graphs ``backend`` compiles inside the block (its report then tells the prompt from the step)."""
-    report = getattr(backend, "report", None)
-    first = len(report.graphs) if report is not None and active else None
-    try:
-        yield
-    finally:
-        if first is not None:
-            for graph in report.graphs[first:]:
-                graph.label = label
+def _compiled_graphs(backend: Any) -> list:
+    """The reports of the graphs ``backend`` compiled so far (none for a backend without a report)."""
+    return getattr(getattr(backend, "report", None), "graphs", [])
+
+
+def _label_graphs_since(backend: Any, first: int, label: str) -> int:
+    """Label the graphs ``backend`` compiled from index ``first`` on (its report then tells the prompt from the
+    step); returns the count to start from next time."""
+    graphs = _compiled_graphs(backend)
+    for graph in graphs[first:]:
+        graph.label = label
+    return len(graphs)
 
 
 def _allocate_cache(model: torch.nn.Module, cache: Any, batch: int, device: torch.device) -> None:
@@ -223,10 +217,11 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
     # the prompt goes through the rewritten model too: an eager prompt would take the first token and the prompt's
     # keys and values from the original weights, and decode a mix of the two models
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    prefill = _compiled_prefill(model, *compiled)
-    with _labelled(compiled[0], "prompt"):
-        logits = prefill(input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
-                         cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
+    compiled_before = len(_compiled_graphs(compiled[0]))
+    logits = _compiled_step(model, *compiled, "prompt")(
+        input_ids=input_ids, **_cache_kwarg(model, cache), use_cache=True,
+        cache_position=torch.arange(prompt, device=device), **padding, **keep_last).logits
+    compiled_before = _label_graphs_since(compiled[0], compiled_before, "prompt")
     fused = choose is None and stop is None
     if fused and eos is not None and pad is None:
         pad = eos[0]  # what transformers falls back to when only an EOS id is known
@@ -235,25 +230,23 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
     tokens[:, :prompt] = input_ids
     tracks_stops = eos is not None or stop is not None
     positions = torch.arange(prompt, prompt + max_new_tokens, device=device)
-    step = _compiled_step(model, *compiled, greedy=fused)
+    step = _compiled_step(model, *compiled, "greedy" if fused else "logits")
     streamed = prompt
     done = max_new_tokens
     # a streamer reads the tokens at every checkpoint anyway (a sync), so only a loop without one lags its checks
     checks = _FinishedChecks(lagged=device.type == "cuda" and streamer is None)
     for i in range(max_new_tokens):
         if i and fused:
-            with _labelled(compiled[0], "decode step", i == 1):
-                step(model, cache, tokens, positions[i : i + 1], unfinished, steps_running, eos,
-                     pad if tracks_stops else None, padding.get("attention_mask"), position_offsets)
+            step(model, cache, tokens, positions[i : i + 1], unfinished, steps_running, eos,
+                 pad if tracks_stops else None, padding.get("attention_mask"), position_offsets)
         else:
             if i:
                 # a fresh [batch, 1] tensor, not a slice of ``tokens``: its strides would change with the lengths
                 step_padding = {} if not padding else {
                     "attention_mask": padding["attention_mask"],
                     "position_ids": (positions[i - 1 : i] + position_offsets)[:, None]}
-                with _labelled(compiled[0], "decode step", i == 1):
-                    logits = step(input_ids=next_token[:, None], **_cache_kwarg(model, cache),
-                                  cache_position=positions[i - 1 : i], use_cache=True, **step_padding).logits
+                logits = step(input_ids=next_token[:, None], **_cache_kwarg(model, cache),
+                              cache_position=positions[i - 1 : i], use_cache=True, **step_padding).logits
             # consumed before the next replay of the step overwrites its output
             next_token = logits[:, -1].argmax(-1) if choose is None else choose(tokens[:, : prompt + i], logits[:, -1])
             if pad is not None and tracks_stops:
@@ -276,6 +269,7 @@ def _decode(model: torch.nn.Module, compiled: tuple[Any, str | None], input_ids:
             if checks.all_finished() is not None:
                 done = i + 1
                 break
+    _label_graphs_since(compiled[0], compiled_before, "decode step")
     end = prompt + done
     if tracks_stops and not bool(unfinished.any()):
         end = prompt + int(steps_running.max()) + 1

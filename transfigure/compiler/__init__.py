@@ -1,6 +1,7 @@
 """Graph binding, the Pass protocol, the pipeline, options and reports."""
 
-from .graph import AttentionCall, GraphView, LinearCall, Placeholder, ResidualAdd, copy_graph_module, layer_index
+from .graph import (AttentionCall, GraphView, LinearCall, Placeholder, ResidualAdd, copy_graph_module, layer_index,
+                    written_operands)
 from .options import OptionError, option
 from .passes import BUILTIN_PASSES, NoOptions, Pass, PassResult, SiteRecord, builtin_passes, register_pass
 from .pipeline import CompilerOptions, PassError, max_relative_error, parse_compile_options, run_graph, run_pipeline
@@ -27,6 +28,7 @@ __all__ = [
     "copy_graph_module",
     "layer_index",
     "max_relative_error",
+    "written_operands",
     "option",
     "parse_compile_options",
     "register_pass",

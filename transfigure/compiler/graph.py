@@ -494,6 +494,25 @@ def _target_name(node: fx.Node) -> str:
     return getattr(target, "__name__", None) or str(target)
 
 
+def written_operands(node: fx.Node) -> list[Any]:
+    """What ``node`` writes in place: the first operand of an in-place method or function (``index_copy_``,
+    ``add_``...) or of ``setitem``, an ``out=`` tensor, a custom op's arguments its schema marks as written. FX's
+    ``is_impure`` knows only the last kind (a Dynamo graph's ``Tensor.index_copy_`` is not impure to it)."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    name = _target_name(node)
+    written: list[Any] = []
+    if node.args and ((name.endswith("_") and not name.endswith("__")) or name == "setitem"):
+        written.append(node.args[0])
+    if "out" in node.kwargs:
+        written.append(node.kwargs["out"])
+    schema = getattr(node.target, "_schema", None)
+    for position, argument in enumerate(schema.arguments if schema is not None else ()):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            written.append(node.args[position] if position < len(node.args) else node.kwargs.get(argument.name))
+    return written
+
+
 def trainable_tensors_for(parameters: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Trainable extra inputs of every compiled graph that bound one of ``parameters``."""
     found: dict[str, torch.Tensor] = {}

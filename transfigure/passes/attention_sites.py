@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from transfigure.compiler import GraphView, PassResult
+from transfigure.compiler import GraphView, PassResult, written_operands
 
 
 def _shape(graph: GraphView, node: Any) -> tuple[int, ...] | None:
@@ -97,11 +97,7 @@ def replace_attention_call(graph: GraphView, site: Any, target: Any, args: tuple
 def _mutates(node: fx.Node) -> bool:
     """Whether a node may have an effect besides its output: FX's own rule, plus in-place methods and
     functions of the Dynamo graph (``index_copy_``, ``add_``, ``setitem``...), which it does not know."""
-    if node.is_impure():
-        return True
-    name = getattr(node.target, "__name__", node.target if isinstance(node.target, str) else "")
-    return (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) or name == "setitem" \
-        or "out" in node.kwargs
+    return node.is_impure() or bool(written_operands(node))
 
 
 def erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
